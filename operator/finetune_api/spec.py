@@ -1,0 +1,255 @@
+"""FinetuneJob.spec: what to fine-tune, on what data, how, and where the artifacts go.
+
+Defaults live here, not in the CRD: the apiserver stores exactly what the user applied (so Argo CD
+never sees a diff it did not cause) and the operator resolves defaults into the run config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+
+DEFAULT_BASE_MODEL = "unsloth/gemma-3-270m-it"
+
+# llama.cpp's quantization types (llama-quantize / llama_model_quantize ftypes), lower-cased as
+# users write them. f16/bf16/f32 come straight from the converter; every other type is quantized
+# from the 16-bit file, never re-quantized from another quant.
+GGUF_QUANT_TYPES: tuple[str, ...] = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
+    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+)
+GgufQuant = Literal[
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
+    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+]
+
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+SET = {"x-kubernetes-list-type": "set"}  # the apiserver rejects duplicates (uniqueItems is not allowed)
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _has(obj: Any, *names: str) -> list[bool]:
+    return [getattr(obj, n) is not None for n in names]
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FinetuneJob's own namespace."""
+
+    name: str = Field(description="Name of the Secret, in the FinetuneJob's namespace.", pattern=K8S_NAME,
+                      max_length=253)
+    key: str = Field("HF_TOKEN", description="Key inside the Secret. Default HF_TOKEN.", min_length=1,
+                     max_length=253)
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: str = Field(description="Name of the ConfigMap, in the FinetuneJob's namespace.", pattern=K8S_NAME,
+                      max_length=253)
+    key: str = Field(description="Key whose value holds the rows (JSON Lines or a JSON array).",
+                     min_length=1, max_length=253)
+
+
+class BaseModelSpec(ApiModel):
+    """The model to fine-tune. Set `name` or `uri`, not both; neither means unsloth/gemma-3-270m-it."""
+
+    rules = (
+        Rule("!(has(self.name) && has(self.uri))", "baseModel: set only one of name and uri",
+             lambda s: not all(_has(s, "name", "uri"))),
+    )
+    name: str | None = Field(None, description="Hugging Face repo id, e.g. unsloth/gemma-3-270m-it.",
+                             pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+                             max_length=200)
+    uri: str | None = Field(None, description=(
+        "Where the weights are instead of the Hub: s3://bucket/path (a Hugging Face folder), a local or "
+        "PVC path, or a .gguf file to start from (dequantized to 16-bit before training)."),
+        pattern=r"^(s3://[^/]+/.+|/.+)$", max_length=1024)
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).", max_length=200)
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token for gated or private models.")
+
+    def resolved_name(self) -> str:
+        return self.uri or self.name or DEFAULT_BASE_MODEL
+
+
+DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt-completion"]
+
+
+class DatasetSpec(ApiModel):
+    """Training data. Set exactly one of `source` and `configMapRef`."""
+
+    rules = (
+        Rule("has(self.source) != has(self.configMapRef)",
+             "dataset: set exactly one of source and configMapRef",
+             lambda s: (s.source is None) != (s.config_map_ref is None)),
+    )
+    source: str | None = Field(None, description=(
+        "A Hugging Face dataset id (yahma/alpaca-cleaned), s3://bucket/key, https://… (JSON Lines, JSON, "
+        "CSV or Parquet), or a local/PVC path."), min_length=1, max_length=1024)
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="Inline rows from a ConfigMap key (JSON Lines or a JSON array); for small sets.")
+    split: str = Field("train", description="Split to train on.", pattern=r"^[A-Za-z0-9_.\[\]:%-]+$",
+                       max_length=100)
+    format: DatasetFormat = Field("auto", description=(
+        "Row format. auto detects alpaca (instruction/input/output), sharegpt (conversations), messages "
+        "(OpenAI chat), prompt-completion and text; ambiguous data is an error naming the columns."))
+    validation_split: float = Field(0.0, ge=0.0, le=0.5, description=(
+        "Fraction of rows held out for validation loss and the GGUF parity check. 0 keeps a few rows "
+        "for parity only."))
+    max_samples: int | None = Field(None, ge=1, le=100_000_000,
+                                    description="Use at most this many rows (after shuffling with the seed).")
+
+
+class LoraSpec(ApiModel):
+    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha; Unsloth's recipes use alpha = r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 lets Unsloth use its fast path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS), min_length=1, max_length=32,
+        description="Modules to adapt. Default: all 7 attention and MLP projections.")
+
+
+class TrainingSpec(ApiModel):
+    """How to train. Set at most one of `epochs` and `maxSteps`; neither means 1 epoch."""
+
+    rules = (
+        Rule("!(has(self.epochs) && has(self.maxSteps))", "training: set only one of epochs and maxSteps",
+             lambda s: not all(_has(s, "epochs", "max_steps"))),
+    )
+    method: Literal["lora", "qlora"] = Field(
+        "lora", description="lora: 16-bit base + LoRA. qlora: 4-bit base + LoRA (needs a GPU).")
+    epochs: float | None = Field(None, gt=0, le=100, description="Passes over the data.")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Micro-batch size per GPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024,
+                                             description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, ge=16, le=131072, description="Tokens per sequence; longer rows are truncated (and counted).")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
+    seed: int = Field(3407, ge=0, le=2**31 - 1, description="Seed for shuffling, LoRA init and dropout.")
+    packing: bool = Field(False, description="Pack several rows into each sequence (no padding waste).")
+    train_on_responses_only: bool = Field(
+        True, description="Compute the loss on the assistant's tokens only, not on the prompt.")
+    chat_template: Literal["auto", "gemma3", "chatml", "llama3"] = Field(
+        "auto", description="Chat template; auto uses the tokenizer's own, else gemma3.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
+    optimizer: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit"] = Field(
+        "adamw_torch_fused", description=(
+            "Optimizer. Fused torch AdamW is fastest for LoRA's few million parameters; 8-bit AdamW "
+            "saves no memory worth having there and costs 5-8x the step time."))
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass (Unsloth's offloaded variant on GPU).")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="Save a resumable checkpoint (locally and to S3) every N steps. Unset: only at the end.")
+
+
+class ExportSpec(ApiModel):
+    gguf: list[GgufQuant] = Field(
+        default_factory=lambda: ["q4_k_m"], max_length=len(GGUF_QUANT_TYPES), json_schema_extra=SET,
+        description="GGUF quantization types to export, each made from the 16-bit GGUF with llama.cpp.")
+    adapter: bool = Field(True, description="Upload the LoRA adapter (safetensors) too.")
+    merged_safetensors: bool = Field(False, description="Upload the merged 16-bit Hugging Face model too.")
+    ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF files.")
+    parity_check: bool = Field(True, description=(
+        "Compare each GGUF's next-token predictions and perplexity with the merged model on held-out rows."))
+    parity_samples: int = Field(16, ge=1, le=1024, description="Held-out rows used by the parity check.")
+
+
+class EvaluationSpec(ApiModel):
+    """Evaluate the exported GGUF files with lm-evaluation-harness, in process through llama.cpp."""
+
+    tasks: list[str] = Field(min_length=1, max_length=64, json_schema_extra=SET, description=(
+        "lm-evaluation-harness task names, e.g. hellaswag, mmlu, arc_easy, arc_challenge, piqa, "
+        "winogrande, boolq."))
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="At most this many examples per task.")
+    num_fewshot: int | None = Field(None, ge=0, le=25, description="Few-shot examples; unset uses each task's default.")
+    data_uri: str | None = Field(None, description=(
+        "Offline task data (s3://… or a local path) for air-gapped clusters: a folder of lm-eval task "
+        "YAML files with their JSON Lines data."), pattern=r"^(s3://[^/]+/.*|/.+)$", max_length=1024)
+    quantizations: list[GgufQuant] | None = Field(
+        None, description="Which exported GGUF files to evaluate; default all of them.")
+    include_base: bool = Field(False, description="Also evaluate the base model for a before/after delta.")
+
+
+class S3CredentialsRef(ApiModel):
+    """A Secret in the FinetuneJob's namespace holding S3 credentials. Never inline keys in a spec."""
+
+    name: str = Field(description="Name of the Secret.", pattern=K8S_NAME, max_length=253)
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", description="Key holding the access key id.",
+                                   max_length=253)
+    secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", description="Key holding the secret key.",
+                                       max_length=253)
+
+
+class S3Spec(ApiModel):
+    bucket: str = Field(description="Bucket for every artifact.", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    prefix: str = Field("finetune", description=(
+        "Key prefix. Artifacts go to <prefix>/<namespace>/<name>/run-<n>/."),
+        pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)
+    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS stores (SeaweedFS, MinIO, Ceph).",
+                                 pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512)
+    region: str = Field("us-east-1", description="Region.", pattern=r"^[a-z0-9-]+$", max_length=64)
+    force_path_style: bool = Field(False, description="Path-style addressing (most non-AWS stores need it).")
+    credentials_secret_ref: S3CredentialsRef | None = Field(
+        None, description="Secret with the credentials; unset uses the pod's ambient identity (IRSA, instance role).")
+
+
+class OutputSpec(ApiModel):
+    s3: S3Spec = Field(description="Where artifacts, checkpoints and the manifest are uploaded.")
+
+
+class ResourcesSpec(ApiModel):
+    gpus: int = Field(1, ge=0, le=16, description="GPUs for the training pod; 0 trains on CPU (tiny models only).")
+    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.",
+                                   pattern=r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.", pattern=QUANTITY)
+    memory: str | None = Field(None, description="Memory request and limit, e.g. 32Gi.", pattern=QUANTITY)
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the training pod requires.")
+    tolerations: list[dict[str, Any]] | None = Field(None, description="Tolerations (core/v1 Toleration).")
+    affinity: dict[str, Any] | None = Field(None, description="Affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the training pod.", pattern=K8S_NAME)
+    image: str | None = Field(None, description="Trainer image; default is the operator's configured image.",
+                              max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy.")
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount for the training pod; default one created per job.", pattern=K8S_NAME)
+
+
+class RunPolicySpec(ApiModel):
+    backoff_limit: int = Field(2, ge=0, le=20, description="Retries of the training pod on transient failures.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this many seconds.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished Job after this long.")
+    suspend: bool = Field(False, description="Suspend the run (the Job's pods are removed) until set back to false.")
+    queue_name: str | None = Field(None, description="Kueue LocalQueue; the Job is created suspended for Kueue to admit.",
+                                   pattern=K8S_NAME, max_length=63)
+
+
+class FinetuneJobSpec(ApiModel):
+    """Fine-tune a small LLM with LoRA/QLoRA and export it as GGUF to S3."""
+
+    rules = (
+        Rule("!has(self.training) || !has(self.training.method) || self.training.method != 'qlora' || "
+             "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus >= 1",
+             "training.method qlora needs resources.gpus >= 1",
+             lambda s: s.training.method != "qlora" or s.resources.gpus >= 1),
+        Rule("!has(self.evaluation) || !has(self.export) || !has(self.export.gguf) || size(self.export.gguf) > 0",
+             "evaluation needs at least one export.gguf type",
+             lambda s: s.evaluation is None or len(s.export.gguf) > 0),
+    )
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec, description="The model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training data.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training hyperparameters.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="What to export.")
+    evaluation: EvaluationSpec | None = Field(None, description="Evaluate the GGUF files; unset skips evaluation.")
+    output: OutputSpec = Field(description="Where artifacts go.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute for the training pod.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, suspension, queueing.")
