@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, into .venv and a cache outside the checkout:
+#   - the project (editable) with its operator, trainer and dev extras
+#   - llama-cpp-python, built once from its sdist (no wheel on PyPI) with portable CPU flags
+#   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
+#   - the local stack's binaries (hack/build-stack.sh)
+# Idempotent: a warm second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_CPP_PY=0.3.36
+CACHE=${FTO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+mkdir -p "$CACHE"
+
+step() { # step NAME CMD...: run and time one step
+  local name=$1 t0=$SECONDS; shift
+  echo "==> $name"
+  "$@"
+  echo "    $name: $((SECONDS - t0))s" | tee -a "$CACHE/.timings"
+}
+
+sdist() {
+  local dir=$CACHE/sdist
+  [[ -f $dir/llama_cpp_python-$LLAMA_CPP_PY.tar.gz ]] ||
+    pip download -q --no-deps --no-binary :all: -d "$dir" "llama-cpp-python==$LLAMA_CPP_PY"
+}
+
+llama_wheel() {
+  local dir=$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PY-portable
+  compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null && return
+  sdist
+  # GGML_NATIVE=OFF: a portable build (no -march=native), safe to cache and to ship in images.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    pip wheel -q --no-deps -w "$dir" "$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz"
+}
+
+converter() {
+  # The converter must be used with the conversion/ and gguf-py/ of the same llama.cpp commit
+  # (the gguf package on PyPI lags behind it).
+  local dir=$CACHE/llama.cpp-$LLAMA_CPP_PY
+  [[ -f $dir/convert_hf_to_gguf.py ]] && return
+  sdist
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  tar xzf "$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz" -C "$dir.tmp" --strip-components=3 \
+    "llama_cpp_python-$LLAMA_CPP_PY/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_CPP_PY/vendor/llama.cpp/conversion" \
+    "llama_cpp_python-$LLAMA_CPP_PY/vendor/llama.cpp/gguf-py"
+  mv "$dir.tmp" "$dir"
+}
+
+venv() {
+  [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+  local stamp=.venv/.installed-$(cat pyproject.toml "$CACHE"/wheels/*/*.whl 2>/dev/null | sha256sum | cut -c1-16)
+  [[ -f $stamp ]] && return
+  .venv/bin/pip install -q --find-links "$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PY-portable" \
+    -e ".[operator,trainer,dev]"
+  rm -f .venv/.installed-* && touch "$stamp"
+}
+
+: >"$CACHE/.timings"
+step "llama-cpp-python wheel" llama_wheel
+step "llama.cpp converter" converter
+step "python environment" venv
+step "local stack binaries" bash hack/build-stack.sh
+echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
+echo "==> timings"; cat "$CACHE/.timings"
