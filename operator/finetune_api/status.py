@@ -120,6 +120,7 @@ class FinetuneJobStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations (metav1.Condition).")
     observed_generation: int | None = Field(None, description="Spec generation the current run trains.")
     run: int | None = Field(None, description="Current run number; each spec change starts a new run.")
+    spec_hash: str | None = Field(None, description="Identity of the spec the current run trains (runPolicy.suspend excluded).")
     job_name: str | None = Field(None, description="The current run's Job.")
     output_uri: str | None = Field(None, description="The current run's S3 prefix.")
     start_time: str | None = Field(None, description="When the current run started.")

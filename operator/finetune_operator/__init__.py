@@ -1,0 +1,1 @@
+"""finetune-operator: a Kopf operator that runs FinetuneJobs as GPU training Jobs."""

@@ -1,0 +1,25 @@
+"""`finetune-operator`: runs the Kopf operator with the settings the Helm chart passes as env."""
+
+from __future__ import annotations
+
+import os
+
+import kopf
+
+from .config import OperatorConfig
+
+
+def main() -> None:
+    cfg = OperatorConfig.from_env()
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        standalone=True,  # no peering CRDs: one replica, restarts are safe by design
+        clusterwide=not cfg.watch_namespaces,
+        namespaces=cfg.watch_namespaces,
+        liveness_endpoint=os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),
+    )
+
+
+if __name__ == "__main__":
+    main()

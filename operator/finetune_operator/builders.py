@@ -1,0 +1,259 @@
+"""Pure functions that build the objects of one run: no API calls, unit-testable without a cluster.
+
+Every child is owned by its FinetuneJob (garbage-collected with it) and has a deterministic name,
+so a restarted operator finds what it already created instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from finetune_api import API_VERSION, KIND, RunConfig, RunRef
+from finetune_api import contract as c
+from finetune_api.spec import FinetuneJobSpec
+
+from .config import OperatorConfig
+
+CONTAINER = "trainer"
+SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
+TRAINER_UID = 1000
+
+
+def job_name(name: str, run: int) -> str:
+    return f"{name}-r{run}"
+
+
+def config_map_name(name: str, run: int) -> str:
+    return f"{name}-r{run}-config"
+
+
+def trainer_account_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def spec_hash(raw_spec: dict[str, Any]) -> str:
+    """Identity of a run: the applied spec minus the fields that steer a run without changing it."""
+    spec = copy.deepcopy(raw_spec)
+    (spec.get("runPolicy") or {}).pop("suspend", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> FinetuneJobSpec:
+    """Validates the applied spec and fills in operator-level defaults (never written back to the object)."""
+    spec = FinetuneJobSpec.model_validate(raw_spec)
+    res = spec.resources
+    if "gpu_resource_name" not in res.model_fields_set:
+        res.gpu_resource_name = cfg.default_gpu_resource
+    if res.node_selector is None and cfg.default_node_selector:
+        res.node_selector = dict(cfg.default_node_selector)
+    if res.tolerations is None and cfg.default_tolerations:
+        res.tolerations = list(cfg.default_tolerations)
+    if spec.run_policy.queue_name is None and cfg.default_queue_name:
+        spec.run_policy.queue_name = cfg.default_queue_name
+    if spec.output.s3.endpoint is None and cfg.default_s3_endpoint:
+        spec.output.s3.endpoint = cfg.default_s3_endpoint
+    return spec
+
+
+def labels(name: str, run: int | None = None) -> dict[str, str]:
+    out = {c.LABEL_JOB: name, c.LABEL_MANAGED_BY: c.MANAGED_BY}
+    if run is not None:
+        out[c.LABEL_RUN] = str(run)
+    return out
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(name: str, owner: dict[str, Any], run: int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": owner["metadata"]["namespace"], "labels": labels(owner["metadata"]["name"], run),
+            "ownerReferences": [owner_reference(owner)], **extra}
+
+
+def build_run_config(spec: FinetuneJobSpec, owner: dict[str, Any], run: int) -> RunConfig:
+    meta = owner["metadata"]
+    ref = RunRef(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid"),
+                 generation=meta.get("generation"), run=run)
+    return RunConfig.build(spec, ref)
+
+
+def build_config_map(run_config: RunConfig, owner: dict[str, Any]) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _meta(config_map_name(name, run_config.job.run), owner, run_config.job.run),
+        "data": {c.CONFIG_FILE: run_config.to_yaml()},
+    }
+
+
+def build_service_account(owner: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(trainer_account_name(owner["metadata"]["name"]), owner)}
+
+
+def build_role(owner: dict[str, Any]) -> dict[str, Any]:
+    """The trainer may read its own FinetuneJob and patch its status: that one object, nothing else."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _meta(trainer_account_name(name), owner),
+        "rules": [
+            {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "resourceNames": [name], "verbs": ["get"]},
+            {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"], "resourceNames": [name],
+             "verbs": ["get", "patch"]},
+        ],
+    }
+
+
+def build_role_binding(owner: dict[str, Any], service_account: str) -> dict[str, Any]:
+    name = trainer_account_name(owner["metadata"]["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(name, owner),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": owner["metadata"]["namespace"]}],
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    meta = owner["metadata"]
+    env = [
+        {"name": c.ENV_CONFIG, "value": f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"},
+        {"name": c.ENV_JOB_NAMESPACE, "value": meta["namespace"]},
+        {"name": c.ENV_JOB_NAME, "value": meta["name"]},
+        {"name": c.ENV_RUN, "value": str(run)},
+        {"name": c.ENV_WORKDIR, "value": c.WORKDIR_MOUNT},
+        {"name": c.ENV_TERMINATION_LOG, "value": c.TERMINATION_LOG},
+        {"name": c.ENV_PROGRESS_INTERVAL, "value": str(cfg.progress_interval_seconds)},
+        # Caches live in the scratch volume: the image's home may be read-only.
+        {"name": "HOME", "value": c.WORKDIR_MOUNT},
+        {"name": "HF_HOME", "value": f"{c.WORKDIR_MOUNT}/.cache/huggingface"},
+        {"name": "UNSLOTH_DISABLE_STATISTICS", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    # Credentials only ever travel as Secret references; the operator never reads their values.
+    s3 = spec.output.s3
+    if s3.credentials_secret_ref:
+        ref = s3.credentials_secret_ref
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", ref.name, ref.access_key_id_key))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", ref.name, ref.secret_access_key_key))
+    if spec.base_model.token_secret_ref:
+        ref = spec.base_model.token_secret_ref
+        env.append(_secret_env("HF_TOKEN", ref.name, ref.key))
+    if spec.dataset.config_map_ref:
+        env.append({"name": c.ENV_DATASET_FILE, "value": f"{c.DATASET_MOUNT}/{spec.dataset.config_map_ref.key}"})
+    return env
+
+
+def build_resources(spec: FinetuneJobSpec) -> dict[str, Any]:
+    res = spec.resources
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if res.gpus:
+        limits[res.gpu_resource_name] = str(res.gpus)
+    if res.cpu:
+        requests["cpu"] = limits["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
+                   service_account: str) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    res = spec.resources
+    mounts = [
+        {"name": "config", "mountPath": c.CONFIG_MOUNT, "readOnly": True},
+        {"name": "workspace", "mountPath": c.WORKDIR_MOUNT},
+        {"name": "dshm", "mountPath": "/dev/shm"},  # dataloader workers and NCCL need more than 64 MiB
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(name, run)}},
+        {"name": "workspace", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if spec.dataset.config_map_ref:
+        ref = spec.dataset.config_map_ref
+        mounts.append({"name": "dataset", "mountPath": c.DATASET_MOUNT, "readOnly": True})
+        volumes.append({"name": "dataset", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": ref.key}]}})
+    container = {
+        "name": CONTAINER,
+        "image": res.image or cfg.trainer_image,
+        "imagePullPolicy": res.image_pull_policy or cfg.image_pull_policy,
+        "command": ["finetune", "run", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}",
+                    "--workdir", c.WORKDIR_MOUNT, "--resume"],
+        "env": build_env(spec, owner, run, cfg),
+        "resources": build_resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": c.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",  # retries are the Job's, so podFailurePolicy can see exit codes
+        "serviceAccountName": service_account,
+        "securityContext": {"runAsNonRoot": True, "fsGroup": TRAINER_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        # Long enough for the trainer to save a checkpoint on SIGTERM (preemption, suspend).
+        "terminationGracePeriodSeconds": 120,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if res.node_selector:
+        pod["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod["tolerations"] = list(res.tolerations)
+    if res.affinity:
+        pod["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod["priorityClassName"] = res.priority_class_name
+    return pod
+
+
+def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig, *,
+              service_account: str, raw_spec_hash: str) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    policy = spec.run_policy
+    meta = _meta(job_name(name, run), owner, run, annotations={SPEC_HASH_ANNOTATION: raw_spec_hash})
+    if policy.queue_name:
+        meta["labels"][c.KUEUE_QUEUE_LABEL] = policy.queue_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": policy.backoff_limit,
+        # Kueue admits a queued Job by unsuspending it; otherwise suspend follows runPolicy.suspend.
+        "suspend": bool(policy.suspend or policy.queue_name),
+        "podFailurePolicy": {"rules": [
+            # A configuration error will fail the same way on every retry: fail the Job at once.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [c.EXIT_CONFIG_ERROR]}},
+            # Preemption and node drains are not the trainer's fault: don't count them against backoffLimit.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]},
+        "template": {
+            "metadata": {"labels": labels(name, run)},
+            "spec": build_pod_spec(spec, owner, run, cfg, service_account),
+        },
+    }
+    if policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

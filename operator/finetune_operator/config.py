@@ -1,0 +1,45 @@
+"""Operator settings, read once from the environment (the Helm chart sets these)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+
+
+def _json_env(name: str, default: Any) -> Any:
+    raw = os.environ.get(name, "").strip()
+    return json.loads(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    watch_namespaces: tuple[str, ...] = ()  # empty: every namespace
+    default_gpu_resource: str = "nvidia.com/gpu"
+    default_node_selector: dict[str, str] = field(default_factory=dict)
+    default_tolerations: list[dict[str, Any]] = field(default_factory=list)
+    default_queue_name: str | None = None
+    default_s3_endpoint: str | None = None
+    progress_interval_seconds: int = 5
+    metrics_port: int = 8080
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        env = os.environ.get
+        return cls(
+            trainer_image=env("FINETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
+            image_pull_policy=env("FINETUNE_TRAINER_IMAGE_PULL_POLICY") or "IfNotPresent",
+            watch_namespaces=tuple(n.strip() for n in (env("FINETUNE_WATCH_NAMESPACES") or "").split(",") if n.strip()),
+            default_gpu_resource=env("FINETUNE_DEFAULT_GPU_RESOURCE") or "nvidia.com/gpu",
+            default_node_selector=_json_env("FINETUNE_DEFAULT_NODE_SELECTOR", {}),
+            default_tolerations=_json_env("FINETUNE_DEFAULT_TOLERATIONS", []),
+            default_queue_name=env("FINETUNE_DEFAULT_QUEUE_NAME") or None,
+            default_s3_endpoint=env("FINETUNE_DEFAULT_S3_ENDPOINT") or None,
+            progress_interval_seconds=int(env("FINETUNE_PROGRESS_INTERVAL") or 5),
+            metrics_port=int(env("FINETUNE_METRICS_PORT") or 8080),
+        )

@@ -1,0 +1,263 @@
+"""Kopf handlers: they decide; `builders` construct; `lifecycle` derives the status.
+
+- create / spec update / resume → `ensure_run`: validate, then make sure the Job of the current
+  spec exists (a changed spec starts run N+1; only runPolicy.suspend is applied in place).
+- every event of a FinetuneJob or of its Job → `sync_status`: phase and conditions from what is
+  observed. No delete handler exists on purpose: no finalizer, so nothing hangs after uninstall;
+  children go with their owner through garbage collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import kopf
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from finetune_api import GROUP, PLURAL, VERSION
+from finetune_api import contract as c
+from finetune_api.spec import FinetuneJobSpec
+from finetune_api.status import Phase, Reason
+
+from . import builders, kube, metrics
+from .conditions import now_rfc3339
+from .config import OperatorConfig
+from .lifecycle import Observation, observe, status_update
+
+CONFIG = OperatorConfig.from_env()
+RESOURCE = (GROUP, VERSION, PLURAL)
+MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Stalled watches are a known Kopf trap: have the server close them and the client give up later.
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 30
+    # Keep Kopf's bookkeeping in annotations: status is ours and schema-pruned.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="finetune.dev", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # our own transition events are posted explicitly
+    settings.execution.max_workers = 16
+    kube.reset()
+    metrics.start_server(CONFIG.metrics_port)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"spec.{loc}: {msg}" if loc else f"spec: {msg}")
+    return "; ".join(parts)
+
+
+def missing_references(spec: FinetuneJobSpec, namespace: str) -> tuple[str, str] | None:
+    """What only the cluster can tell: referenced Secrets, keys, ConfigMaps, ServiceAccounts exist."""
+    secrets: list[tuple[str, str, list[str]]] = []
+    s3_ref = spec.output.s3.credentials_secret_ref
+    if s3_ref:
+        secrets.append(("spec.output.s3.credentialsSecretRef", s3_ref.name,
+                        [s3_ref.access_key_id_key, s3_ref.secret_access_key_key]))
+    hf_ref = spec.base_model.token_secret_ref
+    if hf_ref:
+        secrets.append(("spec.baseModel.tokenSecretRef", hf_ref.name, [hf_ref.key]))
+    for field, name, keys in secrets:
+        secret = kube.read_or_none(kube.core().read_namespaced_secret, name, namespace)
+        if secret is None:
+            return Reason.SECRET_NOT_FOUND, f"{field}: Secret {name!r} not found in namespace {namespace!r}"
+        absent = [k for k in keys if k not in (secret.get("data") or {}) and k not in (secret.get("stringData") or {})]
+        if absent:
+            return Reason.SECRET_NOT_FOUND, f"{field}: Secret {name!r} has no key {absent[0]!r}"
+    cm_ref = spec.dataset.config_map_ref
+    if cm_ref:
+        cm = kube.read_or_none(kube.core().read_namespaced_config_map, cm_ref.name, namespace)
+        if cm is None:
+            return Reason.CONFIGMAP_NOT_FOUND, f"spec.dataset.configMapRef: ConfigMap {cm_ref.name!r} not found"
+        if cm_ref.key not in (cm.get("data") or {}):
+            return Reason.CONFIGMAP_NOT_FOUND, f"spec.dataset.configMapRef: ConfigMap {cm_ref.name!r} has no key {cm_ref.key!r}"
+    sa = spec.resources.service_account_name
+    if sa and kube.read_or_none(kube.core().read_namespaced_service_account, sa, namespace) is None:
+        return Reason.SERVICE_ACCOUNT_NOT_FOUND, f"spec.resources.serviceAccountName: ServiceAccount {sa!r} not found"
+    return None
+
+
+def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> None:
+    obs = Observation(Phase.FAILED, reason, message)
+    status = dict(body.get("status") or {})
+    patch.status.update(status_update(status, obs, body.metadata.get("generation")))
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    if status.get("phase") != Phase.FAILED or status.get("message") != message:
+        kopf.event(body, type="Warning", reason=str(reason), message=message)
+    metrics.ERRORS.labels(reason=str(reason)).inc()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+@kopf.on.resume(*RESOURCE)
+def ensure_run(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
+               logger: logging.Logger, **_: Any) -> None:
+    started = time.monotonic()
+    try:
+        _ensure_run(body, dict(spec), dict(status), patch, logger)
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any], patch: kopf.Patch,
+                logger: logging.Logger) -> None:
+    name, namespace = body.metadata.name, body.metadata.namespace
+    generation = body.metadata.get("generation")
+    try:
+        spec = builders.resolve_spec(raw_spec, CONFIG)
+    except ValidationError as exc:
+        _fail(body, patch, Reason.INVALID_SPEC, format_validation_error(exc))
+        raise kopf.PermanentError(f"invalid spec: {format_validation_error(exc)}") from None
+    missing = missing_references(spec, namespace)
+    if missing:
+        _fail(body, patch, *missing)
+        raise kopf.TemporaryError(missing[1], delay=MISSING_REF_RETRY)
+
+    wanted = builders.spec_hash(raw_spec)
+    run = int(status.get("run") or 0)
+    if run and status.get("specHash") == wanted:
+        _apply_in_place(body, spec, status, patch, logger)
+        return
+
+    # A new run: the first one, or the spec changed. Children first, status last, with deterministic
+    # names, so that a crash in between is healed by the next attempt adopting what exists.
+    new_run = run + 1
+    owner = dict(body)
+    service_account = spec.resources.service_account_name or builders.trainer_account_name(name)
+    if not spec.resources.service_account_name:
+        kube.create_if_absent(kube.core().create_namespaced_service_account, namespace,
+                              builders.build_service_account(owner))
+    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
+    kube.create_if_absent(kube.rbac().create_namespaced_role_binding, namespace,
+                          builders.build_role_binding(owner, service_account))
+    run_config = builders.build_run_config(spec, owner, new_run)
+    kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
+                          builders.build_config_map(run_config, owner))
+    job = builders.build_job(spec, owner, new_run, CONFIG, service_account=service_account, raw_spec_hash=wanted)
+    created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
+    if run:
+        _retire_run(namespace, status, patch)
+
+    queued = bool(spec.run_policy.queue_name) and not spec.run_policy.suspend
+    obs = observe(job, [], None, new_run, queued=queued)
+    now = now_rfc3339()
+    fresh = {**status, "conditions": status.get("conditions") or []}
+    patch.status.update(status_update(fresh, obs, generation, now))
+    patch.status.update({
+        "run": new_run, "specHash": wanted, "jobName": job["metadata"]["name"], "outputUri": run_config.output_uri,
+        "observedGeneration": generation, "startTime": now, "completionTime": None,
+        "progress": None, "metrics": None, "artifacts": None,
+    })
+    reason = Reason.SPEC_CHANGED if run else Reason.JOB_CREATED
+    message = f"run {new_run}: Job {job['metadata']['name']} {'created' if created else 'adopted'}"
+    kopf.event(body, type="Normal", reason=str(reason), message=message)
+    logger.info(message)
+
+
+def _retire_run(namespace: str, status: dict[str, Any], patch: kopf.Patch) -> None:
+    """Stops the previous run's Job (if still there) and records that run in history."""
+    old_job = status.get("jobName")
+    if old_job:
+        try:
+            kube.batch().delete_namespaced_job(old_job, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    phase = status.get("phase") or Phase.PENDING.value
+    entry = {
+        "run": status.get("run"), "generation": status.get("observedGeneration"), "jobName": old_job,
+        "phase": phase if Phase(phase).finished else f"{phase} (superseded)",
+        "startTime": status.get("startTime"), "completionTime": status.get("completionTime") or now_rfc3339(),
+        "reason": status.get("reason"), "message": status.get("message"), "outputUri": status.get("outputUri"),
+        "metrics": status.get("metrics"),
+    }
+    history = [h for h in status.get("history") or [] if h.get("run") != entry["run"]]
+    patch.status["history"] = [*history, {k: v for k, v in entry.items() if v is not None}]
+
+
+def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, Any], patch: kopf.Patch,
+                    logger: logging.Logger) -> None:
+    """Same run: only runPolicy.suspend may differ. Kueue owns unsuspending a queued Job."""
+    namespace = body.metadata.namespace
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    job = kube.read_job(namespace, status.get("jobName") or "")
+    if job is None or Phase(status.get("phase") or "Pending").finished:
+        return
+    want_suspend = spec.run_policy.suspend
+    is_suspended = bool(job["spec"].get("suspend"))
+    if want_suspend and not is_suspended or not want_suspend and is_suspended and not spec.run_policy.queue_name:
+        kube.batch().patch_namespaced_job(job["metadata"]["name"], namespace, {"spec": {"suspend": want_suspend}})
+        reason = Reason.SUSPENDED if want_suspend else Reason.RESUMED
+        kopf.event(body, type="Normal", reason=str(reason), message=f"Job {job['metadata']['name']} "
+                   f"{'suspended' if want_suspend else 'resumed'}")
+        logger.info("run %s %s", status.get("run"), "suspended" if want_suspend else "resumed")
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
+    meta, status = ftj["metadata"], dict(ftj.get("status") or {})
+    run = status.get("run")
+    if not run or status.get("phase") == Phase.FAILED and status.get("reason") == Reason.INVALID_SPEC:
+        return
+    phase_before = status.get("phase")
+    if Phase(phase_before or "Pending").finished and (job is None or job_deleted):
+        return  # a finished run's Job may be garbage-collected by its TTL; the result stands
+    if job_deleted or job is None and phase_before and phase_before != Phase.PENDING:
+        obs = Observation(Phase.FAILED, Reason.JOB_DELETED, f"Job {status.get('jobName')} was deleted before it finished")
+    else:
+        pods = kube.list_job_pods(meta["namespace"], job["metadata"]["name"]) if job else []
+        queued = bool(job and c.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {}))
+        if queued and (ftj.get("spec") or {}).get("runPolicy", {}).get("suspend"):
+            queued = False
+        obs = observe(job, pods, status.get("progress"), run, queued)
+    update = status_update(status, obs, meta.get("generation"))
+    if not update:
+        return
+    kube.patch_finetunejob_status(meta["namespace"], meta["name"], update)
+    if update.get("phase"):
+        metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()
+        kind = "Warning" if obs.phase is Phase.FAILED else "Normal"
+        kopf.event(ftj, type=kind, reason=obs.phase.value, message=f"run {run}: {obs.message}"[:1024])
+
+
+@kopf.on.event(*RESOURCE)
+def finetunejob_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        return
+    status = body.get("status") or {}
+    job = kube.read_job(body.metadata.namespace, status["jobName"]) if status.get("jobName") else None
+    sync_status(dict(body), job)
+    metrics.observe_phase(body.metadata.namespace, body.metadata.name, (body.get("status") or {}).get("phase"))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    owner = (body.metadata.get("labels") or {}).get(c.LABEL_JOB)
+    if not owner:
+        return
+    ftj = kube.read_finetunejob(body.metadata.namespace, owner)
+    if ftj is None or (ftj.get("status") or {}).get("jobName") != body.metadata.name:
+        return  # an earlier run's Job, or its owner is gone
+    deleted = event.get("type") == "DELETED"
+    job_hash = (body.metadata.get("annotations") or {}).get(builders.SPEC_HASH_ANNOTATION)
+    if deleted and job_hash != builders.spec_hash(ftj.get("spec") or {}):
+        return  # superseded by a spec change: ensure_run deleted it on purpose
+    sync_status(ftj, None if deleted else dict(body), job_deleted=deleted)

@@ -1,0 +1,86 @@
+"""Thin wrappers over the Kubernetes client: idempotent create, reads that return None on 404."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from finetune_api import GROUP, PLURAL, VERSION
+
+_api: kubernetes.client.ApiClient | None = None
+
+
+def api() -> kubernetes.client.ApiClient:
+    global _api
+    if _api is None:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        _api = kubernetes.client.ApiClient()
+    return _api
+
+
+def reset() -> None:
+    """Forget the client (tests point the operator at a fresh cluster)."""
+    global _api
+    _api = None
+
+
+def core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api())
+
+
+def batch() -> kubernetes.client.BatchV1Api:
+    return kubernetes.client.BatchV1Api(api())
+
+
+def rbac() -> kubernetes.client.RbacAuthorizationV1Api:
+    return kubernetes.client.RbacAuthorizationV1Api(api())
+
+
+def custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api())
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return api().sanitize_for_serialization(obj)
+
+
+def read_or_none(fn, *args, **kw) -> dict[str, Any] | None:
+    try:
+        return to_dict(fn(*args, **kw))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def create_if_absent(create_fn, namespace: str, body: dict[str, Any]) -> bool:
+    """Creates `body`; an existing object of that name (a restart's leftover) is kept. True if created."""
+    try:
+        create_fn(namespace, body)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
+def read_job(namespace: str, name: str) -> dict[str, Any] | None:
+    return read_or_none(batch().read_namespaced_job, name, namespace)
+
+
+def list_job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
+    pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}")
+    return [to_dict(p) for p in pods.items]
+
+
+def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
+    return read_or_none(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})

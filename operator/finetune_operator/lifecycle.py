@@ -1,0 +1,112 @@
+"""The run's state machine, as pure functions: (Job, Pods, trainer progress) → phase and conditions.
+
+The operator owns `phase`, `reason`, `message`, `conditions` and `completionTime`; it derives them
+level-style from what it observes each time, so a restarted operator converges to the same status.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_api.status import STAGES, ConditionType, Phase, Reason
+
+from .conditions import now_rfc3339, set_condition
+
+
+@dataclass(frozen=True)
+class Observation:
+    phase: Phase
+    reason: str
+    message: str
+
+
+def _true_conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    conds = (job.get("status") or {}).get("conditions") or []
+    return {c["type"]: c for c in conds if c.get("status") == "True"}
+
+
+def termination_message(pods: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """(reason, message) the trainer wrote to its termination-message path, newest failed pod first."""
+    def started(pod: dict[str, Any]) -> str:
+        return (pod.get("status") or {}).get("startTime") or pod["metadata"].get("creationTimestamp") or ""
+
+    for pod in sorted(pods, key=started, reverse=True):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("exitCode", 0) == 0:
+                continue
+            raw = (term.get("message") or "").strip()
+            try:
+                doc = json.loads(raw.splitlines()[-1]) if raw else {}
+            except (json.JSONDecodeError, IndexError):
+                doc = {}
+            if isinstance(doc, dict) and doc.get("reason"):
+                return str(doc["reason"]), str(doc.get("message") or "")
+            return None, raw[-2000:] or f"trainer exited with code {term.get('exitCode')}"
+    return None, None
+
+
+def _pending_message(pods: list[dict[str, Any]]) -> str:
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"pod {pod['metadata']['name']} unschedulable: {cond.get('message', '')}".strip()
+    return "waiting for the trainer to start"
+
+
+def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: dict[str, Any] | None,
+            run: int, queued: bool) -> Observation:
+    if job is None:
+        return Observation(Phase.PENDING, "JobPending", "creating the training Job")
+    conds = _true_conditions(job)
+    if "Complete" in conds:
+        return Observation(Phase.SUCCEEDED, Reason.COMPLETED, "training finished; artifacts uploaded")
+    if "Failed" in conds:
+        job_reason = conds["Failed"].get("reason", "")
+        trainer_reason, trainer_message = termination_message(pods)
+        if job_reason == "DeadlineExceeded":
+            return Observation(Phase.FAILED, Reason.DEADLINE_EXCEEDED, conds["Failed"].get("message", ""))
+        default = Reason.CONFIG_ERROR if job_reason == "PodFailurePolicy" else Reason.BACKOFF_LIMIT_EXCEEDED
+        message = trainer_message or conds["Failed"].get("message", "") or "the training Job failed"
+        return Observation(Phase.FAILED, trainer_reason or default, message)
+    if (job.get("spec") or {}).get("suspend"):
+        if queued:
+            return Observation(Phase.QUEUED, Reason.QUEUED, "waiting for Kueue to admit the Job")
+        return Observation(Phase.SUSPENDED, Reason.SUSPENDED, "suspended by runPolicy.suspend")
+    if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
+        return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
+    return Observation(Phase.PENDING, "PodPending", _pending_message(pods))
+
+
+def status_update(status: dict[str, Any], obs: Observation, generation: int | None,
+                  now: str | None = None) -> dict[str, Any]:
+    """The operator-owned status fields for `obs`; empty when nothing changed."""
+    now = now or now_rfc3339()
+    phase = obs.phase
+    conds = status.get("conditions") or []
+    running = phase in STAGES
+    conds = set_condition(conds, ConditionType.RUNNING, running, obs.reason if running else phase.value,
+                          obs.message if running else "", generation, now)
+    paused = phase in (Phase.SUSPENDED, Phase.QUEUED)
+    conds = set_condition(conds, ConditionType.SUSPENDED, paused, obs.reason if paused else "NotSuspended",
+                          obs.message if paused else "", generation, now)
+    conds = set_condition(conds, ConditionType.SUCCEEDED, phase is Phase.SUCCEEDED,
+                          obs.reason if phase in (Phase.SUCCEEDED, Phase.FAILED) else phase.value,
+                          obs.message if phase is Phase.SUCCEEDED else "", generation, now)
+    conds = set_condition(conds, ConditionType.FAILED, phase is Phase.FAILED,
+                          obs.reason if phase is Phase.FAILED else "NotFailed",
+                          obs.message if phase is Phase.FAILED else "", generation, now)
+    update: dict[str, Any] = {}
+    if status.get("phase") != phase.value:
+        update["phase"] = phase.value
+    if status.get("reason") != str(obs.reason):
+        update["reason"] = str(obs.reason)
+    if status.get("message") != obs.message:
+        update["message"] = obs.message
+    if conds != (status.get("conditions") or []):
+        update["conditions"] = conds
+    if phase.finished and not status.get("completionTime"):
+        update["completionTime"] = now
+    return update
