@@ -1,0 +1,169 @@
+"""Pure builders and the status state machine: no cluster needed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from pydantic import ValidationError
+
+from finetune_api import RunConfig
+from finetune_api import contract as c
+from finetune_api.spec import FinetuneJobSpec
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
+from finetune_operator.handlers import format_validation_error
+from finetune_operator.lifecycle import observe, status_update
+
+OWNER = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
+         "metadata": {"name": "demo", "namespace": "team-a", "uid": "uid-1", "generation": 3}}
+SPEC = {
+    "dataset": {"source": "yahma/alpaca-cleaned"},
+    "output": {"s3": {"bucket": "models", "credentialsSecretRef": {"name": "s3-creds"}}},
+    "baseModel": {"tokenSecretRef": {"name": "hf"}},
+    "runPolicy": {"queueName": "gpu-queue", "activeDeadlineSeconds": 3600},
+}
+CFG = OperatorConfig(trainer_image="trainer:test", default_node_selector={"pool": "gpu"})
+
+
+def build(spec=SPEC, run=1, cfg=CFG):
+    resolved = builders.resolve_spec(copy.deepcopy(spec), cfg)
+    return builders.build_job(resolved, OWNER, run, cfg, service_account="demo-trainer",
+                              raw_spec_hash=builders.spec_hash(spec))
+
+
+def test_job_carries_owner_labels_gpu_and_queue():
+    job = build()
+    meta, pod = job["metadata"], job["spec"]["template"]["spec"]
+    assert meta["name"] == "demo-r1"
+    assert meta["ownerReferences"][0] | {} == {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
+                                                "name": "demo", "uid": "uid-1", "controller": True,
+                                                "blockOwnerDeletion": True}
+    assert meta["labels"][c.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends on admission
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"pool": "gpu"}  # operator default applied
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_config_error_exit_code_fails_the_job_at_once():
+    rules = build()["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == [c.EXIT_CONFIG_ERROR]
+
+
+def test_trainer_runs_non_root_without_privilege_escalation():
+    pod = build()["spec"]["template"]["spec"]
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] != 0
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_credentials_only_as_secret_references():
+    env = build()["spec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert by_name["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert by_name["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
+    assert all("value" not in by_name[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"))
+
+
+def test_cpu_job_requests_no_gpu_and_follows_suspend():
+    spec = {**SPEC, "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"}, "runPolicy": {"suspend": True}}
+    job = build(spec)
+    res = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res == {"limits": {"cpu": "2", "memory": "4Gi"}, "requests": {"cpu": "2", "memory": "4Gi"}}
+    assert job["spec"]["suspend"] is True
+    assert c.KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+
+
+def test_dataset_configmap_is_mounted_and_named_in_env():
+    spec = {**SPEC, "dataset": {"configMapRef": {"name": "rows", "key": "train.jsonl"}}}
+    pod = build(spec)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env[c.ENV_DATASET_FILE] == f"{c.DATASET_MOUNT}/train.jsonl"
+    volume = next(v for v in pod["volumes"] if v["name"] == "dataset")
+    assert volume["configMap"] == {"name": "rows", "items": [{"key": "train.jsonl", "path": "train.jsonl"}]}
+
+
+def test_run_config_resolves_defaults_and_run_prefix():
+    spec = builders.resolve_spec(copy.deepcopy(SPEC), CFG)
+    rc = builders.build_run_config(spec, OWNER, run=4)
+    assert rc.output_uri == "s3://models/finetune/team-a/demo/run-4/"
+    assert rc.spec.training.learning_rate == 2e-4 and rc.spec.export.gguf == ["q4_k_m"]
+    cm = builders.build_config_map(rc, OWNER)
+    assert cm["metadata"]["name"] == "demo-r4-config"
+    import yaml
+    again = RunConfig.model_validate(yaml.safe_load(cm["data"][c.CONFIG_FILE]))
+    assert again == rc  # the trainer reads back exactly what the operator resolved
+
+
+def test_spec_hash_ignores_suspend_only():
+    base = builders.spec_hash(SPEC)
+    suspended = copy.deepcopy(SPEC)
+    suspended["runPolicy"]["suspend"] = True
+    assert builders.spec_hash(suspended) == base
+    changed = copy.deepcopy(SPEC)
+    changed["training"] = {"learningRate": 1e-5}
+    assert builders.spec_hash(changed) != base
+
+
+def test_role_is_scoped_to_one_object():
+    role = builders.build_role(OWNER)
+    assert all(rule["resourceNames"] == ["demo"] for rule in role["rules"])
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "patch"}
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"training": {"epochs": 2, "maxSteps": 10}}, "training"),
+    ({"training": {"method": "qlora"}, "resources": {"gpus": 0}}, "qlora"),
+    ({"export": {"gguf": ["q9_z"]}}, "export.gguf.0"),
+    ({"training": {"learningRate": 0}}, "training.learningRate"),
+])
+def test_python_validation_names_the_field(bad, field):
+    with pytest.raises(ValidationError) as exc:
+        FinetuneJobSpec.model_validate({**SPEC, **bad})
+    assert field in format_validation_error(exc.value)
+
+
+# ----------------------------------------------------------------------------- state machine
+
+def job_with(conditions=(), suspend=False, active=0):
+    return {"metadata": {"name": "demo-r1"}, "spec": {"suspend": suspend},
+            "status": {"active": active, "conditions": [{"type": t, "status": "True", "reason": r, "message": m}
+                                                         for t, r, m in conditions]}}
+
+
+def failed_pod(message, code=42):
+    return {"metadata": {"name": "p"}, "status": {"startTime": "2026-01-01T00:00:00Z", "containerStatuses": [
+        {"state": {"terminated": {"exitCode": code, "message": message}}}]}}
+
+
+def test_progress_stage_drives_the_phase_only_for_the_current_run():
+    job = job_with(active=1)
+    assert observe(job, [], {"run": 2, "stage": "Training"}, run=2, queued=False).phase == "Training"
+    assert observe(job, [], {"run": 1, "stage": "Exporting"}, run=2, queued=False).phase == "Pending"
+
+
+def test_config_error_carries_the_trainers_reason_and_message():
+    job = job_with([("Failed", "PodFailurePolicy", "Container trainer exited 42")])
+    obs = observe(job, [failed_pod('{"reason": "InvalidDataset", "message": "row 7: no instruction"}')], None, 1, False)
+    assert (obs.phase, obs.reason, obs.message) == ("Failed", "InvalidDataset", "row 7: no instruction")
+
+
+def test_suspended_and_queued():
+    assert observe(job_with(suspend=True), [], None, 1, queued=True).phase == "Queued"
+    assert observe(job_with(suspend=True), [], None, 1, queued=False).phase == "Suspended"
+
+
+def test_status_update_is_idempotent_and_sets_conditions():
+    obs = observe(job_with([("Complete", "", "")]), [], None, 1, False)
+    first = status_update({}, obs, generation=3, now="2026-01-01T00:00:00Z")
+    conds = {cond["type"]: cond for cond in first["conditions"]}
+    assert conds["Succeeded"]["status"] == "True" and conds["Failed"]["status"] == "False"
+    assert conds["Succeeded"]["observedGeneration"] == 3
+    assert first["phase"] == "Succeeded" and first["completionTime"] == "2026-01-01T00:00:00Z"
+    assert status_update(first, obs, generation=3, now="2026-01-02T00:00:00Z") == {}
