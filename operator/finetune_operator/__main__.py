@@ -13,11 +13,13 @@ def main() -> None:
     cfg = OperatorConfig.from_env()
     from . import handlers  # noqa: F401  (registers the handlers)
 
+    liveness = os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz")
+
     kopf.run(
         standalone=True,  # no peering CRDs: one replica, restarts are safe by design
         clusterwide=not cfg.watch_namespaces,
         namespaces=cfg.watch_namespaces,
-        liveness_endpoint=os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),
+        liveness_endpoint=None if liveness == "off" else liveness,
     )
 
 

@@ -1,0 +1,134 @@
+"""Fixtures for tests that run the operator against the real local cluster.
+
+The operator runs as a real subprocess (`finetune-operator`, configured through env exactly as the
+Helm chart configures it), so tests can SIGKILL and restart it like a crashed pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def kubectl(kubeconfig: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], input=input, text=True,
+                          capture_output=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition", interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as exc:  # noqa: BLE001 - 'not yet'
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_WATCH_NAMESPACES": self.namespace,
+               "FINETUNE_METRICS_PORT": "0", "FINETUNE_LIVENESS_ENDPOINT": "off",
+               "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test", "FINETUNE_PROGRESS_INTERVAL": "1",
+               "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **self.extra_env}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([str(VENV_BIN / "finetune-operator")], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def crd(kubeconfig) -> Path:
+    kubectl(kubeconfig, "apply", "--server-side", "-f", str(CRD))
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+            "crd/finetunejobs.finetune.dev")
+    # Discovery of the new resource takes a moment; kubectl get proves it is served.
+    wait_for(lambda: kubectl(kubeconfig, "get", "ftj", "-A", check=False).returncode == 0, 30, "ftj served")
+    return CRD
+
+
+@pytest.fixture
+def operator(crd, kubeconfig, namespace, tmp_path):
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+    print("---- operator log ----\n" + op.log()[-6000:])  # pytest shows it only when the test failed
+
+
+class Cluster:
+    """Small read helpers over kubectl -o json for assertions."""
+
+    def __init__(self, kubeconfig: Path, namespace: str):
+        self.kubeconfig, self.namespace = kubeconfig, namespace
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        args = ["get", kind, "-n", self.namespace, "-o", "json"]
+        if name:
+            args.insert(2, name)
+        if selector:
+            args += ["-l", selector]
+        proc = kubectl(self.kubeconfig, *args, check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        return json.loads(proc.stdout)
+
+    def apply(self, manifest: dict | str) -> subprocess.CompletedProcess:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        return kubectl(self.kubeconfig, "apply", "-n", self.namespace, "-f", "-", input=text, check=False)
+
+    def status(self, name: str) -> dict:
+        obj = self.get("ftj", name) or {}
+        return obj.get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict | None:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), None)
+
+    def events(self, name: str) -> list[dict]:
+        items = (self.get("events") or {}).get("items", [])
+        return [e for e in items if e.get("involvedObject", {}).get("name") == name]
+
+
+@pytest.fixture
+def k8s(kubeconfig, namespace) -> Cluster:
+    return Cluster(kubeconfig, namespace)

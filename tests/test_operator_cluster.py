@@ -1,0 +1,184 @@
+"""The operator's lifecycle against the real local cluster (apiserver, Job controller, GC, kwok).
+
+Training itself is not run here: pods land on a kwok node (which completes them) or stay
+unschedulable, and the trainer's progress reports are made exactly as the trainer makes them —
+a guarded JSON Patch sent with the trainer's own ServiceAccount identity.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+from operator_fixtures import kubectl, wait_for
+
+pytest_plugins = ["operator_fixtures"]
+
+from finetune_api import contract as c
+
+pytestmark = pytest.mark.cluster
+KWOK_CPU = {"kubernetes.io/hostname": "kwok-cpu-0"}
+NOWHERE = {"finetune.dev/no-such-node": "true"}  # pods stay Pending: the run stays "active"
+
+
+def ftj(name: str, node_selector=None, **spec_overrides) -> dict:
+    spec = {
+        "dataset": {"source": "/data/train.jsonl"},
+        "training": {"maxSteps": 10},
+        "output": {"s3": {"bucket": "models", "endpoint": "http://127.0.0.1:9", "forcePathStyle": True}},
+        "resources": {"gpus": 0, "nodeSelector": node_selector or KWOK_CPU},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def jobs(k8s, name):
+    return (k8s.get("jobs", selector=f"{c.LABEL_JOB}={name}") or {}).get("items", [])
+
+
+def test_run_succeeds_with_conditions_events_and_kubectl_wait(operator, k8s, kubeconfig, namespace):
+    assert k8s.apply(ftj("ok")).returncode == 0
+    job = wait_for(lambda: k8s.get("job", "ok-r1"), 60, "Job ok-r1")
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FinetuneJob"
+    cm = k8s.get("configmap", "ok-r1-config")
+    assert "outputUri: s3://models/finetune/" + namespace + "/ok/run-1/" in cm["data"]["run.yaml"]
+    assert k8s.get("serviceaccount", "ok-trainer") and k8s.get("role", "ok-trainer")
+    # kwok completes the pod; the real Job controller marks the Job Complete.
+    done = kubectl(kubeconfig, "wait", "-n", namespace, "--for=condition=Succeeded", "--timeout=90s", "ftj/ok",
+                   check=False)
+    assert done.returncode == 0, done.stderr
+    status = k8s.status("ok")
+    assert status["phase"] == "Succeeded" and status["run"] == 1 and status["completionTime"]
+    assert k8s.condition("ok", "Failed")["status"] == "False"
+    reasons = {e["reason"] for e in wait_for(lambda: k8s.events("ok"), 30, "events")}
+    assert {"JobCreated", "Succeeded"} <= reasons
+    assert len(jobs(k8s, "ok")) == 1
+
+
+def test_trainer_progress_moves_the_phase_with_only_its_own_rbac(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("prog", NOWHERE))
+    wait_for(lambda: k8s.status("prog").get("run") == 1, 60, "run 1")
+    trainer = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    trainer.configuration.api_key_prefix = {}
+    trainer.default_headers["Impersonate-User"] = f"system:serviceaccount:{namespace}:prog-trainer"
+    api = kubernetes.client.CustomObjectsApi(trainer)
+    report = {"run": 1, "stage": "Training", "step": 3, "totalSteps": 10, "percent": 30, "loss": 2.5}
+    wait_for(lambda: _patch(api, namespace, "prog", c.progress_patch(1, progress=report)), 30,
+             "trainer's Role bound")
+    wait_for(lambda: k8s.status("prog").get("phase") == "Training", 30, "phase Training")
+    assert k8s.condition("prog", "Running")["status"] == "True"
+    # A report from a stale run is refused atomically by the test operation.
+    with pytest.raises(ApiException) as stale:
+        _patch(api, namespace, "prog", c.progress_patch(7, progress={**report, "run": 7}))
+    assert stale.value.status == 422
+    assert k8s.status("prog")["progress"]["run"] == 1
+    # The trainer's identity can touch nothing but its own object's status.
+    k8s.apply(ftj("other", NOWHERE))
+    wait_for(lambda: k8s.status("other").get("run") == 1, 60, "other run 1")
+    with pytest.raises(ApiException) as denied:
+        _patch(api, namespace, "other", c.progress_patch(1, progress=report))
+    assert denied.value.status == 403
+
+
+def _patch(api, namespace, name, ops):
+    return api.api_client.call_api(
+        f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status", "PATCH",
+        header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+        body=ops, auth_settings=["BearerToken"], _return_http_data_only=True) or True
+
+
+def test_missing_secret_fails_then_recovers_when_created(operator, k8s, namespace):
+    spec = ftj("sec", NOWHERE)
+    spec["spec"]["output"]["s3"]["credentialsSecretRef"] = {"name": "s3-creds"}
+    k8s.apply(spec)
+    wait_for(lambda: k8s.status("sec").get("reason") == "SecretNotFound", 60, "SecretNotFound")
+    status = k8s.status("sec")
+    assert status["phase"] == "Failed"
+    assert "spec.output.s3.credentialsSecretRef" in status["message"] and "s3-creds" in status["message"]
+    assert not jobs(k8s, "sec")
+    k8s.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+               "stringData": {"AWS_ACCESS_KEY_ID": "id-123", "AWS_SECRET_ACCESS_KEY": "topsecret-987"}})
+    wait_for(lambda: k8s.get("job", "sec-r1"), 90, "Job after the Secret appears")
+    wait_for(lambda: k8s.status("sec").get("phase") == "Pending", 30, "phase Pending")
+    # The Secret's values never appear in the objects the operator writes.
+    everything = subprocess.run(["kubectl", f"--kubeconfig={k8s.kubeconfig}", "get", "ftj,job,cm,events", "-n",
+                                 namespace, "-o", "yaml"], capture_output=True, text=True).stdout
+    assert "topsecret-987" not in everything and "id-123" not in everything
+
+
+def test_suspend_toggles_the_job_without_a_new_run(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("sus", NOWHERE))
+    wait_for(lambda: k8s.get("job", "sus-r1"), 60, "Job")
+    kubectl(kubeconfig, "patch", "ftj", "sus", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for(lambda: k8s.get("job", "sus-r1")["spec"]["suspend"] is True, 30, "Job suspended")
+    wait_for(lambda: k8s.status("sus").get("phase") == "Suspended", 30, "phase Suspended")
+    assert k8s.condition("sus", "Suspended")["status"] == "True"
+    kubectl(kubeconfig, "patch", "ftj", "sus", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    wait_for(lambda: k8s.get("job", "sus-r1")["spec"]["suspend"] is False, 30, "Job resumed")
+    wait_for(lambda: k8s.status("sus").get("phase") == "Pending", 30, "phase back to Pending")
+    assert k8s.status("sus")["run"] == 1 and len(jobs(k8s, "sus")) == 1
+
+
+def test_queue_name_creates_a_suspended_job_for_kueue(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("q", NOWHERE, runPolicy={"queueName": "gpu-queue"}))
+    job = wait_for(lambda: k8s.get("job", "q-r1"), 60, "Job")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][c.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    wait_for(lambda: k8s.status("q").get("phase") == "Queued", 30, "phase Queued")
+    # Kueue admits by unsuspending the Job.
+    kubectl(kubeconfig, "patch", "job", "q-r1", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_for(lambda: k8s.status("q").get("phase") == "Pending", 30, "admitted → Pending")
+
+
+def test_spec_edit_starts_a_new_run_and_keeps_history(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("edit", NOWHERE))
+    wait_for(lambda: k8s.get("job", "edit-r1"), 60, "Job r1")
+    kubectl(kubeconfig, "patch", "ftj", "edit", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"training":{"epochs":4,"learningRate":0.00001}}}')
+    wait_for(lambda: k8s.get("job", "edit-r2"), 60, "Job r2")
+    wait_for(lambda: k8s.get("job", "edit-r1") is None, 60, "old Job removed")
+    status = k8s.status("edit")
+    assert status["run"] == 2 and status["outputUri"].endswith("/edit/run-2/")
+    assert [h["run"] for h in status["history"]] == [1]
+    assert "learningRate: 1.0e-05" in k8s.get("configmap", "edit-r2-config")["data"]["run.yaml"]
+    assert status["observedGeneration"] == k8s.get("ftj", "edit")["metadata"]["generation"]
+
+
+def test_restart_at_any_point_never_duplicates(operator, k8s, namespace):
+    # Created while the operator is down: the restarted operator creates exactly one Job.
+    operator.stop(signal.SIGKILL)
+    k8s.apply(ftj("rs", NOWHERE))
+    operator.start()
+    wait_for(lambda: k8s.get("job", "rs-r1"), 60, "Job after restart")
+    for _ in range(3):  # kill it again as soon as it has started working
+        seen = len(operator.log())
+        operator.stop(signal.SIGKILL)
+        operator.start()
+        wait_for(lambda seen=seen: len(operator.log()) > seen, 30, "operator output after restart")
+    wait_for(lambda: k8s.status("rs").get("phase") == "Pending", 60, "status converged")
+    assert len(jobs(k8s, "rs")) == 1
+    assert len((k8s.get("configmaps", selector=f"{c.LABEL_JOB}=rs") or {})["items"]) == 1
+    assert k8s.status("rs")["run"] == 1
+
+
+def test_delete_garbage_collects_children_and_never_hangs(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("gone", NOWHERE))
+    wait_for(lambda: k8s.get("job", "gone-r1"), 60, "Job")
+    assert not (k8s.get("ftj", "gone")["metadata"].get("finalizers"))
+    operator.stop()  # uninstalled operator: deletion must still complete
+    kubectl(kubeconfig, "delete", "ftj", "gone", "-n", namespace, "--timeout=30s")
+    wait_for(lambda: k8s.get("job", "gone-r1") is None, 60, "Job garbage-collected")
+    wait_for(lambda: k8s.get("configmap", "gone-r1-config") is None, 60, "ConfigMap garbage-collected")
+
+
+def test_job_failure_carries_reason(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("dead", NOWHERE, runPolicy={"activeDeadlineSeconds": 2}))
+    wait_for(lambda: k8s.status("dead").get("phase") == "Failed", 90, "Failed on deadline")
+    status = k8s.status("dead")
+    assert status["reason"] == "DeadlineExceeded"
+    assert k8s.condition("dead", "Failed")["status"] == "True"
+    assert any(e["type"] == "Warning" for e in k8s.events("dead"))
