@@ -15,9 +15,9 @@ import pytest
 from kubernetes.client.rest import ApiException
 from operator_fixtures import kubectl, wait_for
 
-pytest_plugins = ["operator_fixtures"]
-
 from finetune_api import contract as c
+
+pytest_plugins = ["operator_fixtures"]
 
 pytestmark = pytest.mark.cluster
 KWOK_CPU = {"kubernetes.io/hostname": "kwok-cpu-0"}
