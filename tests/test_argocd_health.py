@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_api import FinetuneJobSpec, FinetuneJobStatus, Phase
 from lupa import lua51
+
+from finetune_api import FinetuneJobSpec, FinetuneJobStatus, Phase
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_DIR = ROOT / "argocd" / "resource_customizations" / "finetune.dev" / "FinetuneJob"
