@@ -17,8 +17,9 @@ BIN=$CACHE/bin
 mkdir -p "$BIN" "$CACHE/build"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
-timed() { # timed NAME CMD... : run CMD, print its duration
-  local name=$1 t0=$SECONDS; shift
+step() { # step NAME OUTPUT CMD... : run CMD unless OUTPUT exists, print its duration
+  local name=$1 done_file=$2 t0=$SECONDS; shift 2
+  if [[ -s $done_file ]]; then echo "build: $name cached"; return; fi
   "$@"; echo "build: $name took $((SECONDS - t0))s"
 }
 
@@ -36,7 +37,6 @@ wrapper_module() { # wrapper_module DIR MODULE VERSION STAGING_PREFIX STAGING_VE
 
 build_k8s() {
   local out=$BIN/k8s-$K8S_VERSION
-  [[ -x $out/kube-scheduler ]] && return
   wrapper_module "$CACHE/build/k8s" k8s.io/kubernetes "v$K8S_VERSION" '^k8s\\.io/' "v0.${K8S_VERSION#1.}"
   go get k8s.io/kubernetes@"v$K8S_VERSION" >/dev/null 2>&1
   local minor=${K8S_VERSION#1.}; minor=${minor%%.*}
@@ -50,30 +50,47 @@ build_k8s() {
 
 build_etcd() {
   local out=$BIN/etcd-$ETCD_VERSION
-  [[ -x $out/etcd ]] && return
-  wrapper_module "$CACHE/build/etcd" go.etcd.io/etcd/server/v3 "v$ETCD_VERSION" '^go\\.etcd\\.io/etcd/' "v$ETCD_VERSION"
-  # the server module's own main package lives in the top-level etcd module
-  go get "go.etcd.io/etcd/v3@v$ETCD_VERSION" >/dev/null 2>&1 || true
+  # etcd's server module is itself the `etcd` main package; its go.mod already requires tagged
+  # siblings but replaces them with relative paths, which `go install` refuses. A bare wrapper
+  # module that requires it (no replace lines needed) builds it.
+  local dir=$CACHE/build/etcd
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  go mod init wrapper >/dev/null 2>&1
+  go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" 2>get.log || { cat get.log; return 1; }
   mkdir -p "$out.tmp"
-  go build -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3/etcdmain 2>/dev/null ||
-    go build -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/v3
+  go build -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
 build_go_install() { # build_go_install NAME VERSION PKG...
   local name=$1 ver=$2; shift 2
   local out=$BIN/$name-$ver
-  [[ -d $out ]] && return
   mkdir -p "$out.tmp"
   GOBIN="$out.tmp" go install -ldflags "-s -w" "$@"
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
-timed "kube-apiserver/controller-manager/scheduler v$K8S_VERSION" build_k8s
-timed "etcd v$ETCD_VERSION" build_etcd
-timed "kwok v$KWOK_VERSION" build_go_install kwok "$KWOK_VERSION" \
-  "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@v$KWOK_VERSION"
-timed "helm v$HELM_VERSION" build_go_install helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+build_kwok() {
+  local out=$BIN/kwok-$KWOK_VERSION
+  [[ -x $out/kwokctl ]] || build_go_install kwok "$KWOK_VERSION" \
+    "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@v$KWOK_VERSION"
+  # The kwok controller run on its own refuses to start without stages; kwokctl would embed these
+  # defaults (node init + lease heartbeat, pod ready/complete/delete), so ship the same files.
+  local src
+  src=$(go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  mkdir -p "$out/stages.tmp"
+  cp "$src"/kustomize/stage/node/fast/node-initialize.yaml \
+    "$src"/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    "$src"/kustomize/stage/pod/fast/pod-{ready,complete,delete}.yaml "$out/stages.tmp/"
+  chmod u+w "$out"/stages.tmp/*
+  rm -rf "$out/stages" && mv "$out/stages.tmp" "$out/stages"
+}
+
+step "kube-apiserver/controller-manager/scheduler v$K8S_VERSION" "$BIN/k8s-$K8S_VERSION/kube-scheduler" build_k8s
+step "etcd v$ETCD_VERSION" "$BIN/etcd-$ETCD_VERSION/etcd" build_etcd
+step "kwok v$KWOK_VERSION" "$BIN/kwok-$KWOK_VERSION/stages/pod-delete.yaml" build_kwok
+step "helm v$HELM_VERSION" "$BIN/helm-$HELM_VERSION/helm" build_go_install helm "$HELM_VERSION" \
+  "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
 
 cat >"$BIN/versions.env" <<VERS
 K8S_BIN=$BIN/k8s-$K8S_VERSION
