@@ -55,8 +55,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
-        else:
+        elif key == "items":
             out[key] = _structural(value, defs)
+        else:  # keywords whose values are data, not schemas (enum, required, x-kubernetes-validations)
+            out[key] = value
     free_object = node.get("type") == "object" and "properties" not in node and (
         node.get("additionalProperties") in (True, None) or node.get("additionalProperties") == {}
     )
