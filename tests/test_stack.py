@@ -7,10 +7,11 @@ import json
 import sys
 
 import pytest
+from kubernetes import client
+
 from devstack.cluster import GPU_LABEL, GPU_NODE
 from devstack.podrunner import NODE_LABEL, NODE_NAME
 from devstack.procs import wait_until
-from kubernetes import client
 
 pytestmark = pytest.mark.cluster
 

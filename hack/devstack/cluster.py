@@ -99,12 +99,12 @@ class LocalCluster:
             self._wait_healthz("kube-scheduler", sched_port)
             # Pods can't be created in a namespace before its default ServiceAccount exists, and
             # service-account volumes need kube-root-ca.crt: both come from the controller-manager.
-            wait_until(lambda: self._all_alive() and self.kube.get("/api/v1/namespaces/default/serviceaccounts/default"), 60,
+            wait_until(lambda: self._all_alive() and self.kube.get("/api/v1/namespaces/default/serviceaccounts/default"), 120,
                        "the default ServiceAccount")
-            wait_until(lambda: self.kube.get("/api/v1/namespaces/default/configmaps/kube-root-ca.crt"), 60,
+            wait_until(lambda: self.kube.get("/api/v1/namespaces/default/configmaps/kube-root-ca.crt"), 120,
                        "the kube-root-ca.crt ConfigMap")
             for name in (n["metadata"]["name"] for n in KWOK_NODES):
-                wait_until(lambda name=name: self._all_alive() and self._node_ready(name), 60, f"kwok node {name} Ready")
+                wait_until(lambda name=name: self._all_alive() and self._node_ready(name), 120, f"kwok node {name} Ready")
         except Exception as e:
             tails = self.log_tails()  # stop() removes the logs with the temp dir
             self.stop()
@@ -158,7 +158,7 @@ class LocalCluster:
             # Throwaway data: fsync only costs time.
             "--unsafe-no-fsync=true", "--log-level=warn",
         ])
-        wait_until(lambda: etcd.check_alive() and _http_ok(f"{self.etcd_url}/health"), 30, "etcd /health")
+        wait_until(lambda: etcd.check_alive() and _http_ok(f"{self.etcd_url}/health"), 60, "etcd /health")
 
     def _start_apiserver(self) -> None:
         pki = self.dir / "pki"
@@ -175,7 +175,7 @@ class LocalCluster:
             "--endpoint-reconciler-type=none", "--profiling=false",
         ])
         ctx = ssl._create_unverified_context()  # the serving cert doesn't exist until the apiserver writes it
-        wait_until(lambda: api.check_alive() and _http_ok(f"{self.api_url}/readyz", self.token, ctx), 90,
+        wait_until(lambda: api.check_alive() and _http_ok(f"{self.api_url}/readyz", self.token, ctx), 120,
                    "kube-apiserver /readyz")
 
     def _write_kubeconfig(self) -> None:
@@ -210,7 +210,7 @@ class LocalCluster:
     def _wait_healthz(self, name: str, port: int) -> None:
         proc = next(p for p in self.procs if p.name == name)
         ctx = ssl._create_unverified_context()  # their serving certs are self-signed in memory
-        wait_until(lambda: proc.check_alive() and _http_ok(f"https://127.0.0.1:{port}/healthz", None, ctx), 60,
+        wait_until(lambda: proc.check_alive() and _http_ok(f"https://127.0.0.1:{port}/healthz", None, ctx), 120,
                    f"{name} /healthz")
 
     def _create_kwok_nodes(self) -> None:

@@ -9,6 +9,7 @@ status through pods/status, as the kubelet would. Images are ignored; every pod 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -44,7 +45,6 @@ class ContainerRun:
     state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: dict = field(default_factory=dict)
     restarts: int = 0
-    started: bool = False
     exit_code: int | None = None
 
     def status(self, image: str) -> dict:
@@ -286,7 +286,7 @@ class LocalPodRunner:
                     inits = [sandbox.launch(c) for c in spec.get("initContainers") or []]
                     mains = [sandbox.launch(c) for c in spec["containers"]]
                     break
-                except NotReady as e:  # like the kubelet: report and retry until it appears
+                except (NotReady, ApiError, OSError) as e:  # like the kubelet: report, retry until it works
                     run.waiting = {"reason": "CreateContainerConfigError", "message": str(e)}
                     self._report(run)
                     run.deleting.wait(1)
@@ -325,6 +325,8 @@ class LocalPodRunner:
                 self._log(f"{run.ns}/{run.name}/{launch.name}: {launch.argv} in {launch.cwd}")
                 with open(run.log_path, "ab") as log:
                     try:
+                        if not launch.argv:
+                            raise OSError("no command: the local pod runner ignores images, so it needs command/args")
                         c.proc = subprocess.Popen(launch.argv, env=launch.env, cwd=launch.cwd, stdout=log,
                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                   start_new_session=True)
@@ -337,6 +339,9 @@ class LocalPodRunner:
             if c.proc:
                 self._report(run)
                 rc = c.proc.wait()
+                # As when a container's main process ends: whatever it left running in its group dies too.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(c.proc.pid, signal.SIGKILL)
                 code = rc if rc >= 0 else 128 - rc  # killed by a signal: 128+n, as containers report it
             else:
                 code = 128
