@@ -64,9 +64,10 @@ def ensure() -> Binaries:
             return bins
         if not shutil.which("go"):
             raise RuntimeError("the Go toolchain is needed to build the local stack (see DEVELOPERS.md)")
-        print(f"devstack: building the local stack with {BUILD_SCRIPT} (first run only)", file=sys.stderr)
-        # Output goes to our stderr so a long first build shows progress instead of hanging silently.
-        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=sys.stderr)
+        print(f"devstack: building the local stack with {BUILD_SCRIPT} (first run only)", file=sys.__stderr__)
+        # The real stderr (pytest's capture objects may have no fileno): a long first build shows
+        # progress instead of hanging silently.
+        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=sys.__stderr__, stderr=sys.__stderr__)
     bins = _read_versions(versions)
     if not bins:
         raise RuntimeError(f"{BUILD_SCRIPT} finished but {versions} does not name every binary")
