@@ -110,3 +110,14 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
 {{- end }}
+
+{{/*
+Only when watching a list of namespaces: kopf lists and watches namespaces to notice the listed ones
+appear and disappear (without it, it retries nine times, then assumes they exist). Cluster-wide,
+it watches every namespace's objects directly and never reads Namespace objects.
+*/}}
+{{- define "finetune-operator.namespaceRules" -}}
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
