@@ -10,7 +10,7 @@ import pytest
 from kubernetes import client
 
 from devstack.cluster import GPU_LABEL, GPU_NODE
-from devstack.podrunner import NODE_LABEL, NODE_NAME
+from devstack.node import NODE_LABEL, NODE_NAME
 from devstack.procs import wait_until
 
 pytestmark = pytest.mark.cluster

@@ -20,22 +20,15 @@ import time
 import traceback
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from devstack.kube import ApiError, Kube
+from devstack.node import NODE_NAME, RunnerNode
+from devstack.node import now as _now
 from devstack.podspec import Launch, NotReady, PodSandbox, clean_env
 from devstack.procs import tail
 
-NODE_NAME = "local-runner"
-NODE_LABEL = "finetune.dev/local-runner"
 MESSAGE_LIMIT = 4096  # the kubelet's cap on a termination message
-# Generous on purpose: the node must admit what the chart asks for a GPU trainer, not what this host has.
-NODE_RESOURCES = {"cpu": "64", "memory": "256Gi", "pods": "110", "ephemeral-storage": "1Ti", "nvidia.com/gpu": "8"}
-
-
-def _now(micro: bool = False) -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -102,11 +95,11 @@ class LocalPodRunner:
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._node_since = _now()
+        self.node = RunnerNode(self.kube, node_name)
 
     # --- public ----------------------------------------------------------------------------------
     def start(self) -> LocalPodRunner:
-        self._register_node()
+        self.node.register()
         for target in (self._heartbeat_loop, self._watch_loop):
             t = threading.Thread(target=target, name=f"podrunner-{target.__name__}", daemon=True)
             t.start()
@@ -149,45 +142,10 @@ class LocalPodRunner:
             f.write(f"{_now(micro=True)} {msg}\n")
 
     # --- node ------------------------------------------------------------------------------------
-    def _register_node(self) -> None:
-        node = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.node_name,
-                             "labels": {NODE_LABEL: "true", "kubernetes.io/hostname": self.node_name,
-                                        "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}}}
-        if self.kube.get(f"/api/v1/nodes/{self.node_name}") is None:
-            self.kube.post("/api/v1/nodes", node)
-        self._node_heartbeat()
-
-    def _node_heartbeat(self) -> None:
-        now = _now()
-        conditions = [
-            {"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "lastHeartbeatTime": now,
-             "lastTransitionTime": self._node_since} for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
-        ] + [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "local pod runner is ready",
-              "lastHeartbeatTime": now, "lastTransitionTime": self._node_since}]
-        status = {"capacity": NODE_RESOURCES, "allocatable": NODE_RESOURCES, "conditions": conditions,
-                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                                {"type": "Hostname", "address": self.node_name}],
-                  "nodeInfo": {"kubeletVersion": "local-pod-runner", "operatingSystem": "linux",
-                               "architecture": "amd64", "containerRuntimeVersion": "local://processes",
-                               "kernelVersion": "", "osImage": "", "kubeProxyVersion": "", "machineID": "",
-                               "systemUUID": "", "bootID": ""}}
-        self.kube.patch(f"/api/v1/nodes/{self.node_name}/status", {"status": status})
-        # The node lifecycle controller judges liveness by this Lease; without it the node goes
-        # NotReady after ~50 s and its pods get evicted.
-        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node_name}"
-        spec = {"holderIdentity": self.node_name, "leaseDurationSeconds": 40, "renewTime": _now(micro=True)}
-        lease = self.kube.get(path)
-        if lease is None:
-            self.kube.post("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
-                           {"metadata": {"name": self.node_name}, "spec": spec})
-        else:
-            self.kube.put(path, {**lease, "spec": {**lease["spec"], **spec}})
-
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(10):
             try:
-                self._node_heartbeat()
+                self.node.heartbeat()
             except Exception as e:  # a missed beat is retried; the lease tolerates a few
                 self._log(f"heartbeat failed: {e!r}")
 
