@@ -7,7 +7,9 @@ used them gets the tails of every component's log appended to its report.
     cluster     LocalCluster (etcd, kube-apiserver, controller-manager, scheduler, kwok) + pod runner
     kubeconfig  path of the admin kubeconfig
     kube        kubernetes.client.ApiClient for that kubeconfig
-    pod_runner  LocalPodRunner executing the pods bound to node `local-runner`
+    pod_runner  LocalPodRunner executing the pods bound to node `local-runner` (nodeSelector
+                finetune.dev/local-runner=true); .log_path(ns, pod), .kill(ns, pod), and .base_env
+                (env every pod process starts from) for tests that need to add to it
     namespace   a fresh namespace per test (deleted afterwards)
     s3          S3Server (SeaweedFS); s3.client() is a boto3 client
     bucket      a fresh bucket per test
