@@ -56,6 +56,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_WATCH_NAMESPACES": self.namespace,
                "FINETUNE_METRICS_PORT": "0", "FINETUNE_LIVENESS_ENDPOINT": "off",
                "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test", "FINETUNE_PROGRESS_INTERVAL": "1",
+               "PYTHONUNBUFFERED": "1",
                "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **self.extra_env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([str(VENV_BIN / "finetune-operator")], env=env, stdout=log,
@@ -79,8 +80,9 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def crd(kubeconfig) -> Path:
     kubectl(kubeconfig, "apply", "--server-side", "-f", str(CRD))
-    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/finetunejobs.finetune.dev")
+    # `kubectl wait` errors while the CRD has no status yet, so poll it.
+    wait_for(lambda: kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=10s",
+                             "crd/finetunejobs.finetune.dev", check=False).returncode == 0, 60, "CRD Established")
     # Discovery of the new resource takes a moment; kubectl get proves it is served.
     wait_for(lambda: kubectl(kubeconfig, "get", "ftj", "-A", check=False).returncode == 0, 30, "ftj served")
     return CRD

@@ -39,8 +39,6 @@ DELETE = object()
 CASES = [
     ("no spec", with_("spec", DELETE), "spec"),
     ("no dataset", with_("spec.dataset", DELETE), "spec.dataset"),
-    ("no output", with_("spec.output", DELETE), "spec.output"),
-    ("no bucket", with_("spec.output.s3", {"prefix": "x"}), "spec.output.s3.bucket"),
     ("bad bucket name", with_("spec.output.s3.bucket", "Bad_Bucket"), "spec.output.s3.bucket"),
     ("dataset source and configMapRef", with_("spec.dataset.configMapRef", {"name": "rows", "key": "a"}), "source and configMapRef"),
     ("dataset neither", with_("spec.dataset", {"split": "train"}), "source and configMapRef"),
@@ -77,7 +75,7 @@ CASES = [
     ("name too long", with_("metadata.name", "a" * 60), "metadata.name"),
 ]
 # qlora needs a GPU: a cross-field CEL rule.
-CASES[24] = ("qlora without gpu", {**VALID, "spec": {**VALID["spec"], "training": {"method": "qlora"},
+CASES[22] = ("qlora without gpu", {**VALID, "spec": {**VALID["spec"], "training": {"method": "qlora"},
                                                      "resources": {"gpus": 0}}}, "qlora needs resources.gpus")
 
 

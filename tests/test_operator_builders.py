@@ -106,6 +106,8 @@ def test_spec_hash_ignores_suspend_only():
     suspended = copy.deepcopy(SPEC)
     suspended["runPolicy"]["suspend"] = True
     assert builders.spec_hash(suspended) == base
+    bare = {k: v for k, v in SPEC.items() if k != "runPolicy"}
+    assert builders.spec_hash({**bare, "runPolicy": {"suspend": True}}) == builders.spec_hash(bare)
     changed = copy.deepcopy(SPEC)
     changed["training"] = {"learningRate": 1e-5}
     assert builders.spec_hash(changed) != base

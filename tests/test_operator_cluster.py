@@ -84,10 +84,12 @@ def test_trainer_progress_moves_the_phase_with_only_its_own_rbac(operator, k8s, 
 
 
 def _patch(api, namespace, name, ops):
+    """A JSON Patch on the status subresource, sent exactly as the trainer's reporter sends it."""
     return api.api_client.call_api(
         f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status", "PATCH",
         header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-        body=ops, auth_settings=["BearerToken"], _return_http_data_only=True) or True
+        body=ops, auth_settings=["BearerToken"], response_types_map={200: "object"},
+        _return_http_data_only=True)
 
 
 def test_missing_secret_fails_then_recovers_when_created(operator, k8s, namespace):
@@ -107,6 +109,16 @@ def test_missing_secret_fails_then_recovers_when_created(operator, k8s, namespac
     everything = subprocess.run(["kubectl", f"--kubeconfig={k8s.kubeconfig}", "get", "ftj,job,cm,events", "-n",
                                  namespace, "-o", "yaml"], capture_output=True, text=True).stdout
     assert "topsecret-987" not in everything and "id-123" not in everything
+
+
+def test_no_bucket_and_no_default_fails_naming_the_field(operator, k8s):
+    manifest = ftj("nob", NOWHERE)
+    del manifest["spec"]["output"]
+    assert k8s.apply(manifest).returncode == 0  # admission allows it: the operator may have a default
+    wait_for(lambda: k8s.status("nob").get("phase") == "Failed", 60, "Failed")
+    status = k8s.status("nob")
+    assert status["reason"] == "InvalidSpec" and "spec.output.s3.bucket" in status["message"]
+    assert not jobs(k8s, "nob")
 
 
 def test_suspend_toggles_the_job_without_a_new_run(operator, k8s, kubeconfig, namespace):
@@ -138,7 +150,7 @@ def test_spec_edit_starts_a_new_run_and_keeps_history(operator, k8s, kubeconfig,
     k8s.apply(ftj("edit", NOWHERE))
     wait_for(lambda: k8s.get("job", "edit-r1"), 60, "Job r1")
     kubectl(kubeconfig, "patch", "ftj", "edit", "-n", namespace, "--type=merge",
-            "-p", '{"spec":{"training":{"epochs":4,"learningRate":0.00001}}}')
+            "-p", '{"spec":{"training":{"maxSteps":null,"epochs":4,"learningRate":0.00001}}}')
     wait_for(lambda: k8s.get("job", "edit-r2"), 60, "Job r2")
     wait_for(lambda: k8s.get("job", "edit-r1") is None, 60, "old Job removed")
     status = k8s.status("edit")

@@ -34,6 +34,8 @@ class RunConfig(ApiModel):
     @staticmethod
     def output_uri_for(spec: FinetuneJobSpec, namespace: str, name: str, run: int) -> str:
         s3 = spec.output.s3
+        if not s3.bucket:
+            raise ValueError("spec.output.s3.bucket: no bucket given and no default configured")
         prefix = "/".join(p for p in (s3.prefix.strip("/"), namespace, name, f"run-{run}") if p)
         return f"s3://{s3.bucket}/{prefix}/"
 

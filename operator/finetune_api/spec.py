@@ -190,7 +190,9 @@ class S3CredentialsRef(ApiModel):
 
 
 class S3Spec(ApiModel):
-    bucket: str = Field(description="Bucket for every artifact.", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    bucket: str | None = Field(None, description=(
+        "Bucket for every artifact. Unset uses the operator's default bucket (Helm value s3.bucket)."),
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     prefix: str = Field("finetune", description=(
         "Key prefix. Artifacts go to <prefix>/<namespace>/<name>/run-<n>/."),
         pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)
@@ -198,12 +200,13 @@ class S3Spec(ApiModel):
                                  pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512)
     region: str = Field("us-east-1", description="Region.", pattern=r"^[a-z0-9-]+$", max_length=64)
     force_path_style: bool = Field(False, description="Path-style addressing (most non-AWS stores need it).")
-    credentials_secret_ref: S3CredentialsRef | None = Field(
-        None, description="Secret with the credentials; unset uses the pod's ambient identity (IRSA, instance role).")
+    credentials_secret_ref: S3CredentialsRef | None = Field(None, description=(
+        "Secret with the credentials. Unset uses the operator's default Secret (Helm value "
+        "s3.credentialsSecretName), else the pod's ambient identity (IRSA, instance role)."))
 
 
 class OutputSpec(ApiModel):
-    s3: S3Spec = Field(description="Where artifacts, checkpoints and the manifest are uploaded.")
+    s3: S3Spec = Field(default_factory=S3Spec, description="Where artifacts, checkpoints and the manifest are uploaded.")
 
 
 class ResourcesSpec(ApiModel):
@@ -250,6 +253,6 @@ class FinetuneJobSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training hyperparameters.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="What to export.")
     evaluation: EvaluationSpec | None = Field(None, description="Evaluate the GGUF files; unset skips evaluation.")
-    output: OutputSpec = Field(description="Where artifacts go.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where artifacts go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute for the training pod.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, suspension, queueing.")

@@ -13,6 +13,11 @@ def main() -> None:
     cfg = OperatorConfig.from_env()
     from . import handlers  # noqa: F401  (registers the handlers)
 
+    # JSON logs carry the FinetuneJob's namespace/name on every line (log_refkey), for log pipelines.
+    fmt = os.environ.get("FINETUNE_LOG_FORMAT", "full").lower()
+    kopf.configure(verbose=os.environ.get("FINETUNE_LOG_VERBOSE") == "1",
+                   log_format={"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN}.get(fmt, kopf.LogFormat.FULL),
+                   log_refkey="finetunejob", log_prefix=fmt != "json")
     liveness = os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz")
 
     kopf.run(

@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_api import API_VERSION, KIND, RunConfig, RunRef
 from finetune_api import contract as c
-from finetune_api.spec import FinetuneJobSpec
+from finetune_api.spec import FinetuneJobSpec, S3CredentialsRef
 
 from .config import OperatorConfig
 
@@ -37,7 +37,10 @@ def trainer_account_name(name: str) -> str:
 def spec_hash(raw_spec: dict[str, Any]) -> str:
     """Identity of a run: the applied spec minus the fields that steer a run without changing it."""
     spec = copy.deepcopy(raw_spec)
-    (spec.get("runPolicy") or {}).pop("suspend", None)
+    policy = spec.get("runPolicy") or {}
+    policy.pop("suspend", None)
+    if not policy:  # `runPolicy: {suspend: false}` is the same run as no runPolicy at all
+        spec.pop("runPolicy", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -53,8 +56,15 @@ def resolve_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> FinetuneJobSp
         res.tolerations = list(cfg.default_tolerations)
     if spec.run_policy.queue_name is None and cfg.default_queue_name:
         spec.run_policy.queue_name = cfg.default_queue_name
-    if spec.output.s3.endpoint is None and cfg.default_s3_endpoint:
-        spec.output.s3.endpoint = cfg.default_s3_endpoint
+    s3 = spec.output.s3
+    if s3.endpoint is None and cfg.default_s3_endpoint:
+        s3.endpoint = cfg.default_s3_endpoint
+    if s3.bucket is None:
+        if not cfg.default_s3_bucket:
+            raise ValueError("spec.output.s3.bucket: required, since the operator has no default bucket")
+        s3.bucket = cfg.default_s3_bucket
+    if s3.credentials_secret_ref is None and cfg.default_s3_credentials_secret:
+        s3.credentials_secret_ref = S3CredentialsRef(name=cfg.default_s3_credentials_secret)
     return spec
 
 

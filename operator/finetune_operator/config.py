@@ -25,6 +25,8 @@ class OperatorConfig:
     default_tolerations: list[dict[str, Any]] = field(default_factory=list)
     default_queue_name: str | None = None
     default_s3_endpoint: str | None = None
+    default_s3_bucket: str | None = None
+    default_s3_credentials_secret: str | None = None
     progress_interval_seconds: int = 5
     metrics_port: int = 8080
 
@@ -40,6 +42,8 @@ class OperatorConfig:
             default_tolerations=_json_env("FINETUNE_DEFAULT_TOLERATIONS", []),
             default_queue_name=env("FINETUNE_DEFAULT_QUEUE_NAME") or None,
             default_s3_endpoint=env("FINETUNE_DEFAULT_S3_ENDPOINT") or None,
+            default_s3_bucket=env("FINETUNE_DEFAULT_S3_BUCKET") or None,
+            default_s3_credentials_secret=env("FINETUNE_DEFAULT_S3_CREDENTIALS_SECRET") or None,
             progress_interval_seconds=int(env("FINETUNE_PROGRESS_INTERVAL") or 5),
             metrics_port=int(env("FINETUNE_METRICS_PORT") or 8080),
         )

@@ -121,9 +121,10 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     generation = body.metadata.get("generation")
     try:
         spec = builders.resolve_spec(raw_spec, CONFIG)
-    except ValidationError as exc:
-        _fail(body, patch, Reason.INVALID_SPEC, format_validation_error(exc))
-        raise kopf.PermanentError(f"invalid spec: {format_validation_error(exc)}") from None
+    except ValueError as exc:  # pydantic's ValidationError included
+        message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        _fail(body, patch, Reason.INVALID_SPEC, message)
+        raise kopf.PermanentError(f"invalid spec: {message}") from None
     missing = missing_references(spec, namespace)
     if missing:
         _fail(body, patch, *missing)
