@@ -1,0 +1,108 @@
+"""Micro-batches in a deterministic order, so a resumed run sees exactly the batches it had not seen.
+
+Micro-batch m of the whole run lives in epoch m // per_epoch at position m % per_epoch of that epoch's
+seeded permutation; nothing is consumed from an iterator, so resuming at step s is just m = s * accum.
+With packing, rows are concatenated into sequences of up to max_seq_length; position ids restart per
+row and the attention mask is left out, which makes transformers build a block-diagonal causal mask
+(no attention across rows).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    tokens: int  # non-padding tokens
+    label_tokens: int  # tokens that carry loss (after the causal shift)
+
+    def model_inputs(self, device) -> dict[str, torch.Tensor]:
+        out = {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device)}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask.to(device)
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids.to(device)
+        return out
+
+
+class Batches:
+    def __init__(self, rows: list[dict], batch_size: int, max_seq_length: int, pad_id: int, seed: int,
+                 packing: bool = False):
+        self.rows = rows
+        self.batch_size = batch_size
+        self.max_len = max_seq_length
+        self.pad_id = pad_id
+        self.seed = seed
+        self.packing = packing
+        # A unit is one sequence: one row, or several packed rows. Packing happens once (in a seeded
+        # order) so every epoch has the same number of micro-batches; epochs shuffle the units.
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        self.units = self._pack(order) if packing else [[i] for i in sorted(order)]
+        self.per_epoch = -(-len(self.units) // batch_size)
+        self._epoch_cache: dict[int, list[list[list[int]]]] = {}
+
+    def _epoch(self, epoch: int) -> list[list[list[int]]]:
+        if epoch not in self._epoch_cache:
+            units = list(self.units)
+            random.Random(self.seed + 1 + epoch).shuffle(units)
+            self._epoch_cache = {epoch: [units[i:i + self.batch_size] for i in range(0, len(units), self.batch_size)]}
+        return self._epoch_cache[epoch]
+
+    def _pack(self, order: list[int]) -> list[list[int]]:
+        sequences, current, used = [], [], 0
+        for i in order:
+            n = len(self.rows[i]["input_ids"])
+            if current and used + n > self.max_len:
+                sequences.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += n
+        if current:
+            sequences.append(current)
+        return sequences
+
+    def epoch_of(self, micro: int) -> float:
+        return micro / self.per_epoch
+
+    def get(self, micro: int) -> Batch:
+        units = self._epoch(micro // self.per_epoch)[micro % self.per_epoch]
+        seqs = [self._sequence(u) for u in units]
+        width = max(len(ids) for ids, _, _ in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        pos = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (s_ids, s_labels, s_pos) in enumerate(seqs):
+            n = len(s_ids)
+            ids[b, :n] = torch.tensor(s_ids)
+            labels[b, :n] = torch.tensor(s_labels)
+            mask[b, :n] = 1
+            pos[b, :n] = torch.tensor(s_pos)
+            pos[b, n:] = torch.arange(width - n)  # padding is its own "row" when packed
+        tokens = int(mask.sum())
+        label_tokens = int((labels[:, 1:] != IGNORE).sum())
+        if self.packing:
+            return Batch(ids, labels, None, pos, tokens, label_tokens)
+        return Batch(ids, labels, mask, None, tokens, label_tokens)
+
+    def _sequence(self, unit: list[int]) -> tuple[list[int], list[int], list[int]]:
+        ids, labels, pos = [], [], []
+        for i in unit:
+            row = self.rows[i]
+            r_labels = list(row["labels"])
+            r_labels[0] = IGNORE  # a row's first token is never predicted from the previous row
+            ids += row["input_ids"]
+            labels += r_labels
+            pos += range(len(row["input_ids"]))
+        return ids, labels, pos

@@ -1,0 +1,360 @@
+"""The `finetune` command: each stage on its own, all of them (`run`), and the agent tools' schemas.
+
+    finetune run --config run.yaml [--workdir /workspace] [--resume]
+    finetune prepare-dataset --source data.jsonl --output-dir work/dataset [--base-model M]
+    finetune train --dataset work/dataset --output-dir work [--base-model M] [--max-steps N]
+    finetune export-gguf --checkpoint-dir work/adapter --quantization q4_k_m --output-file out/model.gguf
+    finetune eval --gguf out/model.gguf --tasks arc_easy --limit 100
+    finetune upload --config run.yaml --workdir work
+    finetune tools --json
+
+With --config, a stage command runs that stage of the run config in --workdir (what `run` does in
+order). Exit codes: 0 ok, 42 configuration error (do not retry), 75 transient (retry, resume), and the
+reason goes to $FINETUNE_TERMINATION_LOG as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune_api import contract
+
+from .errors import ConfigError, TrainerError, redact, write_termination_message
+
+log = logging.getLogger("finetune")
+
+
+class _Redact(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = ()
+        return True
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(_Redact())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "datasets", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------------- config
+def load_config(path: str | None):
+    from pydantic import ValidationError
+
+    from finetune_api import RunConfig
+
+    path = path or os.environ.get(contract.ENV_CONFIG)
+    if not path:
+        raise ConfigError("InvalidSpec", "no run config: pass --config or set FINETUNE_CONFIG")
+    if not Path(path).is_file():
+        raise ConfigError("ConfigNotFound", f"{path} does not exist")
+    try:
+        return RunConfig.load(path)
+    except ValidationError as exc:
+        errors = exc.errors()
+        quant = [e for e in errors if "gguf" in e["loc"] or "quantizations" in e["loc"]]
+        first = quant[0] if quant else errors[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if quant:
+            raise ConfigError("UnknownQuantization", f"{where}: {first['msg']} (input {first.get('input')!r})") from exc
+        raise ConfigError("InvalidSpec", f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from exc
+    except Exception as exc:  # YAML syntax and the like
+        raise ConfigError("InvalidSpec", f"{path}: {exc}") from exc
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get(contract.ENV_WORKDIR) or "finetune-work")
+
+
+def base_model_spec(value: str | None):
+    from finetune_api.spec import BaseModelSpec
+
+    if not value:
+        return BaseModelSpec()
+    if value.startswith(("s3://", "/", ".", "~")) or value.endswith(".gguf") or Path(value).exists():
+        local = value if value.startswith("s3://") else str(Path(value).expanduser().resolve())
+        return BaseModelSpec(uri=local)
+    return BaseModelSpec(name=value)
+
+
+def _context(args):
+    from .pipeline import make_context
+
+    return make_context(load_config(args.config), Path(args.workdir), resume=args.resume)
+
+
+def _print(result: Any) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------- commands
+def cmd_run(args) -> Any:
+    from .pipeline import run
+
+    return run(load_config(args.config), Path(args.workdir), resume=args.resume)
+
+
+def cmd_prepare(args) -> Any:
+    from finetune_api.spec import DatasetSpec, TrainingSpec
+
+    from . import chat_templates, model_loading
+    from .data.prepare import prepare
+    from .pipeline import stage_prepare
+
+    if args.config:
+        return stage_prepare(_context(args))
+    if not (args.source and args.output_dir):
+        raise ConfigError("InvalidSpec", "prepare-dataset needs --source and --output-dir (or --config)")
+    dataset = DatasetSpec(source=args.source, split=args.split, format=args.format,
+                          validation_split=args.validation_split, max_samples=args.max_samples)
+    training = TrainingSpec(max_seq_length=args.max_seq_length, chat_template=args.chat_template,
+                            train_on_responses_only=not args.train_on_all_tokens)
+    base = model_loading.resolve(base_model_spec(args.base_model), Path(args.workdir) / "base-model")
+    tokenizer = model_loading.load_tokenizer(base)
+    template = chat_templates.resolve(training.chat_template, tokenizer)
+    return prepare(dataset, training, tokenizer, template, Path(args.output_dir))
+
+
+def training_spec(args):
+    from finetune_api.spec import LoraSpec, TrainingSpec
+
+    steps = {"max_steps": args.max_steps} if args.max_steps else {"epochs": args.epochs}
+    return TrainingSpec(
+        method=args.method, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_seq_length=args.max_seq_length,
+        packing=args.packing, checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
+        lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha or args.lora_r), **steps)
+
+
+def cmd_train(args) -> Any:
+    from dataclasses import asdict
+
+    from . import model_loading, plots, recipe
+    from .paths import Workdir
+    from .pipeline import stage_train
+    from .progress import JsonlLogger, Reporter
+
+    if args.config:
+        return asdict(stage_train(_context(args)))
+    if not (args.dataset and args.output_dir):
+        raise ConfigError("InvalidSpec", "train needs --dataset and --output-dir (or --config)")
+    wd = Workdir(Path(args.output_dir)).ensure()
+    base = model_loading.resolve(base_model_spec(args.base_model), wd.base_model)
+    tokenizer = model_loading.load_tokenizer(base)
+    reporter = Reporter.from_env(metric_loggers=[JsonlLogger(wd.train_log)])
+    reporter.stage("Training")
+    result = recipe.train(base, training_spec(args), Path(args.dataset), wd, reporter, resume=args.resume,
+                          pad_id=tokenizer.pad_token_id or 0)
+    plots.loss_curve(wd.train_log, wd.loss_plot, result.eval_loss)
+    return asdict(result)
+
+
+def cmd_export(args) -> Any:
+    from . import chat_templates, export, model_loading, parity
+    from .data.prepare import load_split
+    from .pipeline import stage_export
+
+    if args.config:
+        files, parity_results = stage_export(_context(args))
+        return {"gguf": {q: str(p) for q, p in files.items()}, "parity": parity_results}
+    if not args.checkpoint_dir:
+        raise ConfigError("InvalidSpec", "export-gguf needs --checkpoint-dir (or --config)")
+    ckpt = Path(args.checkpoint_dir)
+    quants = [q for item in (args.quantization or ["q4_k_m"]) for q in item.split(",") if q]
+    out_dir = Path(args.output_file).parent if args.output_file else Path(args.output_dir or "gguf")
+    name = args.name or (Path(args.output_file).stem if args.output_file else "model")
+    if (ckpt / "adapter_config.json").exists():
+        base_ref = args.base_model or json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = model_loading.resolve(base_model_spec(base_ref), out_dir / "base-model")
+        tokenizer = model_loading.load_tokenizer(base)
+        template = chat_templates.resolve(args.chat_template, tokenizer)
+        merged = export.merge(base, ckpt, out_dir / "merged", tokenizer, template)
+    elif (ckpt / "config.json").exists():
+        merged = ckpt
+        template = chat_templates.resolve(args.chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
+    else:
+        raise ConfigError("ModelNotFound", f"{ckpt} is neither a LoRA adapter nor a model folder")
+    result = export.export(merged, out_dir, quants, name, template)
+    files = dict(result.gguf)
+    if args.output_file and len(quants) == 1:  # the exact file asked for
+        target = Path(args.output_file)
+        files[quants[0]] = files[quants[0]].rename(target)
+        modelfile = result.modelfiles.get(quants[0])
+        if modelfile:
+            modelfile.unlink()
+            from .modelfile import write_modelfile
+
+            write_modelfile(target, template, name, quants[0])
+    summary: dict[str, Any] = {"gguf": {q: str(p) for q, p in files.items()}}
+    if args.parity_dataset:
+        rows = [list(r["input_ids"]) for r in load_split(Path(args.parity_dataset), "parity")]
+        summary["parity"] = parity.check(merged, files, rows)
+    return summary
+
+
+def cmd_eval(args) -> Any:
+    from finetune_api.spec import EvaluationSpec
+
+    if args.config:
+        from .pipeline import stage_eval
+
+        ctx = _context(args)
+        files = {q: ctx.wd.gguf / f"{ctx.cfg.job.name}-{q}.gguf" for q in ctx.spec.export.gguf}
+        return stage_eval(ctx, files)
+    if not (args.gguf and args.tasks):
+        raise ConfigError("InvalidSpec", "eval needs --gguf and --tasks (or --config)")
+    from .evaluation import run_eval
+
+    files = {}
+    for item in args.gguf:
+        quant, _, path = item.rpartition("=")
+        files[quant or Path(path).stem.rsplit("-", 1)[-1]] = Path(path)
+    spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, data_uri=args.data_uri)
+    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None: log.info("%s", msg))
+
+
+def cmd_upload(args) -> Any:
+    from .pipeline import finish
+
+    if not args.config:
+        raise ConfigError("InvalidSpec", "upload needs --config (for the bucket and the run's prefix)")
+    ctx = _context(args)
+    ctx.store.check_access(ctx.cfg.output_uri)
+    return finish(ctx)
+
+
+def cmd_tools(args) -> Any:
+    from .tools import schemas
+
+    if args.json:
+        return schemas()
+    for tool in schemas():
+        f = tool["function"]
+        print(f"{f['name']}({', '.join(f['parameters']['properties'])})\n    {f['description']}")
+    return None
+
+
+# ----------------------------------------------------------------------------------- parser
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description="Fine-tune a small LLM and export GGUF files.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def staged(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", help="RunConfig or FinetuneJob YAML (default $FINETUNE_CONFIG for run)")
+        s.add_argument("--workdir", default=str(default_workdir()), help="scratch space (default $FINETUNE_WORKDIR)")
+        s.add_argument("--resume", action="store_true", help="reuse finished stages and the newest checkpoint")
+        return s
+
+    r = staged("run", "all stages from a run config")
+    r.set_defaults(fn=cmd_run)
+
+    s = staged("prepare-dataset", "load, format, tokenize and split a dataset")
+    s.add_argument("--source")
+    s.add_argument("--output-dir")
+    s.add_argument("--split", default="train")
+    s.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text", "prompt-completion"])
+    s.add_argument("--validation-split", type=float, default=0.0)
+    s.add_argument("--max-samples", type=int)
+    s.add_argument("--base-model", help="tokenizer and chat template source (default unsloth/gemma-3-270m-it)")
+    s.add_argument("--max-seq-length", type=int, default=1024)
+    s.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
+    s.add_argument("--train-on-all-tokens", action="store_true", help="loss on prompts too, not only responses")
+    s.set_defaults(fn=cmd_prepare)
+
+    t = staged("train", "LoRA/QLoRA fine-tuning on a prepared dataset")
+    t.add_argument("--base-model")
+    t.add_argument("--dataset", help="folder written by prepare-dataset")
+    t.add_argument("--output-dir")
+    t.add_argument("--method", default="lora", choices=["lora", "qlora"])
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--learning-rate", type=float, default=2e-4)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    t.add_argument("--max-seq-length", type=int, default=1024)
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=int)
+    t.add_argument("--packing", action="store_true")
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--seed", type=int, default=3407)
+    t.set_defaults(fn=cmd_train)
+
+    e = staged("export-gguf", "merge the adapter and write GGUF files")
+    e.add_argument("--checkpoint-dir", help="adapter folder or merged model folder")
+    e.add_argument("--base-model")
+    e.add_argument("--quantization", action="append", help="q4_k_m, q8_0, f16, ... (repeat or comma-separate)")
+    e.add_argument("--output-file")
+    e.add_argument("--output-dir")
+    e.add_argument("--name")
+    e.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
+    e.add_argument("--parity-dataset", help="prepared dataset folder whose parity split to check against")
+    e.set_defaults(fn=cmd_export)
+
+    v = staged("eval", "evaluate GGUF files with lm-evaluation-harness")
+    v.add_argument("--gguf", action="append", help="[quant=]path, repeatable")
+    v.add_argument("--tasks", help="comma-separated lm-eval task names")
+    v.add_argument("--limit", type=int)
+    v.add_argument("--data-uri")
+    v.add_argument("--output-dir", default="eval")
+    v.set_defaults(fn=cmd_eval)
+
+    u = staged("upload", "upload artifacts and manifest.json to the run's S3 prefix")
+    u.set_defaults(fn=cmd_upload)
+
+    o = sub.add_parser("tools", help="the agent tools' JSON Schemas")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_tools)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "tools":
+        result = args.fn(args)
+        if result is not None:
+            _print(result)
+        return contract.EXIT_OK
+    try:
+        from .model_loading import early_imports
+
+        early_imports()
+        result = args.fn(args)
+    except TrainerError as exc:
+        return _fail(exc.reason, exc.message, exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("Interrupted", "interrupted", contract.EXIT_TRANSIENT)
+    except MemoryError as exc:
+        return _fail("OutOfMemory", f"out of memory: {exc}; lower batchSize or maxSeqLength", contract.EXIT_CONFIG_ERROR)
+    except Exception as exc:  # noqa: BLE001 - the operator needs a reason line whatever happened
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            return _fail("OutOfMemory", f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
+                         contract.EXIT_CONFIG_ERROR)
+        log.exception("unexpected failure")
+        return _fail("InternalError", f"{type(exc).__name__}: {exc}", 1)
+    if result is not None:
+        _print(result)
+    return contract.EXIT_OK
+
+
+def _fail(reason: str, message: str, code: int) -> int:
+    log.error("%s: %s", reason, message)
+    write_termination_message(reason, message)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Training data: where rows come from (sources), what shape they have (formats), and how they become
+token ids with loss masks on disk (prepare)."""

@@ -1,0 +1,94 @@
+"""Reports progress into the FinetuneJob's status subresource, the channel agreed in
+finetune_api.contract: a JSON Patch whose first op tests `/status/run`, so a trainer of an older run
+can never overwrite a newer run's fields.
+
+Credentials are the pod's service account token and CA, read from FINETUNE_SERVICEACCOUNT_DIR (default
+the in-cluster path); the apiserver address from KUBERNETES_SERVICE_HOST/PORT. We build the client's
+Configuration ourselves rather than rely on load_incluster_config's fixed paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_api import GROUP, PLURAL, VERSION, contract
+
+log = logging.getLogger(__name__)
+JSON_PATCH = "application/json-patch+json"
+
+
+class StatusPatcher:
+    def __init__(self, namespace: str, name: str, run: int, sa_dir: Path, host: str, timeout: float = 10.0):
+        from kubernetes import client
+
+        self.namespace, self.name, self.run = namespace, name, run
+        self.timeout = timeout
+        self.enabled = True
+        cfg = client.Configuration()
+        cfg.host = host
+        # Re-read the token on every request: projected tokens are rotated while a long run is going.
+        # The client looks the token up as "BearerToken" (kubernetes >= 36) or "authorization" (older).
+        token_file = sa_dir / "token"
+
+        def load_token(c) -> None:
+            token = token_file.read_text().strip()
+            c.api_key = {"BearerToken": token, "authorization": token}
+
+        cfg.refresh_api_key_hook = load_token
+        load_token(cfg)
+        cfg.api_key_prefix = {"BearerToken": "Bearer", "authorization": "Bearer"}
+        ca = sa_dir / "ca.crt"
+        if ca.exists():
+            cfg.ssl_ca_cert = str(ca)
+        cfg.retries = 2
+        self.api = client.CustomObjectsApi(client.ApiClient(cfg))
+
+    @classmethod
+    def from_env(cls) -> StatusPatcher | None:
+        """A patcher when the operator's env vars name a job; None when run by hand."""
+        env = os.environ
+        name, namespace, run = env.get(contract.ENV_JOB_NAME), env.get(contract.ENV_JOB_NAMESPACE), env.get(contract.ENV_RUN)
+        if not (name and namespace and run):
+            return None
+        sa_dir = Path(env.get(contract.ENV_SERVICEACCOUNT_DIR) or contract.DEFAULT_SERVICEACCOUNT_DIR)
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host or not (sa_dir / "token").exists():
+            log.warning("status reporting disabled: no apiserver address or service account token in %s", sa_dir)
+            return None
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6
+        try:
+            return cls(namespace, name, int(run), sa_dir, f"https://{host}:{port}")
+        except Exception as exc:  # noqa: BLE001 - reporting must never stop training
+            log.warning("status reporting disabled: %s", exc)
+            return None
+
+    def patch(self, **fields: Any) -> bool:
+        """Sends one patch; returns False (and stops reporting for good) when a newer run owns the status."""
+        if not self.enabled:
+            return False
+        from kubernetes.client.exceptions import ApiException
+
+        body = contract.progress_patch(self.run, **fields)
+        try:
+            self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, body,
+                _content_type=JSON_PATCH, _request_timeout=self.timeout)
+            return True
+        except ApiException as exc:
+            if exc.status == 422:  # the test op failed: status.run is no longer ours
+                log.warning("status of %s/%s now belongs to another run (not %d); stop reporting",
+                            self.namespace, self.name, self.run)
+                self.enabled = False
+                return False
+            if exc.status == 404:
+                log.warning("FinetuneJob %s/%s is gone; stop reporting", self.namespace, self.name)
+                self.enabled = False
+                return False
+            log.warning("status patch failed: HTTP %s %s", exc.status, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - network trouble must not kill training
+            log.warning("status patch failed: %s", exc)
+        return False

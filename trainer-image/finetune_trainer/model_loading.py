@@ -1,0 +1,208 @@
+"""Base model: where it comes from (Hub id, local folder, s3:// folder, .gguf file) and how it is
+loaded for training (Unsloth on CUDA, transformers + PEFT elsewhere) or for merging (always 16-bit
+transformers, so a QLoRA adapter is merged into the real 16-bit weights, not dequantized 4-bit ones).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_api.spec import BaseModelSpec, S3Spec, TrainingSpec
+
+from .errors import ConfigError, TransientError
+
+log = logging.getLogger(__name__)
+
+ENV_BACKEND = "FINETUNE_BACKEND"  # auto (default), unsloth or transformers
+READY = ".complete"  # marker written last into a materialized base-model folder
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    source: str  # what from_pretrained gets: a local folder or a Hub id
+    revision: str | None = None
+    from_gguf: bool = False
+
+    @property
+    def local(self) -> bool:
+        return Path(self.source).is_dir()
+
+
+def hf_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def backend() -> str:
+    """unsloth where CUDA and Unsloth are there (or forced), else transformers."""
+    choice = os.environ.get(ENV_BACKEND, "auto")
+    if choice in ("unsloth", "transformers"):
+        return choice
+    import torch
+
+    return "unsloth" if torch.cuda.is_available() and importlib.util.find_spec("unsloth") else "transformers"
+
+
+def early_imports() -> None:
+    """Unsloth patches transformers at import; it must come first, before anything loads transformers."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home (and offline-safe)
+    if backend() == "unsloth":
+        import unsloth  # noqa: F401
+
+
+def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantizes a GGUF into a 16-bit Hugging Face folder with a rebuilt SentencePiece tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    if (out_dir / READY).exists():
+        return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log.info("dequantizing %s to 16-bit (once per workdir)", gguf_file.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                     dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ConfigError("InvalidModel", f"{gguf_file.name}: transformers cannot load this GGUF: {exc}") from exc
+    # The loaded model still says it is quantized; save_pretrained refuses that.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(str(out_dir))
+    tokenizer_from_gguf(gguf_file, out_dir)
+    (out_dir / READY).write_text(gguf_file.name)
+    return out_dir
+
+
+def resolve(spec: BaseModelSpec, dest: Path, s3: S3Spec | None = None) -> BaseModel:
+    """Makes the base model loadable by from_pretrained, fetching or converting it into dest if needed."""
+    ref = spec.resolved_name()
+    if spec.uri and spec.uri.startswith("s3://"):
+        from .s3 import S3Store
+
+        if s3 is None:
+            raise ConfigError("InvalidSpec", "an s3:// base model needs output.s3 for the endpoint and region")
+        store = S3Store(s3)
+        if ref.endswith(".gguf"):
+            local = dest / "source" / Path(ref).name
+            if not local.exists():
+                store.download_file(ref, local)
+            return BaseModel(str(gguf_to_hf(local, dest / "hf")), from_gguf=True)
+        folder = dest / "hf"
+        if not (folder / READY).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            if not store.download_prefix(ref, folder):
+                raise ConfigError("ModelNotFound", f"no objects under {ref}")
+            (folder / READY).write_text(ref)
+        return BaseModel(str(folder))
+    if spec.uri:
+        path = Path(spec.uri)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ConfigError("ModelNotFound", f"{path} does not exist")
+            return BaseModel(str(gguf_to_hf(path, dest / "hf")), from_gguf=True)
+        if not (path / "config.json").is_file():
+            raise ConfigError("ModelNotFound", f"{path} is not a Hugging Face model folder (no config.json)")
+        return BaseModel(str(path))
+    return BaseModel(ref, revision=spec.revision)
+
+
+def _from_pretrained_errors(base: BaseModel, exc: Exception) -> Exception:
+    text = str(exc)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if any(s in text for s in ("is not a local folder", "does not appear to have", "not a valid model identifier",
+                               "Repository Not Found", "gated repo", "401", "404")) or offline:
+        return ConfigError("ModelNotFound", f"{base.source}: {text.splitlines()[0] if text else exc!r}"
+                           + (" (offline mode: the model must be in the local cache)" if offline else ""))
+    return TransientError("ModelUnavailable", f"{base.source}: {text.splitlines()[0] if text else exc!r}")
+
+
+def load_tokenizer(base: BaseModel):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base.source, revision=base.revision, token=hf_token())
+    except OSError as exc:
+        raise _from_pretrained_errors(base, exc) from exc
+    return getattr(tok, "tokenizer", tok)  # a processor (multimodal checkpoints) wraps the tokenizer
+
+
+def load_for_training(base: BaseModel, training: TrainingSpec):
+    """Returns (peft_model, backend_name). One entry point, two loaders behind it."""
+    name = backend()
+    if training.method == "qlora" and name != "unsloth":
+        raise ConfigError("UnsupportedMethod", "training.method qlora needs a CUDA GPU with Unsloth and bitsandbytes")
+    if training.optimizer == "adamw_8bit" and not importlib.util.find_spec("bitsandbytes"):
+        raise ConfigError("UnsupportedOptimizer", "adamw_8bit needs bitsandbytes (GPU images only)")
+    try:
+        model = _load_unsloth(base, training) if name == "unsloth" else _load_transformers(base, training)
+    except OSError as exc:
+        raise _from_pretrained_errors(base, exc) from exc
+    return model, name
+
+
+def _load_unsloth(base: BaseModel, training: TrainingSpec):
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=base.source, max_seq_length=training.max_seq_length, dtype=torch.bfloat16,
+        load_in_4bit=training.method == "qlora", full_finetuning=False, token=hf_token(),
+        revision=base.revision, random_state=training.seed,
+    )
+    lora = training.lora
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, target_modules=list(lora.target_modules), lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout, bias="none",
+        # "unsloth" offloads checkpointed activations to CPU: long sequences at almost no speed cost.
+        use_gradient_checkpointing="unsloth" if training.gradient_checkpointing else False,
+        random_state=training.seed, max_seq_length=training.max_seq_length,
+    )
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def _load_transformers(base: BaseModel, training: TrainingSpec):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        base.source, revision=base.revision, token=hf_token(),
+        # CPU: fp32 (bf16 matmuls are slow and lossy there); GPU without Unsloth: bf16 weights.
+        dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa",
+    )
+    if cuda:
+        model.to("cuda")
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = training.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(training.seed)  # LoRA A matrices are initialized randomly
+    return get_peft_model(model, config)
+
+
+def load_merged(base: BaseModel, adapter_dir: Path, device: str):
+    """Base in 16-bit + adapter, merged: the weights that become the GGUF."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base.source, revision=base.revision, token=hf_token(),
+            # Merge in fp32 on CPU (exact), bf16 on GPU; saved as bf16 either way.
+            dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    except OSError as exc:
+        raise _from_pretrained_errors(base, exc) from exc
+    model.to(device)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

@@ -1,0 +1,85 @@
+"""Parity check: does each GGUF predict what the merged Hugging Face model predicts?
+
+On held-out rows, for every position: the HF model's top-1 next token vs the GGUF's (agreement), and
+the perplexity of the actual next tokens under each. f16/bf16 should agree almost perfectly; q8_0 and
+the K-quants show how much quantization costs. Results go into the manifest and the status metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+MAX_TOKENS = 256  # per row: llama.cpp keeps n_ctx x vocab logits in memory (262k vocab → 1 MB a token)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@torch.no_grad()
+def reference(merged_dir: Path, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """Top-1 predictions and next-token log-probs of the merged model, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).to(device).eval()
+    out = []
+    for ids in rows:
+        logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(ids[1:], device=device)
+        out.append({"top1": logits.argmax(-1).cpu().numpy(),
+                    "nll": (-logp[:-1].gather(1, target[:, None])[:, 0]).cpu().numpy()})
+    del model
+    return out
+
+
+def gguf_predictions(gguf_file: Path, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    import llama_cpp
+
+    n_ctx = max(len(r) for r in rows) + 8
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                          n_threads=os.cpu_count(), n_gpu_layers=-1, verbose=False)
+    out = []
+    try:
+        for ids in rows:
+            llm.reset()
+            llm.eval(ids)
+            logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+            logp = _log_softmax(logits)
+            out.append({"top1": logits.argmax(-1), "nll": -logp[np.arange(len(ids) - 1), ids[1:]]})
+    finally:
+        llm.close()
+    return out
+
+
+def compare(ref: list[dict], got: list[dict]) -> dict[str, float]:
+    agree = np.concatenate([r["top1"] == g["top1"] for r, g in zip(ref, got, strict=True)])
+    nll_ref = np.concatenate([r["nll"] for r in ref])
+    nll_got = np.concatenate([g["nll"] for g in got])
+    return {
+        "top1Agreement": round(float(agree.mean()), 4),
+        "perplexity": round(math.exp(float(nll_got.mean())), 4),
+        "referencePerplexity": round(math.exp(float(nll_ref.mean())), 4),
+        "tokens": int(agree.size),
+    }
+
+
+def check(merged_dir: Path, gguf_files: dict[str, Path], rows: list[list[int]]) -> dict[str, dict]:
+    rows = [r[:MAX_TOKENS] for r in rows if len(r) >= 2]
+    if not rows:
+        return {}
+    ref = reference(merged_dir, rows)
+    results = {}
+    for quant, path in gguf_files.items():
+        results[quant] = compare(ref, gguf_predictions(path, rows))
+        log.info("parity %s: %s", quant, results[quant])
+    return results

@@ -1,0 +1,201 @@
+"""`finetune run`: every stage in order, from one RunConfig (or FinetuneJob YAML).
+
+    Preparing → Training → Exporting → (Evaluating) → Uploading
+
+Each stage is also its own command (`finetune train --config run.yaml --workdir W` runs only that
+stage, reading what earlier stages left in W). With --resume, a stage whose outputs are in the
+workdir for the same spec is skipped, and training continues from the newest checkpoint (local, or in
+S3 when the pod lost its disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from finetune_api import RunConfig
+from finetune_api.status import Artifact, Phase
+
+from . import chat_templates, export, model_loading, parity, plots, recipe, upload
+from .checkpoints import Checkpoints
+from .data.prepare import load_split, prepare
+from .errors import ConfigError
+from .paths import Workdir
+from .progress import JsonlLogger, Reporter
+from .s3 import S3Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    wd: Workdir
+    reporter: Reporter
+    resume: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def spec(self):
+        return self.cfg.spec
+
+    @cached_property
+    def store(self) -> S3Store:
+        return S3Store(self.spec.output.s3)
+
+    @cached_property
+    def base(self) -> model_loading.BaseModel:
+        return model_loading.resolve(self.spec.base_model, self.wd.base_model, self.spec.output.s3)
+
+    @cached_property
+    def tokenizer(self):
+        return model_loading.load_tokenizer(self.base)
+
+    @cached_property
+    def template(self) -> chat_templates.ChatTemplate:
+        return chat_templates.resolve(self.spec.training.chat_template, self.tokenizer)
+
+    @cached_property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec.wire(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # Done-markers, keyed by the spec, so --resume skips only what this very spec produced.
+    def done(self, stage: str) -> bool:
+        marker = self.wd.root / f".done-{stage}"
+        return self.resume and marker.exists() and marker.read_text() == self.key
+
+    def mark(self, stage: str) -> None:
+        (self.wd.root / f".done-{stage}").write_text(self.key)
+
+    def read_json(self, path: Path, stage: str) -> Any:
+        if not path.exists():
+            raise ConfigError("MissingStageOutput", f"{path} is missing: run the {stage} stage first")
+        return json.loads(path.read_text())
+
+
+def make_context(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> Context:
+    wd = Workdir(workdir).ensure()
+    reporter = reporter or Reporter.from_env(run=cfg.job.run)
+    reporter.metric_loggers.append(JsonlLogger(wd.train_log))
+    return Context(cfg, wd, reporter, resume)
+
+
+def _timed(ctx: Context, name: str, t0: float) -> None:
+    ctx.timings[f"{name}Seconds"] = round(time.monotonic() - t0, 2)
+
+
+def stage_prepare(ctx: Context) -> dict[str, Any]:
+    t0 = time.monotonic()
+    ctx.reporter.stage(Phase.PREPARING.value, f"base model {ctx.spec.base_model.resolved_name()}, dataset")
+    if ctx.done("prepare"):
+        report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
+    else:
+        report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
+                         parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3, reporter=ctx.reporter)
+        ctx.mark("prepare")
+    _timed(ctx, "prepare", t0)
+    return report
+
+
+def stage_train(ctx: Context) -> recipe.TrainResult:
+    t0 = time.monotonic()
+    ctx.reporter.stage(Phase.TRAINING.value, f"{ctx.spec.training.method} on {ctx.spec.base_model.resolved_name()}")
+    checkpoints = Checkpoints(ctx.wd.checkpoints, ctx.cfg.output_uri + "checkpoints/", ctx.store)
+    pad = ctx.tokenizer.pad_token_id
+    result = recipe.train(ctx.base, ctx.spec.training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
+                          resume=ctx.resume, pad_id=pad if pad is not None else 0)
+    plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
+                     title=f"{ctx.cfg.job.name} run {ctx.cfg.job.run}")
+    _timed(ctx, "train", t0)
+    return result
+
+
+def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
+    t0 = time.monotonic()
+    spec = ctx.spec.export
+    ctx.reporter.stage(Phase.EXPORTING.value, f"merging and converting to {', '.join(spec.gguf)}")
+    name = ctx.cfg.job.name
+    if ctx.done("export"):
+        files = {q: ctx.wd.gguf / f"{name}-{q}.gguf" for q in spec.gguf}
+        return files, ctx.read_json(ctx.wd.gguf / "parity.json", "export-gguf")
+    if not (ctx.wd.adapter / "adapter_config.json").exists():
+        raise ConfigError("MissingStageOutput", f"no adapter in {ctx.wd.adapter}: run the train stage first")
+    merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template)
+    result = export.export(merged, ctx.wd.gguf, list(spec.gguf), name, ctx.template, spec.ollama_modelfile)
+    parity_results: dict[str, dict] = {}
+    if spec.parity_check and result.gguf:
+        ctx.reporter.message("parity check: each GGUF against the merged model on held-out rows")
+        rows = [list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
+        parity_results = parity.check(merged, result.gguf, rows[: spec.parity_samples])
+    (ctx.wd.gguf / "parity.json").write_text(json.dumps(parity_results, indent=2))
+    ctx.mark("export")
+    _timed(ctx, "export", t0)
+    return result.gguf, parity_results
+
+
+def stage_eval(ctx: Context, gguf_files: dict[str, Path]) -> dict[str, Any] | None:
+    if ctx.spec.evaluation is None:
+        return None
+    t0 = time.monotonic()
+    ctx.reporter.stage(Phase.EVALUATING.value, f"lm-eval: {', '.join(ctx.spec.evaluation.tasks)}")
+    from .evaluation import run_eval  # lm-eval loads only when asked for
+
+    results = run_eval(gguf_files, ctx.spec.evaluation, ctx.wd.eval, lambda msg, pct=None: ctx.reporter.message(msg))
+    (ctx.wd.root / "eval-metrics.json").write_text(json.dumps(results, indent=2))
+    _timed(ctx, "eval", t0)
+    return results
+
+
+def collect_metrics(ctx: Context, report: dict, result: dict, parity_results: dict, eval_results) -> dict[str, Any]:
+    metrics = {
+        "trainLoss": result.get("train_loss"), "evalLoss": result.get("eval_loss"), "steps": result.get("steps"),
+        "totalSteps": result.get("total_steps"), "tokens": result.get("tokens"), "restarts": result.get("restarts"),
+        "trainableParameters": result.get("trainable_parameters"), "backend": result.get("backend"),
+        "dataset": report.get("rows"), "parity": parity_results or None, "eval": eval_results,
+        "timings": dict(ctx.timings),
+    }
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
+    t0 = time.monotonic()
+    ctx.reporter.stage(Phase.UPLOADING.value, f"to {ctx.cfg.output_uri}")
+    extra = {"job": ctx.cfg.job.wire(), "baseModel": ctx.spec.base_model.resolved_name(),
+             "chatTemplate": ctx.template.name, "parity": metrics.get("parity", {}), "metrics": metrics}
+    artifacts = upload.upload(ctx.wd, ctx.cfg.output_uri, ctx.store, extra, adapter=ctx.spec.export.adapter,
+                              merged=ctx.spec.export.merged_safetensors, on_file=ctx.reporter.message)
+    _timed(ctx, "upload", t0)
+    return artifacts
+
+
+def finish(ctx: Context) -> dict[str, Any]:
+    """Metrics from what the stages left in the workdir, the upload, and the final status report."""
+    report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
+    result = ctx.read_json(ctx.wd.adapter / "train_result.json", "train")
+    parity_results = ctx.read_json(ctx.wd.gguf / "parity.json", "export-gguf")
+    eval_results = None
+    if ctx.spec.evaluation is not None:
+        eval_results = ctx.read_json(ctx.wd.root / "eval-metrics.json", "eval")
+    metrics = collect_metrics(ctx, report, result, parity_results, eval_results)
+    artifacts = stage_upload(ctx, metrics)
+    metrics["timings"] = dict(ctx.timings)
+    ctx.wd.metrics.write_text(json.dumps(metrics, indent=2))
+    ctx.reporter.finish(metrics, artifacts)
+    return {"metrics": metrics, "artifacts": [a.wire() for a in artifacts]}
+
+
+def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+    ctx = make_context(cfg, workdir, resume, reporter)
+    # Fail in seconds, not after hours of training, when the bucket or the credentials are wrong.
+    ctx.store.check_access(cfg.output_uri)
+    stage_prepare(ctx)
+    stage_train(ctx)
+    gguf_files, _ = stage_export(ctx)
+    stage_eval(ctx, gguf_files)
+    return finish(ctx)

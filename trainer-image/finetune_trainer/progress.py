@@ -1,0 +1,133 @@
+"""Progress and metrics: one Reporter that every stage talks to, and small sinks behind it.
+
+- metric loggers (torchtune style) get every training step: JSON Lines on disk, for the loss curve;
+- the log gets a tqdm bar while training and one line per report;
+- the FinetuneJob status gets a patch at most every FINETUNE_PROGRESS_INTERVAL seconds (default 5),
+  at every stage change, and at the end with the final metrics and artifacts.
+A failing sink is logged and skipped: reporting never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from finetune_api import contract
+from finetune_api.status import Artifact, Progress
+
+log = logging.getLogger("finetune")
+
+
+class MetricLogger(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+
+class JsonlLogger:
+    """Appends one JSON object per step; survives restarts (resumed steps continue the file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reporter:
+    def __init__(self, run: int | None = None, patcher=None, interval: float | None = None,
+                 metric_loggers: list[MetricLogger] | None = None, clock=time.monotonic):
+        self.run = run
+        self.patcher = patcher
+        self.interval = interval if interval is not None else float(os.environ.get(contract.ENV_PROGRESS_INTERVAL, 5))
+        self.metric_loggers = list(metric_loggers or [])
+        self.clock = clock
+        self.progress = Progress(run=run)
+        self._last_sent = float("-inf")
+        self._bar = None
+        self._losses: list[float] = []  # since the last report, for a smoothed loss
+
+    @classmethod
+    def from_env(cls, run: int | None = None, **kw) -> Reporter:
+        from .kube_status import StatusPatcher
+
+        patcher = StatusPatcher.from_env()
+        return cls(run=patcher.run if patcher else run, patcher=patcher, **kw)
+
+    # --- what stages call ----------------------------------------------------------------------
+    def stage(self, stage: str, message: str | None = None) -> None:
+        self._close_bar()
+        self.progress = self.progress.model_copy(update={"stage": stage, "message": message or f"{stage}"})
+        log.info("== stage %s%s", stage, f": {message}" if message else "")
+        self._send(force=True)
+
+    def message(self, text: str) -> None:
+        self.progress = self.progress.model_copy(update={"message": text})
+        log.info("%s", text)
+        self._send()
+
+    def train_step(self, step: int, total_steps: int, metrics: dict[str, Any]) -> None:
+        """Called after every optimizer step with loss, learningRate, tokensPerSecond, epoch, etaSeconds."""
+        for logger in self.metric_loggers:
+            try:
+                logger.log(step, metrics)
+            except OSError as exc:
+                log.warning("metric logger %s failed: %s", type(logger).__name__, exc)
+        self._losses.append(float(metrics["loss"]))
+        self._update_bar(step, total_steps, metrics)
+        self.progress = self.progress.model_copy(update={
+            "step": step, "total_steps": total_steps, "epoch": round(float(metrics.get("epoch", 0)), 4),
+            "percent": int(100 * step / max(total_steps, 1)),
+            "loss": round(sum(self._losses) / len(self._losses), 5),
+            "learning_rate": float(metrics.get("learningRate", 0.0)),
+            "tokens_per_second": round(float(metrics.get("tokensPerSecond", 0.0)), 1),
+            "eta_seconds": int(metrics.get("etaSeconds", 0)),
+            "message": f"step {step}/{total_steps}",
+        })
+        if self._send(force=step == total_steps):
+            self._losses.clear()
+
+    def set_restarts(self, restarts: int) -> None:
+        self.progress = self.progress.model_copy(update={"restarts": restarts})
+
+    def finish(self, metrics: dict[str, Any], artifacts: list[Artifact]) -> None:
+        self._close_bar()
+        self.progress = self.progress.model_copy(update={"message": "done", "percent": 100})
+        self._send(force=True, metrics=metrics, artifacts=[a.wire() for a in artifacts])
+
+    # --- sinks ---------------------------------------------------------------------------------
+    def _send(self, force: bool = False, **final: Any) -> bool:
+        now = self.clock()
+        if not force and now - self._last_sent < self.interval:
+            return False
+        self._last_sent = now
+        self.progress = self.progress.model_copy(update={"updated_at": _now()})
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss={self.progress.loss} lr={self.progress.learning_rate:.2e}")
+        if self.patcher is not None:
+            self.patcher.patch(progress=self.progress.wire(), **final)
+        return True
+
+    def _update_bar(self, step: int, total: int, metrics: dict[str, Any]) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            # mininterval keeps pod logs readable; tqdm writes a new line when stderr is not a TTY.
+            self._bar = tqdm(total=total, initial=step - 1, desc="training", unit="step", file=sys.stderr,
+                             mininterval=self.interval, dynamic_ncols=True)
+        self._bar.update(step - self._bar.n)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,189 @@
+"""The LoRA fine-tuning recipe: setup → train → save. One loop for both backends.
+
+    finetune train --base-model unsloth/gemma-3-270m-it --dataset work/dataset --max-steps 60
+
+The model comes from Unsloth's FastLanguageModel on CUDA (bf16 LoRA, or 4-bit QLoRA) and from
+transformers + PEFT elsewhere (fp32 on CPU); from there on the code is the same. The loss of a step is
+the mean over every label token of its micro-batches (not the mean of micro-batch means), so gradient
+accumulation gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune_api.spec import TrainingSpec
+
+from .batching import Batches
+from .checkpoints import Checkpoints
+from .data.prepare import load_split
+from .errors import ConfigError
+from .model_loading import BaseModel, load_for_training
+from .paths import Workdir
+from .progress import Reporter
+
+log = logging.getLogger(__name__)
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class TrainResult:
+    backend: str
+    steps: int
+    total_steps: int
+    train_loss: float | None  # mean over the last (up to) 10 steps
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    restarts: int
+    trainable_parameters: int
+    adapter_dir: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model, training: TrainingSpec):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    # Fused AdamW: one kernel for all of LoRA's small tensors (CPU and CUDA since torch 2.4).
+    fused = training.optimizer == "adamw_torch_fused"
+    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=fused)
+
+
+def plan_steps(training: TrainingSpec, per_epoch: int) -> int:
+    if training.max_steps:
+        return training.max_steps
+    epochs = training.epochs or 1.0
+    return max(1, math.ceil(epochs * per_epoch / training.gradient_accumulation_steps))
+
+
+@torch.no_grad()
+def evaluate(model, batches: Batches, device) -> float | None:
+    """Mean loss per label token over the validation split."""
+    if not batches.rows:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for m in range(batches.per_epoch):
+        b = batches.get(m)
+        if b.label_tokens == 0:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**b.model_inputs(device), use_cache=False)
+        total += float(out.loss) * b.label_tokens
+        count += b.label_tokens
+    model.train()
+    return total / count if count else None
+
+
+def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Workdir, reporter: Reporter,
+          checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0) -> TrainResult:
+    # ---------------------------------------------------------------- setup
+    seed_everything(training.seed)
+    model, backend = load_for_training(base, training)
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    rows = load_split(data_dir, "train")
+    val_rows = load_split(data_dir, "validation")
+    if not rows:
+        raise ConfigError("InvalidDataset", "the prepared train split is empty")
+    batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing)
+    accum = training.gradient_accumulation_steps
+    total_steps = plan_steps(training, batches.per_epoch)
+
+    from transformers import get_scheduler
+
+    optimizer = build_optimizer(model, training)
+    scheduler = get_scheduler(training.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    checkpoints = checkpoints or Checkpoints(workdir.checkpoints)
+    step, restarts, tokens_seen, losses = 0, 0, 0, []
+    if resume and (newest := checkpoints.newest()) is not None:
+        state = checkpoints.load(newest, model, optimizer, scheduler)
+        step, restarts = state["step"], state.get("restarts", 0) + 1
+        tokens_seen, losses = state.get("tokens", 0), state.get("losses", [])
+        log.info("resuming from %s: step %d of %d (restart %d)", newest.name, step, total_steps, restarts)
+    reporter.set_restarts(restarts)
+    log.info("training config: %s", json.dumps({
+        "backend": backend, "device": str(device), "trainableParameters": n_trainable, "rows": len(rows),
+        "microBatchesPerEpoch": batches.per_epoch, "totalSteps": total_steps, "startStep": step,
+        **training.wire()}))
+
+    # ---------------------------------------------------------------- train
+    model.train()
+    t_start, start_step = time.monotonic(), step
+    while step < total_steps:
+        t0 = time.monotonic()
+        micro = [batches.get(step * accum + k) for k in range(accum)]
+        n_labels = sum(b.label_tokens for b in micro) or 1
+        step_loss = 0.0
+        for b in micro:
+            if b.label_tokens == 0:
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(**b.model_inputs(device), use_cache=False)
+            # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
+            loss = out.loss * (b.label_tokens / n_labels)
+            loss.backward()
+            step_loss += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = sum(b.tokens for b in micro)
+        tokens_seen += step_tokens
+        losses.append(round(step_loss, 6))
+        elapsed = time.monotonic() - t_start
+        metrics = {
+            "loss": step_loss, "learningRate": scheduler.get_last_lr()[0], "gradNorm": grad_norm,
+            "epoch": batches.epoch_of(step * accum), "tokens": tokens_seen,
+            "tokensPerSecond": step_tokens / max(time.monotonic() - t0, 1e-9),
+            "etaSeconds": elapsed / (step - start_step) * (total_steps - step),
+        }
+        if device.type == "cuda":
+            metrics["peakMemoryGB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        reporter.train_step(step, total_steps, metrics)
+        if not math.isfinite(step_loss):
+            raise ConfigError("TrainingDiverged", f"loss became {step_loss} at step {step}; lower the learning rate")
+        if training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0 and step < total_steps:
+            checkpoints.save(step, model, optimizer, scheduler,
+                             {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+
+    # ---------------------------------------------------------------- save
+    seconds = time.monotonic() - t_start
+    if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
+        checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+    eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
+                                        training.seed), device) if val_rows else None
+    model.save_pretrained(str(workdir.adapter))
+    tail = losses[-10:]
+    result = TrainResult(
+        backend=backend, steps=step, total_steps=total_steps,
+        train_loss=sum(tail) / len(tail) if tail else None, eval_loss=eval_loss, tokens=tokens_seen,
+        seconds=round(seconds, 2), restarts=restarts, trainable_parameters=n_trainable,
+        adapter_dir=str(workdir.adapter))
+    (workdir.adapter / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
+    del model, optimizer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
