@@ -1,0 +1,358 @@
+"""run_eval and the in-process llama.cpp lm-eval model, on tiny Gemma 3 models built here (CPU, no network).
+
+The models: a Gemma 3 architecture (6 layers, hidden 64, a 16-token sliding window so that the
+sliding-window cache is exercised) with a 400-piece SentencePiece tokenizer trained on the test
+tasks' text, randomly initialised ("base"), and a copy fine-tuned with plain torch for a few hundred
+steps on the antonym sentences the test tasks are made of ("tuned"). Both are converted to GGUF with
+llama.cpp's own converter; the tuned one is also quantized to q4_k_m.
+
+The tasks (tests/data/eval): tiny_antonyms (multiple choice), tiny_antonyms_gen (greedy generation,
+exact match) and tiny_stories_ppl (loglikelihood_rolling perplexity over documents longer than the
+32-token max_length used for the parity test, so several rolling windows per document).
+
+Tolerances (f16 GGUF through llama.cpp vs the fp32 checkpoint through lm-eval's `hf` model):
+  * per-request log-likelihood: |Δ| < 0.05 nats. f16 weights alone move these tiny models' per-token
+    log-probabilities by ~1e-3; 0.05 still catches an off-by-one position, a missing BOS, a wrong
+    token split or a non-normalised softmax, each of which moves them by whole nats.
+  * accuracy and exact match: within one example (a near-tie between two choices may flip).
+  * perplexities: relative difference < 1 %.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from finetune_api.spec import EvaluationSpec
+from finetune_trainer.evaluation import main, run_eval, select_models
+from finetune_trainer.evaluation import results as R
+from finetune_trainer.evaluation.data import download_prefix, split_s3_uri
+
+TASKS_DIR = Path(__file__).parent / "data" / "eval"
+ALL_TASKS = ["tiny_antonyms", "tiny_antonyms_gen", "tiny_stories_ppl"]
+PARITY_MAX_LENGTH = 32
+LL_TOL = 0.05
+
+
+def _converter() -> Path:
+    cache = os.environ.get("FTO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune-operator"
+    return Path(cache) / "llama.cpp-0.3.36" / "convert_hf_to_gguf.py"
+
+
+def _task_lines() -> list[str]:
+    rows = [json.loads(line) for line in (TASKS_DIR / "antonyms.jsonl").read_text().splitlines()]
+    stories = [json.loads(line)["text"] for line in (TASKS_DIR / "antonym_stories.jsonl").read_text().splitlines()]
+    return [f"The opposite of {r['word']} is {r['answer']}." for r in rows] + stories
+
+
+# -- building the tiny models --------------------------------------------------------------------------
+
+
+def build_tokenizer(out: Path) -> None:
+    """A 400-piece SentencePiece BPE with Gemma's special-token layout, saved as tokenizer.model + tokenizer.json."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_task_lines() * 4), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_digits=True, allow_whitespace_only_pieces=True,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        hard_vocab_limit=False, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}))
+    GemmaTokenizer.from_pretrained(out).save_pretrained(out)
+
+
+def build_base(out: Path) -> None:
+    """Random-init Gemma 3, shaped so that llama.cpp computes what transformers computes: llama.cpp
+    fixes Gemma 3's layout (every 6th layer global, the others sliding-window; attention scaled by
+    1/sqrt(head_dim)), so the tiny config has 6 layers and query_pre_attn_scalar == head_dim, as the
+    real 270M (18 layers, head_dim 256 == query_pre_attn_scalar) has."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    build_tokenizer(out)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512,
+        sliding_window=16, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    Gemma3ForCausalLM(config).save_pretrained(out)
+
+
+def fine_tune(base: Path, out: Path, steps: int = 150) -> list[float]:
+    """Plain torch: full fine-tuning on the task sentences, batch = all of them. Returns the losses."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "right"
+    model = Gemma3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    enc = tok(_task_lines(), return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(out)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # the converter reads tokenizer.model
+        shutil.copy(base / name, out / name)
+    return losses
+
+
+def to_gguf(hf_dir: Path, out: Path) -> Path:
+    r = subprocess.run([sys.executable, str(_converter()), str(hf_dir), "--outtype", "f16", "--outfile", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def quantize(src: Path, dst: Path, ftype: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("tiny-gemma3")
+    base_hf, tuned_hf = root / "base-hf", root / "tuned-hf"
+    build_base(base_hf)
+    losses = fine_tune(base_hf, tuned_hf)
+    base = to_gguf(base_hf, root / "base-f16.gguf")
+    f16 = to_gguf(tuned_hf, root / "tuned-f16.gguf")
+    q4 = quantize(f16, root / "tuned-q4_k_m.gguf", "q4_k_m")
+    return SimpleNamespace(base_hf=base_hf, tuned_hf=tuned_hf, base=base, f16=f16, q4_k_m=q4, losses=losses)
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+
+
+def test_task_metrics_drop_single_filters_and_keep_stderr():
+    entry = {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,remove_whitespace": 0.25,
+             "exact_match_stderr,remove_whitespace": "N/A", "f1,strict": 0.1, "f1,flexible": 0.2}
+    assert R.task_metrics(entry) == {"acc": 0.5, "acc_stderr": 0.1, "exact_match": 0.25,
+                                     "f1,strict": 0.1, "f1,flexible": 0.2}
+
+
+def test_quantization_cost_is_each_quant_minus_the_most_precise():
+    per_model = {"q4_k_m": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "base": {"t": {"acc": 0.25}},
+                 "f16": {"t": {"acc": 0.75, "acc_stderr": 0.1}}, "q8_0": {"t": {"acc": 0.75}}}
+    metrics = R.build_metrics(per_model)
+    assert list(metrics)[:4] == ["base", "f16", "q8_0", "q4_k_m"]
+    assert metrics["quantizationCost"] == {"reference": "f16", "q8_0": {"t": {"acc": 0.0}}, "q4_k_m": {"t": {"acc": -0.25}}}
+    assert metrics["fineTuningGain"] == {"model": "f16", "base": "base", "delta": {"t": {"acc": 0.5}}}
+    assert "quantizationCost" not in R.build_metrics({"q4_k_m": {"t": {"acc": 0.5}}})
+
+
+def test_markdown_has_one_row_per_metric_and_delta_columns():
+    per_model = {"f16": {"t": {"acc": 0.75, "acc_stderr": 0.05}}, "q4_k_m": {"t": {"acc": 0.5, "acc_stderr": 0.05}},
+                 "base": {"t": {"acc": 0.25, "acc_stderr": 0.05}}}
+    md = R.render_markdown(per_model, {"t": {"acc": True}})
+    assert "| Task | Metric | base | f16 | q4_k_m | f16 − base | q4_k_m − f16 |" in md
+    assert "| t | acc ↑ | 0.2500 ± 0.0500 | 0.7500 ± 0.0500 | 0.5000 ± 0.0500 | +0.5000 | -0.2500 |" in md
+
+
+def test_select_models_filters_and_checks(tmp_path):
+    files = {q: tmp_path / f"{q}.gguf" for q in ("f16", "q4_k_m", "base")}
+    for p in files.values():
+        p.write_bytes(b"GGUF")
+    spec = EvaluationSpec(tasks=["t"])
+    assert [n for n, _ in select_models(files, spec)] == ["f16", "q4_k_m"]
+    spec = EvaluationSpec(tasks=["t"], quantizations=["q4_k_m"], include_base=True)
+    assert [n for n, _ in select_models(files, spec)] == ["base", "q4_k_m"]
+    with pytest.raises(ValueError, match="q8_0"):
+        select_models(files, EvaluationSpec(tasks=["t"], quantizations=["q8_0"]))
+    with pytest.raises(ValueError, match="includeBase"):
+        select_models({"f16": files["f16"]}, EvaluationSpec(tasks=["t"], include_base=True))
+
+
+def test_split_s3_uri():
+    assert split_s3_uri("s3://b/tasks") == ("b", "tasks/")
+    assert split_s3_uri("s3://b/a/b/") == ("b", "a/b/")
+    assert split_s3_uri("s3://b") == ("b", "")
+
+
+# -- the tiny models ------------------------------------------------------------------------------
+
+
+def _tokenizer_agrees(tiny) -> None:
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
+
+    hf = AutoTokenizer.from_pretrained(tiny.tuned_hf)
+    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128)
+    try:
+        for text in [*_task_lines()[:5], "The opposite of Zebra 123 is  x\n\ny.", "", "ünïcödé ✓"]:
+            assert lm.tok_encode(text) == hf(text).input_ids, text
+            assert lm.tok_encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
+    finally:
+        lm.close()
+
+
+def test_fine_tuning_learned(tiny):
+    assert tiny.losses[-1] < 0.5 * tiny.losses[0]
+    _tokenizer_agrees(tiny)
+
+
+def _simple_evaluate(model, model_args, tasks, num_fewshot=None):
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    return evaluator.simple_evaluate(
+        model=model, model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False), log_samples=True, bootstrap_iters=0,
+        random_seed=1, numpy_random_seed=1, torch_random_seed=1, fewshot_random_seed=1)
+
+
+@pytest.mark.parametrize("which", ["base", "tuned"])
+def test_adapter_matches_hf_model(tiny, which, monkeypatch):
+    """Same tasks, same prompts: llama.cpp on the f16 GGUF vs lm-eval's `hf` model on the fp32 checkpoint."""
+    import finetune_trainer.evaluation.llamacpp_lm  # noqa: F401  (registers llama-cpp-inprocess)
+
+    monkeypatch.chdir(TASKS_DIR)
+    hf_dir, gguf = (tiny.base_hf, tiny.base) if which == "base" else (tiny.tuned_hf, tiny.f16)
+    ours = _simple_evaluate("llama-cpp-inprocess", {"pretrained": str(gguf), "n_ctx": 64,
+                                                    "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
+    ref = _simple_evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu",
+                                  "batch_size": 16, "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
+
+    worst = 0.0
+    for task in ("tiny_antonyms", "tiny_stories_ppl"):
+        a, b = ours["samples"][task], ref["samples"][task]
+        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b]
+        for sa, sb in zip(a, b, strict=True):
+            assert sa["arguments"] == sb["arguments"]
+            for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
+                la, lb = (ra[0][0], rb[0][0]) if task == "tiny_antonyms" else (ra[0], rb[0])
+                worst = max(worst, abs(la - lb))
+                assert abs(la - lb) < LL_TOL, (task, sa["doc_id"], la, lb)
+    print(f"{which}: worst per-request |Δ loglikelihood| = {worst:.5f} nats")
+
+    n = len(ours["samples"]["tiny_antonyms"])
+    res_a, res_b = ours["results"], ref["results"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert abs(res_a["tiny_antonyms"][metric] - res_b["tiny_antonyms"][metric]) * n <= 1 + 1e-9
+    gen = "exact_match,remove_whitespace"
+    assert abs(res_a["tiny_antonyms_gen"][gen] - res_b["tiny_antonyms_gen"][gen]) * n <= 1 + 1e-9
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        a, b = res_a["tiny_stories_ppl"][metric], res_b["tiny_stories_ppl"][metric]
+        assert math.isclose(a, b, rel_tol=0.01), (metric, a, b)
+    if which == "tuned":  # the generations themselves, where the model is confident
+        gens_a = [s["filtered_resps"][0] for s in ours["samples"]["tiny_antonyms_gen"]]
+        gens_b = [s["filtered_resps"][0] for s in ref["samples"]["tiny_antonyms_gen"]]
+        assert sum(x != y for x, y in zip(gens_a, gens_b, strict=True)) <= 1, (gens_a, gens_b)
+
+
+def test_prefix_reuse_gives_the_same_scores_as_fresh_evaluation(tiny):
+    """Sorted, KV-cache-sharing scoring == each request alone in an empty cache (contexts > the 16-token window)."""
+    from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
+
+    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128)
+    try:
+        story = json.loads((TASKS_DIR / "antonym_stories.jsonl").read_text().splitlines()[0])["text"]
+        reqs = []
+        for cut in (60, 90, 120, 150):
+            ctx = lm.tok_encode(story[:cut])
+            for cont in (" cold.", " small", " x", " is"):
+                reqs.append(((None, None), ctx, lm.tok_encode(cont, add_special_tokens=False)))
+        together = lm._loglikelihood_tokens(reqs[::-1], disable_tqdm=True)[::-1]
+        alone = []
+        for r in reqs:
+            lm._lc.llama_memory_clear(lm._mem, True)
+            lm._kv.clear()
+            alone += lm._loglikelihood_tokens([r], disable_tqdm=True)
+    finally:
+        lm.close()
+    for (la, ga), (lb, gb) in zip(together, alone, strict=True):
+        assert abs(la - lb) < 1e-3 and ga == gb
+
+
+@pytest.fixture(scope="session")
+def evaluated(tiny, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("eval")
+    spec = EvaluationSpec(tasks=ALL_TASKS, data_uri=str(TASKS_DIR), include_base=True)
+    messages = []
+    metrics = run_eval({"f16": tiny.f16, "q4_k_m": tiny.q4_k_m, "base": tiny.base}, spec, workdir,
+                       report=lambda m, p: messages.append((m, p)), model_args={"n_ctx": 256})
+    return SimpleNamespace(metrics=metrics, workdir=workdir, messages=messages)
+
+
+def test_fine_tuned_model_beats_its_base(evaluated):
+    m = evaluated.metrics
+    assert m["f16"]["tiny_antonyms"]["acc"] >= 0.9 > 0.5 >= m["base"]["tiny_antonyms"]["acc"]
+    assert m["f16"]["tiny_antonyms_gen"]["exact_match"] >= 0.8 > 0.1 >= m["base"]["tiny_antonyms_gen"]["exact_match"]
+    assert m["f16"]["tiny_stories_ppl"]["word_perplexity"] < 0.1 * m["base"]["tiny_stories_ppl"]["word_perplexity"]
+    gain = m["fineTuningGain"]
+    assert gain["model"] == "f16" and gain["delta"]["tiny_antonyms"]["acc"] > 0.4
+
+
+def test_run_eval_reports_quantization_cost_and_writes_files(evaluated):
+    m = evaluated.metrics
+    assert list(m)[:3] == ["base", "f16", "q4_k_m"]
+    cost = m["quantizationCost"]
+    assert cost["reference"] == "f16"
+    for task in ALL_TASKS:
+        for metric, delta in cost["q4_k_m"][task].items():
+            assert delta == pytest.approx(m["q4_k_m"][task][metric] - m["f16"][task][metric], abs=1e-5)
+    doc = json.loads((evaluated.workdir / "eval.json").read_text())
+    assert doc["metrics"] == json.loads(json.dumps(m))
+    assert set(doc["models"]) == {"base", "f16", "q4_k_m"} and doc["models"]["f16"]["sizeBytes"] > 0
+    assert doc["nSamples"]["tiny_antonyms"]["effective"] == 36
+    md = (evaluated.workdir / "eval.md").read_text()
+    assert "| tiny_antonyms | acc ↑ |" in md and "q4_k_m − f16" in md and "f16 − base" in md
+    assert "| tiny_stories_ppl | word_perplexity ↓ |" in md
+    assert evaluated.messages[-1][1] == 100.0 and all(p is None or 0 <= p <= 100 for _, p in evaluated.messages)
+
+
+def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
+    client = s3.client()
+    for path in TASKS_DIR.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"eval-tasks/{path.relative_to(TASKS_DIR).as_posix()}")
+    client.put_object(Bucket=bucket, Key="eval-tasks-other/decoy.yaml", Body=b"task: decoy\n")
+    got = download_prefix(f"s3://{bucket}/eval-tasks", tmp_path / "dl", client)
+    assert sorted(p.name for p in got) == sorted(p.name for p in TASKS_DIR.iterdir() if p.is_file())
+    spec = EvaluationSpec(tasks=["tiny_antonyms"], limit=8, data_uri=f"s3://{bucket}/eval-tasks")
+    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", s3_client=client)
+    assert metrics["f16"]["tiny_antonyms"]["acc"] >= 0.75
+    assert (tmp_path / "work" / "eval-tasks" / "tiny_antonyms.yaml").is_file()
+
+
+def test_cli(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--gguf", f"f16={tiny.f16}", "--gguf", f"q4_k_m={tiny.q4_k_m}", "--tasks", "tiny_antonyms",
+               "--limit", "8", "--num-fewshot", "1", "--include-path", str(TASKS_DIR), "--output", str(out),
+               "--n-ctx", "128"])
+    assert rc == 0
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["numFewshot"]["tiny_antonyms"] == 1 and doc["nSamples"]["tiny_antonyms"]["effective"] == 8
+    assert "quantizationCost" in doc["metrics"]
+    assert "| tiny_antonyms | acc ↑ |" in capsys.readouterr().out

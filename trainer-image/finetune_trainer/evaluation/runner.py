@@ -1,0 +1,208 @@
+"""run_eval: every selected GGUF file through lm-evaluation-harness, then eval.json and eval.md.
+
+    finetune eval --gguf f16=out/model-f16.gguf --gguf q4_k_m=out/model-q4_k_m.gguf \\
+        --tasks arc_easy,hellaswag --limit 200 --output out/eval
+
+One GGUF at a time is loaded (in process, through llama.cpp), evaluated on every task, and freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from finetune_api.spec import EvaluationSpec
+
+from . import results as R
+from .data import resolve_task_dir
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str, float | None], None]
+BOOTSTRAP_ITERS = 1000  # standard errors of non-mean metrics (perplexity); lm-eval's 100000 is slow
+SEED = 1234
+
+
+def select_models(gguf_files: Mapping[str, Path], spec: EvaluationSpec) -> list[tuple[str, Path]]:
+    """The (name, path) pairs to evaluate, base first, then from most to least precise."""
+    quants = [q for q in gguf_files if q != R.BASE]
+    wanted = list(spec.quantizations) if spec.quantizations is not None else quants
+    missing = [q for q in wanted if q not in gguf_files]
+    if missing:
+        raise ValueError(f"evaluation.quantizations {missing} have no GGUF file (have {sorted(gguf_files)})")
+    if spec.include_base:
+        if R.BASE not in gguf_files:
+            raise ValueError("evaluation.includeBase is set but no base-model GGUF was given")
+        wanted.append(R.BASE)
+    if not wanted:
+        raise ValueError("nothing to evaluate: no GGUF file selected")
+    for name in wanted:
+        if not Path(gguf_files[name]).is_file():
+            raise FileNotFoundError(f"GGUF file for {name} not found: {gguf_files[name]}")
+    return [(name, Path(gguf_files[name]).resolve()) for name in R.order_models(wanted)]
+
+
+def _task_manager(cls, task_dir: Path | None, tasks: list[str]):
+    """lm-eval's TaskManager; built-in tasks are indexed (~6 s) only when the offline folder lacks a name."""
+    if task_dir:
+        own = cls(include_path=str(task_dir), include_defaults=False)
+        if all(t in own.all_tasks for t in tasks):
+            return own
+    return cls(include_path=str(task_dir) if task_dir else None)
+
+
+class _Throttled:
+    """Forward progress to report(message, percent) at most every `interval` seconds."""
+
+    def __init__(self, report: Report | None, interval: float = 10.0) -> None:
+        self.report, self.interval, self.last = report, interval, 0.0
+
+    def __call__(self, message: str, percent: float | None, force: bool = False) -> None:
+        log.info("%s%s", message, "" if percent is None else f" ({percent:.0f}%)")
+        now = time.monotonic()
+        if self.report and (force or now - self.last >= self.interval):
+            self.last = now
+            self.report(message, None if percent is None else round(percent, 1))
+
+
+def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path, report: Report | None = None,
+             *, model_args: Mapping[str, Any] | None = None, s3_client: Any = None) -> dict[str, Any]:
+    """Evaluate GGUF files on lm-eval tasks; write eval.json and eval.md into ``workdir``.
+
+    Args:
+        gguf_files: quantization type ("f16", "q8_0", "q4_k_m", ...) -> GGUF path, plus optionally
+            "base" -> the base model's GGUF (evaluated when spec.includeBase).
+        spec: tasks, limit, numFewshot, dataUri (offline task folder or s3:// prefix), quantizations
+            (default: every key of gguf_files except "base"), includeBase.
+        workdir: where eval.json, eval.md (and a downloaded dataUri) go.
+        report: optional report(message, percent) for progress.
+        model_args: extra LlamaCppLM arguments (n_ctx, n_gpu_layers, n_threads, n_batch, max_length).
+        s3_client: boto3 client used for an s3:// dataUri (default: from the environment).
+
+    Returns:
+        {model: {task: {metric: value}}, "quantizationCost": {"reference": "f16", "q4_k_m": {task:
+        {metric: delta}}}, "fineTuningGain": {...}} — the last two only when they apply.
+    """
+    import lm_eval
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    from .llamacpp_lm import MODEL_NAME, LlamaCppLM
+
+    started = time.monotonic()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    say = _Throttled(report)
+    models = select_models(gguf_files, spec)
+    task_dir = resolve_task_dir(spec.data_uri, workdir, s3_client)
+    tasks = list(spec.tasks)
+    manager = _task_manager(TaskManager, task_dir, tasks)
+
+    per_model: dict[str, R.TaskMetrics] = {}
+    details: dict[str, R.TaskMetrics] = {}
+    better: dict[str, dict[str, bool]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
+    for n, (name, path) in enumerate(models):
+        share = 100.0 / len(models)
+        say(f"evaluating {name} ({path.name}) on {', '.join(tasks)}", n * share, force=True)
+
+        def progress(done: int, total: int, what: str, n=n, name=name, share=share) -> None:
+            say(f"evaluating {name}: {what} {done}/{total}", n * share + share * done / max(total, 1))
+
+        t0 = time.monotonic()
+        lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
+        try:
+            with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
+                out = evaluator.simple_evaluate(
+                    model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
+                    task_manager=manager, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
+                    random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+        finally:
+            lm.close()
+        if out is None:
+            raise RuntimeError(f"lm-eval returned no results for {name}")
+        missing = [t for t in tasks if t not in (out.get("results") or {}) and t not in (out.get("groups") or {})]
+        if missing:
+            raise RuntimeError(f"lm-eval produced no results for tasks {missing}")
+        per_model[name], details[name] = R.summarize(out, tasks)
+        better.update(R.higher_is_better(out))
+        info[name] = {"file": path.name, "sizeBytes": path.stat().st_size,
+                      "seconds": round(time.monotonic() - t0, 1)}
+        extra = {"versions": out.get("versions"), "nSamples": out.get("n-samples"),
+                 "numFewshot": out.get("n-shot")}
+
+    metrics = R.build_metrics(per_model)
+    header = [
+        f"lm-evaluation-harness {lm_eval.__version__}, model `{MODEL_NAME}` (llama.cpp in process).",
+        f"Tasks: {', '.join(tasks)} · limit: {spec.limit or 'none'} · few-shot: "
+        f"{spec.num_fewshot if spec.num_fewshot is not None else 'task default'}"
+        + (f" · data: {spec.data_uri}" if spec.data_uri else ""),
+    ]
+    document = {
+        "harness": {"name": "lm-evaluation-harness", "version": lm_eval.__version__, "model": MODEL_NAME},
+        "spec": spec.wire(),
+        "models": info,
+        "metrics": metrics,
+        "details": details,
+        "higherIsBetter": better,
+        **extra,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (workdir / "eval.json").write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+    (workdir / "eval.md").write_text(R.render_markdown(per_model, better, header))
+    say(f"evaluation done in {document['seconds']} s", 100.0, force=True)
+    return metrics
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune eval",
+        description="Evaluate GGUF files with lm-evaluation-harness, in process through llama.cpp.")
+    p.add_argument("--gguf", action="append", required=True, metavar="TYPE=PATH",
+                   help="a GGUF file and its quantization type (f16, q8_0, q4_k_m, ...; 'base' for the base "
+                        "model); repeat for several")
+    p.add_argument("--tasks", action="append", required=True, metavar="TASK[,TASK...]",
+                   help="lm-eval task or group names, comma-separated or repeated")
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    p.add_argument("--include-path", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                   help="offline task folder: lm-eval task YAMLs with their JSON Lines data")
+    p.add_argument("--output", required=True, type=Path, help="folder for eval.json and eval.md")
+    p.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context size (default 2048)")
+    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers offloaded to a GPU (-1: all)")
+    p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all usable)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``finetune eval ...``; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    files: dict[str, Path] = {}
+    for item in args.gguf:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--gguf wants TYPE=PATH, got {item!r}")
+        files[name.strip().lower()] = Path(path)
+    tasks = list(dict.fromkeys(t.strip() for group in args.tasks for t in group.split(",") if t.strip()))
+    data_uri = args.include_path
+    if data_uri and not data_uri.startswith("s3://"):
+        data_uri = str(Path(data_uri).expanduser().resolve())
+    spec = EvaluationSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, data_uri=data_uri,
+                          include_base=R.BASE in files)
+    model_args = {k: v for k, v in {"n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers,
+                                     "n_threads": args.n_threads}.items() if v is not None}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_eval(files, spec, args.output, model_args=model_args)
+    sys.stdout.write((args.output / "eval.md").read_text())
+    return 0
