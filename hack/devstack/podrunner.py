@@ -22,6 +22,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devstack.image import trainer_image_env
 from devstack.kube import ApiError, Kube
 from devstack.node import NODE_NAME, RunnerNode
 from devstack.node import now as _now
@@ -90,7 +91,8 @@ class LocalPodRunner:
         self.service_env = {"KUBERNETES_SERVICE_HOST": api.hostname, "KUBERNETES_SERVICE_PORT": str(api.port),
                             "KUBERNETES_SERVICE_PORT_HTTPS": str(api.port),
                             "KUBERNETES_PORT": f"tcp://{api.hostname}:{api.port}"}
-        self.base_env = {**clean_env(), **(extra_env or {})}
+        # The trainer image's own ENV, then the caller's additions.
+        self.base_env = {**clean_env(), **trainer_image_env(), **(extra_env or {})}
         self._runs: dict[str, PodRun] = {}  # by pod uid
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import kopf
@@ -18,6 +19,9 @@ def main() -> None:
     kopf.configure(verbose=os.environ.get("FINETUNE_LOG_VERBOSE") == "1",
                    log_format={"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN}.get(fmt, kopf.LogFormat.FULL),
                    log_refkey="finetunejob", log_prefix=fmt != "json")
+    # Kopf logs every successful event handler at INFO; those two fire on each progress report.
+    logging.getLogger("kopf.objects").addFilter(
+        lambda rec: not (rec.getMessage().startswith("Handler '") and "_event' succeeded" in rec.getMessage()))
     liveness = os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz")
 
     kopf.run(
