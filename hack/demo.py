@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(sh(*kubectl, "get", "ftj", "-n", NS, "-o", "wide"))
         if status["phase"] != "Succeeded":
             print(f"run failed: {status.get('reason')}: {status.get('message')}")
-            pod_logs = sorted((runner.workdir if hasattr(runner, "workdir") else work).rglob("*.log"))
+            pod_logs = sorted(runner.dir.rglob("*.log"))
             for p in pod_logs[-2:]:
                 print(f"---- {p} ----\n{p.read_text(errors='replace')[-3000:]}")
             return 1

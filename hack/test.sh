@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command (README, CI): installs what it needs, checks generated files and lint, runs pytest.
+#   hack/test.sh                  # everything that runs without a GPU (GPU tests skip themselves)
+#   hack/test.sh tests/test_x.py  # a subset (pytest arguments)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$SECONDS
+hack/bootstrap.sh
+echo "==> lint and generated files"
+.venv/bin/ruff check .
+.venv/bin/python -m finetune_api.crd --check
+echo "==> pytest"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+export PATH="$PWD/.venv/bin:$PATH"
+# pytest exits 5 when it collected no test: that is a failure too (set -e).
+.venv/bin/python -m pytest "${@:-tests}" --durations=15
+echo "==> total $((SECONDS - t0))s"
