@@ -41,8 +41,10 @@ def setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(_Redact())
+    handler.set_name("finetune")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler: main() may run more than once in a process (tools.call, tests).
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "finetune"] + [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "datasets", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,236 @@
+"""`finetune run` end to end on a tiny Gemma 3 with the real tokenizer, on CPU, against a real local S3
+(SeaweedFS) and an HTTPS fake apiserver: prepare → train → export f16/q8_0/q4_k_m → parity → upload,
+then the GGUF files in llama.cpp, the manifest against the objects, an idempotent re-upload, the
+export-gguf command on its own, and a preempted run resuming from its S3 checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from finetune_api import RunConfig
+from finetune_trainer import pipeline
+from finetune_trainer.cli import main
+from finetune_trainer.progress import Reporter
+from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, FakeApiServer, tiny_gemma, write_jsonl
+
+QUANTS = ["f16", "q8_0", "q4_k_m"]
+
+
+def job_manifest(name: str, bucket: str, endpoint: str, data: Path, tiny: Path, **spec_overrides) -> dict:
+    spec = {
+        "baseModel": {"uri": str(tiny)},
+        "dataset": {"source": str(data), "validationSplit": 0.2},
+        # A high learning rate on a small repeated set: the loss must visibly fall in a few steps.
+        "training": {"maxSteps": 12, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 64,
+                     "checkpointEverySteps": 4},
+        "export": {"gguf": QUANTS, "paritySamples": 4},
+        "output": {"s3": {"bucket": bucket, "endpoint": endpoint, "forcePathStyle": True, "prefix": "runs"}},
+        "resources": {"gpus": 0},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
+            "metadata": {"name": name, "namespace": "team-a"}, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def env(s3, tmp_path_factory):
+    """Offline, S3 credentials from the environment, status reporting to a fake apiserver."""
+    apiserver = FakeApiServer(tmp_path_factory.mktemp("apiserver")).start()
+    term = tmp_path_factory.mktemp("term") / "termination-log"
+    values = {**OFFLINE_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+              "FINETUNE_TERMINATION_LOG": str(term), "FINETUNE_PROGRESS_INTERVAL": "1000",
+              **apiserver.env("tiny", namespace="team-a", run=1)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield SimpleNamespace(apiserver=apiserver, termination_log=term)
+    apiserver.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(env, s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    bucket = s3.make_bucket(f"trainer-{uuid.uuid4().hex[:10]}")
+    data = write_jsonl(root / "data.jsonl", ALPACA_ROWS * 5)
+    config = root / "job.yaml"
+    config.write_text(yaml.safe_dump(job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma())))
+    workdir = root / "work"
+    rc = main(["run", "--config", str(config), "--workdir", str(workdir)])
+    cfg = RunConfig.load(config)
+    return SimpleNamespace(rc=rc, config=config, workdir=workdir, bucket=bucket, cfg=cfg,
+                           prefix=cfg.output_uri.removeprefix(f"s3://{bucket}/"),
+                           metrics=json.loads((workdir / "metrics.json").read_text()) if rc == 0 else None,
+                           manifest=json.loads((workdir / "manifest.json").read_text()) if rc == 0 else None)
+
+
+def test_run_succeeds_and_reports_every_stage_to_the_status(trained, env):
+    assert trained.rc == 0
+    patches = [r["body"] for r in env.apiserver.requests]
+    assert all(p[0] == {"op": "test", "path": "/status/run", "value": 1} for p in patches)
+    stages = [p[1]["value"]["stage"] for p in patches]
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == \
+        ["Preparing", "Training", "Exporting", "Uploading"]
+    training = [p[1]["value"] for p in patches if p[1]["value"].get("step")]
+    assert training[-1]["step"] == training[-1]["totalSteps"] == 12
+    assert training[-1]["tokensPerSecond"] > 0 and training[-1]["learningRate"] >= 0
+    final = {op["path"]: op["value"] for op in patches[-1][1:]}
+    assert set(final) == {"/status/progress", "/status/metrics", "/status/artifacts"}
+    assert final["/status/metrics"]["steps"] == 12
+    assert {a["kind"] for a in final["/status/artifacts"]} >= {"gguf", "modelfile", "adapter", "plot",
+                                                               "dataset-report", "manifest"}
+
+
+def test_loss_falls_and_the_adapter_weights_change(trained):
+    from safetensors.torch import load_file
+
+    log = [json.loads(line) for line in (trained.workdir / "train-log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log]
+    assert [e["step"] for e in log] == list(range(1, 13))
+    assert sum(losses[:2]) / 2 - sum(losses[-2:]) / 2 > 1.5, losses
+    final = load_file(str(trained.workdir / "adapter" / "adapter_model.safetensors"))
+    earlier = load_file(str(trained.workdir / "checkpoints" / "step-00000008" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [k for k in final if "lora_B" in k]
+    assert len(lora_b) == 6 * 7  # every projection of every layer
+    assert all(final[k].abs().sum() > 0 for k in lora_b)  # B starts at zero: it moved
+    assert any(not final[k].equal(earlier[k]) for k in final)  # and kept moving after step 8
+    assert (trained.workdir / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_gguf_loads_in_llama_cpp_chats_and_carries_template_and_eos(trained):
+    import llama_cpp
+
+    for quant in QUANTS:
+        path = trained.workdir / "gguf" / f"tiny-{quant}.gguf"
+        llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, seed=0)
+        try:
+            meta = llm.metadata
+            assert "<start_of_turn>" in meta["tokenizer.chat_template"]
+            assert meta["tokenizer.ggml.eos_token_id"] == "1"
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            end_of_turn = llm.tokenize(b"<end_of_turn>", add_bos=False, special=True)
+            assert end_of_turn == [106] and llama_cpp.llama_vocab_is_eog(vocab, 106)
+            out = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                             max_tokens=8, temperature=0)
+            assert isinstance(out["choices"][0]["message"]["content"], str)
+            assert out["usage"]["completion_tokens"] >= 1
+        finally:
+            llm.close()
+        modelfile = (trained.workdir / "gguf" / f"tiny-{quant}.Modelfile").read_text()
+        assert f"FROM ./tiny-{quant}.gguf" in modelfile
+        assert 'PARAMETER stop "<end_of_turn>"' in modelfile and "<start_of_turn>model" in modelfile
+
+
+def test_parity_with_the_merged_model_is_within_tolerance(trained):
+    parity = trained.metrics["parity"]
+    assert set(parity) == set(QUANTS)
+    assert parity["f16"]["top1Agreement"] >= 0.99
+    assert parity["q8_0"]["top1Agreement"] >= 0.9
+    assert parity["q4_k_m"]["top1Agreement"] >= 0.5
+    for quant, tolerance in (("f16", 0.01), ("q8_0", 0.05), ("q4_k_m", 0.5)):
+        p = parity[quant]
+        assert abs(p["perplexity"] / p["referencePerplexity"] - 1) <= tolerance, (quant, p)
+        assert p["tokens"] > 20
+    assert trained.manifest["parity"] == parity
+
+
+def test_manifest_lists_every_artifact_and_its_checksums_match_the_objects(trained, s3):
+    client = s3.client()
+    arts = trained.manifest["artifacts"]
+    names = {a["name"] for a in arts}
+    assert {f"gguf/tiny-{q}.gguf" for q in QUANTS} | {f"gguf/tiny-{q}.Modelfile" for q in QUANTS} <= names
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss-curve.png",
+            "dataset/report.json"} <= names
+    for a in arts:
+        key = a["uri"].removeprefix(f"s3://{trained.bucket}/")
+        assert key == trained.prefix + a["name"]
+        body = client.get_object(Bucket=trained.bucket, Key=key)["Body"].read()
+        assert len(body) == a["sizeBytes"] and hashlib.sha256(body).hexdigest() == a["sha256"], a["name"]
+        head = client.head_object(Bucket=trained.bucket, Key=key, ChecksumMode="ENABLED")
+        assert head["Metadata"]["sha256"] == a["sha256"]
+        checksum = head["ChecksumSHA256"]
+        if "-" not in checksum:  # a single-part upload carries the object's own SHA-256
+            assert base64.b64decode(checksum).hex() == a["sha256"]
+    f16 = next(a for a in arts if a["name"] == "gguf/tiny-f16.gguf")
+    assert f16["sizeBytes"] > 64 * 2**20  # large enough to have gone up in parts
+    manifest_obj = json.loads(client.get_object(Bucket=trained.bucket, Key=trained.prefix + "manifest.json")["Body"].read())
+    assert manifest_obj["artifacts"] == arts and manifest_obj["metrics"]["steps"] == 12
+    checkpoints = client.list_objects_v2(Bucket=trained.bucket, Prefix=trained.prefix + "checkpoints/")
+    keys = {o["Key"].removeprefix(trained.prefix) for o in checkpoints["Contents"]}
+    assert {f"checkpoints/step-0000000{s}/state.json" for s in (4, 8)} | {"checkpoints/step-00000012/state.json"} <= keys
+
+
+def test_upload_again_sends_nothing_that_is_already_there(trained, s3, caplog):
+    client = s3.client()
+    key = trained.prefix + "gguf/tiny-q8_0.gguf"
+    before = client.head_object(Bucket=trained.bucket, Key=key)["LastModified"]
+    caplog.set_level("INFO")
+    assert main(["upload", "--config", str(trained.config), "--workdir", str(trained.workdir)]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "already there" in r.getMessage()]
+    assert len(skipped) == len(trained.manifest["artifacts"])
+    assert client.head_object(Bucket=trained.bucket, Key=key)["LastModified"] == before
+
+
+def test_export_gguf_command_on_its_own(trained, tmp_path):
+    import llama_cpp
+
+    out = tmp_path / "out" / "mine.gguf"
+    rc = main(["export-gguf", "--checkpoint-dir", str(trained.workdir / "adapter"), "--base-model", str(tiny_gemma()),
+               "--quantization", "q8_0", "--output-file", str(out)])
+    assert rc == 0 and out.exists()
+    assert (out.parent / "mine.Modelfile").read_text().startswith("# Ollama Modelfile for mine (q8_0)")
+    assert (out.parent / "merged" / "tokenizer.model").exists()
+    llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)
+    try:
+        assert llm.metadata["general.file_type"] == "7"  # MOSTLY_Q8_0
+    finally:
+        llm.close()
+
+
+class Preempted(Exception):
+    pass
+
+
+class PreemptingReporter(Reporter):
+    """Stands in for a node going away in the middle of training."""
+
+    def __init__(self, at_step: int, **kw):
+        super().__init__(**kw)
+        self.at_step = at_step
+
+    def train_step(self, step, total_steps, metrics):
+        super().train_step(step, total_steps, metrics)
+        if step == self.at_step:
+            raise Preempted(f"preempted at step {step}")
+
+
+def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_count(env, s3, tmp_path):
+    bucket = s3.make_bucket(f"resume-{uuid.uuid4().hex[:10]}")
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job_manifest(
+        "tiny-resume", bucket, s3.endpoint, data, tiny_gemma(),
+        training={"maxSteps": 8, "checkpointEverySteps": 3}, export={"gguf": ["q8_0"], "parityCheck": False})))
+    cfg = RunConfig.load(config)
+    with pytest.raises(Preempted):
+        pipeline.run(cfg, tmp_path / "pod-1", reporter=PreemptingReporter(at_step=5, run=1, interval=1000))
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/team-a/tiny-resume/run-1/checkpoints/")
+    assert any(o["Key"].endswith("step-00000003/state.json") for o in listing["Contents"])
+
+    # A new pod: empty disk, same run. It must fetch step 3 from S3 and train steps 4..8 only.
+    workdir = tmp_path / "pod-2"
+    assert main(["run", "--config", str(config), "--workdir", str(workdir), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (workdir / "train-log.jsonl").read_text().splitlines()]
+    assert steps == [4, 5, 6, 7, 8]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and metrics["restarts"] == 1
+    state = json.loads((workdir / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["restarts"] == 1 and len(state["losses"]) == 8  # the loss history survived the restart

