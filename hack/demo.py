@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  copied GGUF files and the Ollama Modelfile to {out}/")
         if gguf:
             print(f"  llama.cpp:  llama-cli -m out/{gguf.name} -cnv")
-        print("  Ollama:     cd out && ollama create finetune-demo -f Modelfile && ollama run finetune-demo")
+        modelfile = next((p.name for n, p in files.items() if n.endswith("q8_0.Modelfile")), None)
+        if modelfile:
+            print(f"  Ollama:     cd out && ollama create finetune-demo -f {modelfile} && ollama run finetune-demo")
         print(f"\ndemo finished in {time.monotonic() - t0:.0f}s")
         if args.keep:
             print(f"\nstack left running: export KUBECONFIG={cluster.kubeconfig}; Ctrl-C to stop")
