@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 
@@ -18,7 +19,11 @@ def read_log(path: Path) -> dict[int, dict]:
 
 
 def loss_curve(log_file: Path, out_file: Path, eval_loss: float | None = None, title: str = "") -> Path | None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a plot is a nicety: a minimal environment still trains and exports
+        logging.getLogger(__name__).warning("matplotlib is not installed: no loss-curve PNG")
+        return None
 
     matplotlib.use("Agg")  # no display in a pod
     import matplotlib.pyplot as plt

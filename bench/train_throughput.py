@@ -1,0 +1,226 @@
+"""Training throughput: the project's path (the trainer's own loader, batching, optimizer and step)
+against a plain transformers + PEFT baseline, same model shape, sequence length and LoRA, one GPU.
+
+    python bench/train_throughput.py --out bench-results.json            # all configs
+    python bench/train_throughput.py --configs baseline,project --seq 2048 --batch 8
+
+Each config runs in its own process (Unsloth patches transformers at import; the baseline must not
+see that, and peak memory must be per config). Prints per config: tokens/s (non-padding tokens),
+step time, peak GPU memory, MFU = 6·N·tokens/s over the GPU's dense bf16 peak, and the ratio to the
+baseline measured in the same invocation. Random-init Gemma 3 270M (the shape is what matters).
+
+Data modes: `full` feeds full-length random sequences (no padding: pure kernel throughput);
+`real` feeds rows with an instruction-tuning length distribution (lognormal, median ~250 tokens),
+padded to the longest row per micro-batch, or packed where the config says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GEMMA3_270M = dict(
+    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+    sliding_window=512, rope_theta=1_000_000.0, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, tie_word_embeddings=True,
+    bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# name: (implementation, micro-batch multiplier, gradient checkpointing, packing)
+CONFIGS = {
+    "baseline": ("hf", 1, True, False),          # what users run without us: HF + PEFT, checkpointing
+    "project": ("project", 1, True, False),      # the trainer's defaults (Unsloth, offloaded checkpointing)
+    "project-nogc": ("project", 1, False, False),
+    "project-b4x": ("project", 4, True, False),
+    "project-b4x-nogc": ("project", 4, False, False),
+    "project-packed": ("project", 1, True, True),
+    "project-b4x-packed": ("project", 4, True, True),
+    "baseline-qlora": ("hf", 1, True, False),
+    "project-qlora": ("project", 1, True, False),
+}
+
+
+def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if mode == "full":
+        lengths = np.full(n, seq)
+    else:  # instruction tuning: most rows short, a long tail
+        lengths = np.clip(rng.lognormal(mean=np.log(250), sigma=0.8, size=n).astype(int), 32, seq)
+    rows = []
+    for length in lengths:
+        ids = rng.integers(3, GEMMA3_270M["vocab_size"], size=int(length)).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+def worker(args) -> dict:
+    import torch
+
+    impl, mult, gc, packing = CONFIGS[args.config]
+    qlora = args.config.endswith("qlora")
+    batch = args.batch * mult
+    if impl == "project":
+        os.environ["FINETUNE_BACKEND"] = "unsloth"
+        from finetune_trainer.model_loading import early_imports
+
+        early_imports()  # Unsloth first, as the trainer does
+    from finetune_api.spec import LoraSpec, TrainingSpec
+    from finetune_trainer.batching import Batches
+
+    training = TrainingSpec(method="qlora" if qlora else "lora", max_seq_length=args.seq, batch_size=batch,
+                            gradient_checkpointing=gc, packing=packing, lora=LoraSpec(r=16, alpha=16))
+    t_load = time.monotonic()
+    if impl == "project":
+        from finetune_trainer.model_loading import BaseModel, load_for_training
+        from finetune_trainer.recipe import build_optimizer
+
+        model, backend = load_for_training(BaseModel(source=args.model_dir), training)
+        optimizer = build_optimizer(model, training)
+    else:
+        model, optimizer, backend = hf_baseline(args.model_dir, training), None, "transformers+peft"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    load_s = time.monotonic() - t_load
+    device = torch.device("cuda")
+    n_params = sum(p.numel() for p in model.parameters())
+    if qlora:  # 4-bit weights count as half-bytes in numel(); use the model shape's real count
+        n_params = args.n_params or n_params
+    rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
+    batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(m: int) -> int:
+        b = batches.get(m)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**b.model_inputs(device), use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return b.tokens
+
+    t_compile = time.monotonic()
+    for m in range(args.warmup):  # first steps compile kernels for this shape
+        step(m)
+    torch.cuda.synchronize()
+    warm_s = time.monotonic() - t_compile
+    tokens, t0 = 0, time.monotonic()
+    for m in range(args.warmup, args.warmup + args.steps):
+        tokens += step(m)
+    torch.cuda.synchronize()
+    seconds = time.monotonic() - t0
+    tps = tokens / seconds
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+    return {
+        "config": args.config, "backend": backend, "gpu": name, "seq": args.seq, "microBatch": batch,
+        "gradientCheckpointing": gc, "packing": packing, "method": training.method, "data": args.data,
+        "tokensPerSecond": round(tps), "stepSeconds": round(seconds / args.steps, 4),
+        "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
+        "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
+    }
+
+
+def hf_baseline(model_dir: str, training):
+    """Plain transformers + PEFT as its docs show it: bf16 (or bitsandbytes 4-bit), checkpointing, sdpa."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {}
+    if training.method == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 device_map={"": 0}, **kw)
+    if training.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    elif training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = training.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="baseline,project,project-nogc,project-b4x,project-b4x-nogc")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8, help="micro-batch of the baseline (configs scale it)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--data", choices=["full", "real"], default="full")
+    p.add_argument("--model-dir", default="/tmp/gemma3-270m-random")
+    p.add_argument("--tokenizer-dir", default=None)
+    p.add_argument("--out", default=None, help="append results as JSON lines here")
+    p.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--n-params", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.config:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    model_dir = make_model_dir(Path(args.model_dir), Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).parameters())
+    results = []
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
+               "--model-dir", str(model_dir), "--n-params", str(n_params)]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or not line:
+            print(f"{name}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
+            continue
+        res = json.loads(line[len("RESULT "):])
+        res["wallSeconds"] = round(time.monotonic() - t0, 1)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+
+    base = {r["method"]: r for r in results if r["config"].startswith("baseline")}
+    print(f"\n{'config':<22}{'tok/s':>10}{'step s':>9}{'peak GB':>9}{'MFU':>7}{'vs base':>9}  (seq {args.seq}, data {args.data})")
+    for r in results:
+        ref = base.get(r["method"])
+        ratio = f"{r['tokensPerSecond'] / ref['tokensPerSecond']:.2f}x" if ref else "-"
+        print(f"{r['config']:<22}{r['tokensPerSecond']:>10,}{r['stepSeconds']:>9.3f}{r['peakMemoryGB']:>9.1f}"
+              f"{r['mfu'] * 100:>6.1f}%{ratio:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
