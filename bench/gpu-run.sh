@@ -54,17 +54,18 @@ YAML
     s=$SECONDS
     timeout 280 python3 -m finetune_trainer run --config /tmp/ftj-$method.yaml --workdir /tmp/work-$method
     echo "finetune run ($method): exit $? in $((SECONDS - s))s"
-    cp /tmp/work-$method/manifest.json "$OUT/manifest-$method.json" 2>/dev/null
     find /tmp/work-$method -name 'train-log.jsonl' -exec cp {} "$OUT/train-log-$method.jsonl" \;
   done
-  python3 - <<'PY'
+  OUT=$OUT python3 - <<'PY'
 import boto3, hashlib, json
 s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", region_name="us-east-1")
 for method in ("lora", "qlora"):
     try:
-        m = json.load(open(f"/tmp/work-{method}/manifest.json"))
-    except FileNotFoundError:
-        print(method, "no manifest"); continue
+        key = f"finetune/h100/gpu-{method}/run-1/manifest.json"
+        m = json.loads(s3.get_object(Bucket="models", Key=key)["Body"].read())
+    except Exception as exc:  # noqa: BLE001
+        print(method, "no manifest:", exc); continue
+    json.dump(m, open(f"{__import__('os').environ['OUT']}/manifest-{method}.json", "w"), indent=1)
     for a in m["artifacts"]:
         key = a["uri"].split("s3://models/", 1)[1]
         body = s3.get_object(Bucket="models", Key=key)["Body"].read()
