@@ -11,9 +11,11 @@ exact match) and tiny_stories_ppl (loglikelihood_rolling perplexity over documen
 32-token max_length used for the parity test, so several rolling windows per document).
 
 Tolerances (f16 GGUF through llama.cpp vs the fp32 checkpoint through lm-eval's `hf` model):
-  * per-request log-likelihood: |Δ| < 0.05 nats. f16 weights alone move these tiny models' per-token
-    log-probabilities by ~1e-3; 0.05 still catches an off-by-one position, a missing BOS, a wrong
-    token split or a non-normalised softmax, each of which moves them by whole nats.
+  * per-request log-likelihood (a few continuation tokens): |Δ| < 0.05 nats; per rolling document
+    (~60 tokens, all scored): |Δ| < 0.005 nats per token. f16 weights and llama.cpp's kernels move these
+    tiny models' per-token log-probabilities by ~1e-3 (the f32 GGUF agrees to ~3e-4); the bounds still
+    catch an off-by-one position, a missing or extra BOS, a wrong token split, a sliding window
+    applied to the wrong layers or a non-normalised softmax, each of which moves a request by nats.
   * accuracy and exact match: within one example (a near-tie between two choices may flip).
   * perplexities: relative difference < 1 %.
 """
@@ -41,7 +43,10 @@ from finetune_trainer.evaluation.data import download_prefix, split_s3_uri
 TASKS_DIR = Path(__file__).parent / "data" / "eval"
 ALL_TASKS = ["tiny_antonyms", "tiny_antonyms_gen", "tiny_stories_ppl"]
 PARITY_MAX_LENGTH = 32
-LL_TOL = 0.05
+# One llama.cpp thread: its workers spin while waiting, which is slow on two shared cores.
+LLAMA_ARGS = {"n_ctx": 256, "n_threads": 1}
+LL_TOL = 0.05  # nats, per loglikelihood request
+LL_TOL_PER_TOKEN = 0.005  # nats per scored token, per loglikelihood_rolling document
 
 
 def _converter() -> Path:
@@ -49,10 +54,17 @@ def _converter() -> Path:
     return Path(cache) / "llama.cpp-0.3.36" / "convert_hf_to_gguf.py"
 
 
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (TASKS_DIR / name).read_text().splitlines()]
+
+
+def _sentences() -> list[str]:
+    """The fine-tuning data: the distribution the tiny_antonyms* tasks are drawn from."""
+    return [f"The opposite of {r['word']} is {r['answer']}." for r in _jsonl("antonyms.jsonl")]
+
+
 def _task_lines() -> list[str]:
-    rows = [json.loads(line) for line in (TASKS_DIR / "antonyms.jsonl").read_text().splitlines()]
-    stories = [json.loads(line)["text"] for line in (TASKS_DIR / "antonym_stories.jsonl").read_text().splitlines()]
-    return [f"The opposite of {r['word']} is {r['answer']}." for r in rows] + stories
+    return _sentences() + [r["text"] for r in _jsonl("antonym_stories.jsonl")]
 
 
 # -- building the tiny models --------------------------------------------------------------------------
@@ -95,22 +107,31 @@ def build_base(out: Path) -> None:
     Gemma3ForCausalLM(config).save_pretrained(out)
 
 
-def fine_tune(base: Path, out: Path, steps: int = 150) -> list[float]:
-    """Plain torch: full fine-tuning on the task sentences, batch = all of them. Returns the losses."""
+def fine_tune(base: Path, out: Path, steps: int = 100) -> list[float]:
+    """Plain torch, full fine-tuning on the antonym sentences. Returns the losses.
+
+    Each step packs the 36 sentences, shuffled, six to a row (the shape of the tiny_stories_ppl
+    documents; a row starts like a tiny_antonyms prompt). The loss floor is about 0.4 nats/token (the
+    word after "The opposite of" is unpredictable); 100 steps come close to it.
+    """
+    import random
+
     import torch
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     torch.manual_seed(0)
+    rng = random.Random(0)
     tok = AutoTokenizer.from_pretrained(base)
     tok.padding_side = "right"
     model = Gemma3ForCausalLM.from_pretrained(base, dtype=torch.float32)
-    enc = tok(_task_lines(), return_tensors="pt", padding=True)
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    sentences = _sentences()
     model.train()
     losses = []
     for _ in range(steps):
-        loss = model(**enc, labels=labels).loss
+        order = rng.sample(sentences, len(sentences))
+        enc = tok([" ".join(order[i:i + 6]) for i in range(0, len(order), 6)], return_tensors="pt", padding=True)
+        loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -137,6 +158,17 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny matrices: one thread is 10x faster than two when the two cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -208,9 +240,9 @@ def _tokenizer_agrees(tiny) -> None:
     from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
 
     hf = AutoTokenizer.from_pretrained(tiny.tuned_hf)
-    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128)
+    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128, n_threads=1)
     try:
-        for text in [*_task_lines()[:5], "The opposite of Zebra 123 is  x\n\ny.", "", "ünïcödé ✓"]:
+        for text in [*_task_lines()[::9], "The opposite of Zebra 123 is  x\n\ny.", "", "ünïcödé ✓"]:
             assert lm.tok_encode(text) == hf(text).input_ids, text
             assert lm.tok_encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
     finally:
@@ -239,22 +271,28 @@ def test_adapter_matches_hf_model(tiny, which, monkeypatch):
 
     monkeypatch.chdir(TASKS_DIR)
     hf_dir, gguf = (tiny.base_hf, tiny.base) if which == "base" else (tiny.tuned_hf, tiny.f16)
-    ours = _simple_evaluate("llama-cpp-inprocess", {"pretrained": str(gguf), "n_ctx": 64,
+    ours = _simple_evaluate("llama-cpp-inprocess", {"pretrained": str(gguf), "n_ctx": 64, "n_threads": 1,
                                                     "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
     ref = _simple_evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu",
                                   "batch_size": 16, "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
 
-    worst = 0.0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    worst = {}
     for task in ("tiny_antonyms", "tiny_stories_ppl"):
         a, b = ours["samples"][task], ref["samples"][task]
         assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b]
         for sa, sb in zip(a, b, strict=True):
             assert sa["arguments"] == sb["arguments"]
-            for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
-                la, lb = (ra[0][0], rb[0][0]) if task == "tiny_antonyms" else (ra[0], rb[0])
-                worst = max(worst, abs(la - lb))
-                assert abs(la - lb) < LL_TOL, (task, sa["doc_id"], la, lb)
-    print(f"{which}: worst per-request |Δ loglikelihood| = {worst:.5f} nats")
+            for args, ra, rb in zip(sa["arguments"], sa["resps"], sb["resps"], strict=True):
+                if task == "tiny_antonyms":  # a few continuation tokens
+                    delta, tol = abs(ra[0][0] - rb[0][0]), LL_TOL
+                else:  # a whole document, every token scored
+                    delta, tol = abs(ra[0] - rb[0]), LL_TOL_PER_TOKEN * len(tok(args[0]).input_ids)
+                worst[task] = max(worst.get(task, 0.0), delta)
+                assert delta < tol, (task, sa["doc_id"], ra, rb, tol)
+    print(f"{which}: worst |Δ loglikelihood| per request (nats): {worst}")
 
     n = len(ours["samples"]["tiny_antonyms"])
     res_a, res_b = ours["results"], ref["results"]
@@ -275,7 +313,7 @@ def test_prefix_reuse_gives_the_same_scores_as_fresh_evaluation(tiny):
     """Sorted, KV-cache-sharing scoring == each request alone in an empty cache (contexts > the 16-token window)."""
     from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
 
-    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128)
+    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128, n_threads=1)
     try:
         story = json.loads((TASKS_DIR / "antonym_stories.jsonl").read_text().splitlines()[0])["text"]
         reqs = []
@@ -301,7 +339,7 @@ def evaluated(tiny, tmp_path_factory):
     spec = EvaluationSpec(tasks=ALL_TASKS, data_uri=str(TASKS_DIR), include_base=True)
     messages = []
     metrics = run_eval({"f16": tiny.f16, "q4_k_m": tiny.q4_k_m, "base": tiny.base}, spec, workdir,
-                       report=lambda m, p: messages.append((m, p)), model_args={"n_ctx": 256})
+                       report=lambda m, p: messages.append((m, p)), model_args=LLAMA_ARGS)
     return SimpleNamespace(metrics=metrics, workdir=workdir, messages=messages)
 
 
@@ -341,7 +379,7 @@ def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
     got = download_prefix(f"s3://{bucket}/eval-tasks", tmp_path / "dl", client)
     assert sorted(p.name for p in got) == sorted(p.name for p in TASKS_DIR.iterdir() if p.is_file())
     spec = EvaluationSpec(tasks=["tiny_antonyms"], limit=8, data_uri=f"s3://{bucket}/eval-tasks")
-    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", s3_client=client)
+    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", s3_client=client, model_args=LLAMA_ARGS)
     assert metrics["f16"]["tiny_antonyms"]["acc"] >= 0.75
     assert (tmp_path / "work" / "eval-tasks" / "tiny_antonyms.yaml").is_file()
 
@@ -350,7 +388,7 @@ def test_cli(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["--gguf", f"f16={tiny.f16}", "--gguf", f"q4_k_m={tiny.q4_k_m}", "--tasks", "tiny_antonyms",
                "--limit", "8", "--num-fewshot", "1", "--include-path", str(TASKS_DIR), "--output", str(out),
-               "--n-ctx", "128"])
+               "--n-ctx", "128", "--n-threads", "1"])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
     assert doc["numFewshot"]["tiny_antonyms"] == 1 and doc["nSamples"]["tiny_antonyms"]["effective"] == 8

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from itertools import groupby
@@ -363,7 +364,19 @@ class LlamaCppLM(TemplateLM):
 
 
 def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit).
+
+    llama.cpp's worker threads spin while they wait; more threads than the quota allows get throttled
+    and run many times slower than fewer threads would.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
