@@ -107,7 +107,9 @@ def test_loss_falls_and_the_adapter_weights_change(trained):
 
 def test_each_gguf_loads_in_llama_cpp_chats_and_carries_template_and_eos(trained):
     import llama_cpp
+    from transformers import AutoTokenizer
 
+    hf = AutoTokenizer.from_pretrained(str(trained.workdir / "merged"))
     for quant in QUANTS:
         path = trained.workdir / "gguf" / f"tiny-{quant}.gguf"
         llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, seed=0)
@@ -118,6 +120,9 @@ def test_each_gguf_loads_in_llama_cpp_chats_and_carries_template_and_eos(trained
             vocab = llama_cpp.llama_model_get_vocab(llm.model)
             end_of_turn = llm.tokenize(b"<end_of_turn>", add_bos=False, special=True)
             assert end_of_turn == [106] and llama_cpp.llama_vocab_is_eog(vocab, 106)
+            # The same vocabulary as the model's tokenizer, whitespace runs and control tokens included.
+            for text in ("  two  spaces\n\n\tand a tab", "<start_of_turn>user\nhi<end_of_turn>\n", "<b>x</b>"):
+                assert llm.tokenize(text.encode(), special=True) == hf(text)["input_ids"], text
             out = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                              max_tokens=8, temperature=0)
             assert isinstance(out["choices"][0]["message"]["content"], str)

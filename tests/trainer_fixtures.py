@@ -18,8 +18,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-TOKENIZER_VERSION = "gemma3-tokenizer-v1"
-TINY_VERSION = "tiny-gemma3-v1"
+TOKENIZER_VERSION = "gemma3-tokenizer-v2"
+TINY_VERSION = "tiny-gemma3-v2"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .model_loading import BaseModel, hf_token, load_merged
 from .modelfile import write_modelfile
 from .paths import converter_dir
+from .tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)
 CONVERTER_TYPES = ("f32", "f16", "bf16")  # written by the converter itself
@@ -73,7 +74,7 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     del model
     tokenizer.chat_template = template.jinja
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     sp = _tokenizer_model(base, tokenizer)
     if sp is not None:
         shutil.copyfile(sp, out_dir / "tokenizer.model")

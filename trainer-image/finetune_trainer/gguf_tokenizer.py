@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenizer_files import save_tokenizer
+
 # SentencePiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -101,5 +103,5 @@ def tokenizer_from_gguf(gguf_file: Path, out_dir: Path):
     tokenizer = GemmaTokenizer.from_pretrained(str(out_dir))
     if special["chat_template"]:
         tokenizer.chat_template = special["chat_template"]
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     return AutoTokenizer.from_pretrained(str(out_dir))

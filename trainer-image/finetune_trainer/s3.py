@@ -83,7 +83,7 @@ class Uploaded:
 
 
 class S3Store:
-    def __init__(self, spec: S3Spec, attempts: int = 4, backoff_seconds: float = 2.0):
+    def __init__(self, spec: S3Spec, attempts: int = 4, backoff_seconds: float = 2.0, request_attempts: int = 5):
         import boto3
         from botocore.config import Config
 
@@ -98,7 +98,7 @@ class S3Store:
         config = Config(
             region_name=spec.region,
             s3={"addressing_style": "path" if spec.force_path_style else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},  # botocore's own backoff per request
+            retries={"max_attempts": request_attempts, "mode": "standard"},  # botocore's backoff per request
             connect_timeout=10, read_timeout=120,
         )
         self.client = boto3.client("s3", endpoint_url=spec.endpoint or None, config=config, **keys)

@@ -1,0 +1,148 @@
+"""Bad inputs end in a clear one-line reason and the exit code the operator acts on: 42 for
+configuration errors (never retried), 75 for transient ones (retried, resuming). Credentials never
+appear in the output."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import uuid
+
+import pytest
+import yaml
+
+from finetune_api.spec import S3Spec
+from finetune_trainer.cli import main
+from finetune_trainer.errors import ConfigError, TransientError
+from finetune_trainer.s3 import S3Store
+from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, tiny_gemma, write_jsonl
+
+WRONG_SECRET = "wrong-secret-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, s3, capsys):
+    """Runs `finetune run` on a FinetuneJob built from overrides; returns (exit code, termination JSON, output)."""
+    for k, v in OFFLINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(term))
+
+    def go(bucket: str, *, spec: dict | None = None, command: str = "run"):
+        job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "bad"},
+               "spec": {"baseModel": {"uri": str(tiny_gemma())},
+                        "dataset": {"source": str(write_jsonl(tmp_path / "ok.jsonl", ALPACA_ROWS * 3))},
+                        "training": {"maxSteps": 1, "batchSize": 2, "maxSeqLength": 32},
+                        "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}}}}
+        for key, value in (spec or {}).items():
+            job["spec"][key] = {**job["spec"].get(key, {}), **value}
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(job))
+        code = main([command, "--config", str(config), "--workdir", str(tmp_path / "work")])
+        out = capsys.readouterr()
+        lines = term.read_text().splitlines() if term.exists() else []
+        assert len(lines) <= 1
+        return code, (json.loads(lines[0]) if lines else None), out.out + out.err
+
+    return go
+
+
+def test_malformed_rows(run, bucket, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"instruction": "a", "output": "b"}', "{not json", '{"instruction": "x"}'])
+    code, term, _ = run(bucket, spec={"dataset": {"source": str(bad)}})
+    assert code == 42
+    assert term["reason"] == "InvalidDataset"
+    assert "2 of 3 rows are malformed" in term["message"] and "row 2: not valid JSON" in term["message"]
+
+
+def test_unknown_quantization_type(run, bucket):
+    code, term, _ = run(bucket, spec={"export": {"gguf": ["q4_k_m", "q9_z"]}})
+    assert code == 42 and term["reason"] == "UnknownQuantization"
+    assert "export.gguf" in term["message"] and "q9_z" in term["message"]
+
+
+def test_unknown_quantization_type_on_the_export_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "t"))
+    code = main(["export-gguf", "--checkpoint-dir", str(tiny_gemma()), "--quantization", "q9_z",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 42
+    assert json.loads((tmp_path / "t").read_text())["reason"] == "UnknownQuantization"
+
+
+def test_missing_bucket_fails_before_any_work(run, tmp_path):
+    code, term, _ = run("no-such-bucket-" + uuid.uuid4().hex[:8])
+    assert code == 42 and term["reason"] == "BucketNotFound"
+    assert not (tmp_path / "work" / "dataset").exists()  # the preflight check came first
+
+
+def test_wrong_credentials_and_the_secret_never_shows(run, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
+    code, term, output = run(bucket)
+    assert code == 42 and term["reason"] == "InvalidCredentials"
+    assert "SignatureDoesNotMatch" in term["message"]
+    assert WRONG_SECRET not in output and WRONG_SECRET not in json.dumps(term)
+
+
+def test_model_not_found_offline(run, bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    code, term, _ = run(bucket, spec={"baseModel": {"name": "nobody/no-such-model", "uri": None}})
+    assert code == 42 and term["reason"] == "ModelNotFound"
+    assert "nobody/no-such-model" in term["message"] and "offline" in term["message"]
+
+
+def test_qlora_without_unsloth_and_cuda(run, bucket, monkeypatch):
+    monkeypatch.setenv("FINETUNE_BACKEND", "transformers")
+    code, term, _ = run(bucket, spec={"training": {"method": "qlora"}, "resources": {"gpus": 1}})
+    assert code == 42 and term["reason"] == "UnsupportedMethod"
+
+
+def test_invalid_spec_and_missing_config(run, bucket, tmp_path, monkeypatch):
+    code, term, _ = run(bucket, spec={"training": {"epochs": 1}})  # maxSteps is set too
+    assert code == 42 and term["reason"] == "InvalidSpec"
+    assert "only one of epochs and maxSteps" in term["message"]
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", "/proc/not-writable")  # ignored, not fatal
+    assert main(["run", "--config", str(tmp_path / "absent.yaml")]) == 42
+
+
+def test_a_dataset_server_that_keeps_failing_is_transient(run, bucket, monkeypatch):
+    from finetune_trainer.data import sources
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_error(503)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(sources, "RETRY_BACKOFF_SECONDS", 0.0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.jsonl"
+        code, term, _ = run(bucket, spec={"dataset": {"source": url}})
+    finally:
+        server.shutdown()
+    assert code == 75 and term["reason"] == "DatasetUnavailable"
+
+
+def test_s3_failures_are_classified(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    unreachable = S3Store(S3Spec(bucket="models", endpoint="http://127.0.0.1:9", force_path_style=True),
+                          attempts=2, backoff_seconds=0, request_attempts=1)
+    with pytest.raises(TransientError) as err:
+        unreachable.check_access("s3://models/x/")
+    assert err.value.reason == "StorageUnavailable" and err.value.exit_code == 75
+    with pytest.raises(ConfigError) as err:
+        unreachable.check_access("gs://models/x/")
+    assert err.value.reason == "InvalidURI"
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError) as err:
+        S3Store(S3Spec(bucket="models", endpoint="http://127.0.0.1:9"), request_attempts=1).check_access("s3://models/")
+    assert err.value.reason == "MissingCredentials"
