@@ -281,3 +281,13 @@ def test_packing_restarts_positions_and_never_predicts_across_rows():
         for s in starts:
             assert b.labels[0, s].item() == IGNORE
         assert b.input_ids.shape[1] <= 16
+
+
+def test_bucketed_batches_pad_to_power_of_two_widths():
+    from finetune_trainer.batching import Batches
+
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 70, 130, 250)]
+    widths = {Batches(rows, 1, 256, pad_id=0, seed=0, bucket=True).get(m).input_ids.shape[1] for m in range(4)}
+    assert widths == {64, 128, 256}  # never wider than max_seq_length
+    plain = Batches(rows[:1], 1, 256, pad_id=0, seed=0).get(0)
+    assert plain.input_ids.shape[1] == 5 and plain.tokens == 5

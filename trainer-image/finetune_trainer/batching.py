@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
+MIN_BUCKET = 64
 
 
 @dataclass
@@ -37,13 +38,16 @@ class Batch:
 
 class Batches:
     def __init__(self, rows: list[dict], batch_size: int, max_seq_length: int, pad_id: int, seed: int,
-                 packing: bool = False):
+                 packing: bool = False, bucket: bool = False):
         self.rows = rows
         self.batch_size = batch_size
         self.max_len = max_seq_length
         self.pad_id = pad_id
         self.seed = seed
         self.packing = packing
+        # Compiled kernels (Unsloth's torch.compile regions) recompile for every new sequence length,
+        # at a minute or more each: pad widths up to a few power-of-two buckets instead.
+        self.bucket = bucket
         # A unit is one sequence: one row, or several packed rows. Packing happens once (in a seeded
         # order) so every epoch has the same number of micro-batches; epochs shuffle the units.
         order = list(range(len(rows)))
@@ -79,6 +83,8 @@ class Batches:
         units = self._epoch(micro // self.per_epoch)[micro % self.per_epoch]
         seqs = [self._sequence(u) for u in units]
         width = max(len(ids) for ids, _, _ in seqs)
+        if self.bucket:
+            width = min(self.max_len, max(MIN_BUCKET, 1 << (width - 1).bit_length()))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)

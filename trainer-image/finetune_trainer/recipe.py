@@ -105,7 +105,9 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     val_rows = load_split(data_dir, "validation")
     if not rows:
         raise ConfigError("InvalidDataset", "the prepared train split is empty")
-    batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing)
+    bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
+    batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
+                      bucket=bucket)
     accum = training.gradient_accumulation_steps
     total_steps = plan_steps(training, batches.per_epoch)
 
@@ -174,7 +176,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
     eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
-                                        training.seed), device) if val_rows else None
+                                        training.seed, bucket=bucket), device) if val_rows else None
     model.save_pretrained(str(workdir.adapter))
     tail = losses[-10:]
     result = TrainResult(
