@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -239,3 +241,36 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
     assert metrics["steps"] == 8 and metrics["restarts"] == 1
     state = json.loads((workdir / "checkpoints" / "step-00000008" / "state.json").read_text())
     assert state["restarts"] == 1 and len(state["losses"]) == 8  # the loss history survived the restart
+
+
+class SigtermReporter(Reporter):
+    """Delivers SIGTERM to this process, as the kubelet does on preemption, after a given step."""
+
+    def __init__(self, at_step: int, **kw):
+        super().__init__(**kw)
+        self.at_step = at_step
+
+    def train_step(self, step, total_steps, metrics):
+        super().train_step(step, total_steps, metrics)
+        if step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_path):
+    from finetune_api.spec import TrainingSpec
+    from finetune_trainer import recipe
+    from finetune_trainer.checkpoints import Checkpoints
+    from finetune_trainer.errors import TransientError
+    from finetune_trainer.model_loading import BaseModel
+    from finetune_trainer.paths import Workdir
+
+    before = signal.getsignal(signal.SIGTERM)
+    wd = Workdir(tmp_path / "work").ensure()
+    training = TrainingSpec(max_steps=6, batch_size=2, max_seq_length=64, checkpoint_every_steps=100)
+    with pytest.raises(TransientError) as err:
+        recipe.train(BaseModel(str(tiny_gemma())), training, trained.workdir / "dataset", wd,
+                     SigtermReporter(at_step=2, interval=1000), Checkpoints(wd.checkpoints))
+    assert err.value.reason == "Terminated" and err.value.exit_code == 75
+    assert "SIGTERM at step 2" in err.value.message
+    assert json.loads((wd.checkpoints / "step-00000002" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back

@@ -19,7 +19,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         if result is not None:
             _print(result)
         return contract.EXIT_OK
+    # Outside the training loop (which checkpoints first), SIGTERM ends the run as a transient failure.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         from .model_loading import early_imports
 
@@ -350,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         _print(result)
     return contract.EXIT_OK
+
+
+def _terminated(signum, frame) -> None:
+    from .errors import TransientError
+
+    raise TransientError("Terminated", f"{signal.Signals(signum).name} outside the training loop; a retry resumes "
+                                       "from the newest checkpoint")
 
 
 def _fail(reason: str, message: str, code: int) -> int:

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from finetune_api.spec import TrainingSpec
 from .batching import Batches
 from .checkpoints import Checkpoints
 from .data.prepare import load_split
-from .errors import ConfigError
+from .errors import ConfigError, TransientError
 from .model_loading import BaseModel, load_for_training
 from .paths import Workdir
 from .progress import Reporter
@@ -47,6 +49,25 @@ class TrainResult:
     restarts: int
     trainable_parameters: int
     adapter_dir: str
+
+
+class StopOnSignal:
+    """Turns SIGTERM into a request to stop after the current step (and save a checkpoint there)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signals are main-thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step", self.requested)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def seed_everything(seed: int) -> None:
@@ -133,43 +154,51 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     # ---------------------------------------------------------------- train
     model.train()
     t_start, start_step = time.monotonic(), step
-    while step < total_steps:
-        t0 = time.monotonic()
-        micro = [batches.get(step * accum + k) for k in range(accum)]
-        n_labels = sum(b.label_tokens for b in micro) or 1
-        step_loss = 0.0
-        for b in micro:
-            if b.label_tokens == 0:
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(**b.model_inputs(device), use_cache=False)
-            # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
-            loss = out.loss * (b.label_tokens / n_labels)
-            loss.backward()
-            step_loss += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = sum(b.tokens for b in micro)
-        tokens_seen += step_tokens
-        losses.append(round(step_loss, 6))
-        elapsed = time.monotonic() - t_start
-        metrics = {
-            "loss": step_loss, "learningRate": scheduler.get_last_lr()[0], "gradNorm": grad_norm,
-            "epoch": batches.epoch_of(step * accum), "tokens": tokens_seen,
-            "tokensPerSecond": step_tokens / max(time.monotonic() - t0, 1e-9),
-            "etaSeconds": elapsed / (step - start_step) * (total_steps - step),
-        }
-        if device.type == "cuda":
-            metrics["peakMemoryGB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        reporter.train_step(step, total_steps, metrics)
-        if not math.isfinite(step_loss):
-            raise ConfigError("TrainingDiverged", f"loss became {step_loss} at step {step}; lower the learning rate")
-        if training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0 and step < total_steps:
-            checkpoints.save(step, model, optimizer, scheduler,
-                             {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+    stop = StopOnSignal()
+    try:
+        while step < total_steps:
+            if stop.requested:  # preempted or suspended: the pod has a grace period for this checkpoint
+                checkpoints.save(step, model, optimizer, scheduler,
+                                 {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+                raise TransientError("Terminated", f"{stop.requested} at step {step}; checkpoint saved, resume continues")
+            t0 = time.monotonic()
+            micro = [batches.get(step * accum + k) for k in range(accum)]
+            n_labels = sum(b.label_tokens for b in micro) or 1
+            step_loss = 0.0
+            for b in micro:
+                if b.label_tokens == 0:
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = model(**b.model_inputs(device), use_cache=False)
+                # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
+                loss = out.loss * (b.label_tokens / n_labels)
+                loss.backward()
+                step_loss += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = sum(b.tokens for b in micro)
+            tokens_seen += step_tokens
+            losses.append(round(step_loss, 6))
+            elapsed = time.monotonic() - t_start
+            metrics = {
+                "loss": step_loss, "learningRate": scheduler.get_last_lr()[0], "gradNorm": grad_norm,
+                "epoch": batches.epoch_of(step * accum), "tokens": tokens_seen,
+                "tokensPerSecond": step_tokens / max(time.monotonic() - t0, 1e-9),
+                "etaSeconds": elapsed / (step - start_step) * (total_steps - step),
+            }
+            if device.type == "cuda":
+                metrics["peakMemoryGB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            reporter.train_step(step, total_steps, metrics)
+            if not math.isfinite(step_loss):
+                raise ConfigError("TrainingDiverged", f"loss became {step_loss} at step {step}; lower the learning rate")
+            if training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0 and step < total_steps:
+                checkpoints.save(step, model, optimizer, scheduler,
+                                 {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+    finally:
+        stop.restore()
 
     # ---------------------------------------------------------------- save
     seconds = time.monotonic() - t_start

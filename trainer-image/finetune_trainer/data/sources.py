@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune_api import contract
 from finetune_api.spec import DatasetSpec, S3Spec
 
 from ..errors import ConfigError, TransientError
@@ -28,8 +29,8 @@ from .formats import RowError
 
 log = logging.getLogger(__name__)
 
-ENV_DATASET_FILE = "FINETUNE_DATASET_FILE"  # a mounted ConfigMap key (the operator sets it)
-CONFIGMAP_DIR = Path("/etc/finetune/dataset")
+ENV_DATASET_FILE = contract.ENV_DATASET_FILE  # the mounted ConfigMap key (the operator sets it)
+CONFIGMAP_DIR = Path(contract.DATASET_MOUNT)
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
 RETRY_BACKOFF_SECONDS = 2.0
