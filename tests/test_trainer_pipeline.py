@@ -24,6 +24,7 @@ from finetune_trainer.progress import Reporter
 from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, FakeApiServer, tiny_gemma, write_jsonl
 
 QUANTS = ["f16", "q8_0", "q4_k_m"]
+EVAL_TASKS = Path(__file__).resolve().parent / "data" / "eval"
 
 
 def job_manifest(name: str, bucket: str, endpoint: str, data: Path, tiny: Path, **spec_overrides) -> dict:
@@ -225,7 +226,9 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job_manifest(
         "tiny-resume", bucket, s3.endpoint, data, tiny_gemma(),
-        training={"maxSteps": 8, "checkpointEverySteps": 3}, export={"gguf": ["q8_0"], "parityCheck": False})))
+        training={"maxSteps": 8, "checkpointEverySteps": 3}, export={"gguf": ["q8_0"], "parityCheck": False},
+        # The Evaluating stage with the evaluation module's own offline test task.
+        evaluation={"tasks": ["tiny_antonyms"], "limit": 4, "dataUri": str(EVAL_TASKS)})))
     cfg = RunConfig.load(config)
     with pytest.raises(Preempted):
         pipeline.run(cfg, tmp_path / "pod-1", reporter=PreemptingReporter(at_step=5, run=1, interval=1000))
@@ -239,6 +242,9 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
     assert steps == [4, 5, 6, 7, 8]
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["restarts"] == 1
+    assert "tiny_antonyms" in metrics["eval"]["q8_0"]
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert "eval/eval.json" in {a["name"] for a in manifest["artifacts"] if a["kind"] == "eval"}
     state = json.loads((workdir / "checkpoints" / "step-00000008" / "state.json").read_text())
     assert state["restarts"] == 1 and len(state["losses"]) == 8  # the loss history survived the restart
 
