@@ -377,7 +377,8 @@ def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
             client.upload_file(str(path), bucket, f"eval-tasks/{path.relative_to(TASKS_DIR).as_posix()}")
     client.put_object(Bucket=bucket, Key="eval-tasks-other/decoy.yaml", Body=b"task: decoy\n")
     got = download_prefix(f"s3://{bucket}/eval-tasks", tmp_path / "dl", client)
-    assert sorted(p.name for p in got) == sorted(p.name for p in TASKS_DIR.iterdir() if p.is_file())
+    assert sorted(p.relative_to(tmp_path / "dl") for p in got) == sorted(
+        p.relative_to(TASKS_DIR) for p in TASKS_DIR.rglob("*") if p.is_file())
     spec = EvaluationSpec(tasks=["tiny_antonyms"], limit=8, data_uri=f"s3://{bucket}/eval-tasks")
     metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", s3_client=client, model_args=LLAMA_ARGS)
     assert metrics["f16"]["tiny_antonyms"]["acc"] >= 0.75
@@ -394,3 +395,19 @@ def test_cli(tiny, tmp_path, capsys):
     assert doc["numFewshot"]["tiny_antonyms"] == 1 and doc["nSamples"]["tiny_antonyms"]["effective"] == 8
     assert "quantizationCost" in doc["metrics"]
     assert "| tiny_antonyms | acc ↑ |" in capsys.readouterr().out
+
+
+def test_offline_copy_of_a_builtin_task_replaces_it(tiny, tmp_path):
+    """docs/evaluation.md's recipe: a task YAML named like a built-in, reading local JSON Lines."""
+    import lm_eval
+    import yaml
+
+    offline = TASKS_DIR / "offline-builtin"
+    builtin = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/arc/arc_easy.yaml").read_text())
+    ours = yaml.safe_load((offline / "arc_easy.yaml").read_text())
+    for key in ("task", "output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "metadata"):
+        assert ours[key] == builtin[key], key
+    spec = EvaluationSpec(tasks=["arc_easy"], num_fewshot=1, data_uri=str(offline))
+    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path, model_args=LLAMA_ARGS)
+    assert set(metrics["f16"]["arc_easy"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert json.loads((tmp_path / "eval.json").read_text())["nSamples"]["arc_easy"]["effective"] == 4

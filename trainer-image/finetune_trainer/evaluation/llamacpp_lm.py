@@ -45,7 +45,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "llama-cpp-inprocess"
-DEFAULT_N_CTX = 2048
+DEFAULT_N_CTX = 4096  # covers MMLU 5-shot and HellaSwag 10-shot prompts; the KV cache of the 270M is ~75 MB
 # Rows of logits reduced at once; bounds the float64 scratch to rows * n_vocab * 8 bytes.
 _ROWS_PER_REDUCTION = 16
 
@@ -69,7 +69,7 @@ class LlamaCppLM(TemplateLM):
 
     Args:
         pretrained: path of the GGUF file (``model_path`` is accepted too).
-        n_ctx: context size of the llama.cpp context (KV cache); default 2048.
+        n_ctx: context size of the llama.cpp context (KV cache); default 4096.
         max_length: longest input scored, default ``min(n_ctx, the model's training context)``.
         n_batch: tokens per ``llama_decode`` call.
         n_gpu_layers: layers offloaded to a GPU (-1 = all; ignored by a CPU-only build).
@@ -77,6 +77,8 @@ class LlamaCppLM(TemplateLM):
         max_gen_toks: default generation budget when a task sets none.
         add_bos_token: override the GGUF's ``tokenizer.ggml.add_bos_token``.
         progress: optional ``progress(done, total, what)`` callback.
+        prefix_cache: keep the KV cache between requests and reuse their common prefix (default);
+            False evaluates every request from an empty cache (for benchmarks and debugging).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LlamaCppLM(TemplateLM):
         add_bos_token: bool | None = None,
         seed: int = 1234,
         progress: Progress | None = None,
+        prefix_cache: bool = True,
         verbose: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -128,6 +131,7 @@ class LlamaCppLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.progress = progress
+        self.prefix_cache = bool(prefix_cache)
         bos = self._llm.token_bos()
         self._bos = bos if bos >= 0 else None
         self._bos_text = self._detokenize([bos], special=True) if self._bos is not None else None
@@ -204,7 +208,7 @@ class LlamaCppLM(TemplateLM):
         """
         tokens = list(tokens)
         wanted = sorted(set(wanted))
-        keep = _common_prefix(self._kv, tokens)
+        keep = _common_prefix(self._kv, tokens) if self.prefix_cache else 0
         if wanted:
             keep = min(keep, wanted[0])
         if keep < len(self._kv) and not self._lc.llama_memory_seq_rm(self._mem, 0, keep, -1):
@@ -242,7 +246,9 @@ class LlamaCppLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         prepared = []
+        truncated = 0
         for _, context_enc, continuation_enc in requests:
+            truncated += len(context_enc) + len(continuation_enc) > self.max_length + 1
             if not continuation_enc:
                 raise ValueError("loglikelihood request with an empty continuation")
             if len(continuation_enc) > self.max_length:
@@ -251,6 +257,9 @@ class LlamaCppLM(TemplateLM):
             inp = tuple(whole[:-1])
             prepared.append((inp, len(inp) - len(continuation_enc), list(continuation_enc)))
 
+        if truncated:
+            log.warning("%d of %d requests exceed max_length %d tokens; their contexts were cut from the left",
+                        truncated, len(requests), self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: prepared[i][0])
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (llama.cpp)")
@@ -315,6 +324,7 @@ class LlamaCppLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         prepared = []
+        truncated = 0
         for context, gen_kwargs in (req.args for req in requests):
             kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             if kw.get("do_sample") and not self._warned_sampling:
@@ -325,7 +335,12 @@ class LlamaCppLM(TemplateLM):
             room = self.max_length - max_gen
             if room <= 0:
                 raise ValueError(f"max_gen_toks {max_gen} leaves no room in max_length {self.max_length}")
-            prepared.append((tuple(self.tok_encode(context)[-room:]), until, max_gen))
+            prompt = self.tok_encode(context)
+            truncated += len(prompt) > room
+            prepared.append((tuple(prompt[-room:]), until, max_gen))
+        if truncated:
+            log.warning("%d of %d prompts exceed max_length %d minus max_gen_toks; cut from the left",
+                        truncated, len(requests), self.max_length)
 
         results: list[str | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: prepared[i][0])
@@ -349,6 +364,8 @@ class LlamaCppLM(TemplateLM):
 
         stops = [s for s in until if s]
         generated: list[int] = []
+        if not tokens:  # an empty prompt for a model without BOS
+            tokens = [self.prefix_token_id]
         self._forward(tokens, [len(tokens) - 1], take)
         while True:
             tok = picked.pop()

@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, metavar="DIR|s3://BUCKET/PREFIX",
                    help="offline task folder: lm-eval task YAMLs with their JSON Lines data")
     p.add_argument("--output", required=True, type=Path, help="folder for eval.json and eval.md")
-    p.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context size (default 2048)")
+    p.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context size (default 4096)")
     p.add_argument("--n-gpu-layers", type=int, default=None, help="layers offloaded to a GPU (-1: all)")
     p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all usable)")
     return p
