@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -71,7 +72,8 @@ def resolve_task_dir(data_uri: str | None, workdir: Path, client: Any = None) ->
     if not data_uri:
         return None
     if data_uri.startswith("s3://"):
-        dest = workdir / "eval-tasks"
+        dest = (workdir / "eval-tasks").resolve()
+        shutil.rmtree(dest, ignore_errors=True)  # no stale task files from an earlier attempt
         download_prefix(data_uri, dest, client)
         return dest
     path = Path(data_uri).expanduser()

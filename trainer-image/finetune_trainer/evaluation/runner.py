@@ -59,16 +59,18 @@ def _task_manager(cls, task_dir: Path | None, tasks: list[str]):
 
 
 class _Throttled:
-    """Forward progress to report(message, percent) at most every `interval` seconds."""
+    """Log progress and forward it to report(message, percent), at most every `interval` seconds."""
 
     def __init__(self, report: Report | None, interval: float = 10.0) -> None:
-        self.report, self.interval, self.last = report, interval, 0.0
+        self.report, self.interval, self.last = report, interval, float("-inf")
 
     def __call__(self, message: str, percent: float | None, force: bool = False) -> None:
-        log.info("%s%s", message, "" if percent is None else f" ({percent:.0f}%)")
         now = time.monotonic()
-        if self.report and (force or now - self.last >= self.interval):
-            self.last = now
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        log.info("%s%s", message, "" if percent is None else f" ({percent:.0f}%)")
+        if self.report:
             self.report(message, None if percent is None else round(percent, 1))
 
 
