@@ -22,6 +22,9 @@ TOKENIZER_VERSION = "gemma3-tokenizer-v2"
 TINY_VERSION = "tiny-gemma3-v2"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# huggingface_hub and datasets read offline mode once, at import: set it before any test imports them.
+for _name, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def cache_root() -> Path:

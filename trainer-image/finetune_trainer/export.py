@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .chat_templates import ChatTemplate
 from .errors import ConfigError
-from .model_loading import BaseModel, hf_token, load_merged
+from .model_loading import BaseModel, hf_token, hub_offline, load_merged
 from .modelfile import write_modelfile
 from .paths import converter_dir
 from .tokenizer_files import save_tokenizer
@@ -56,7 +56,8 @@ def _tokenizer_model(base: BaseModel, tokenizer) -> Path | None:
         try:
             from huggingface_hub import hf_hub_download
 
-            return Path(hf_hub_download(base.source, "tokenizer.model", revision=base.revision, token=hf_token()))
+            return Path(hf_hub_download(base.source, "tokenizer.model", revision=base.revision, token=hf_token(),
+                                        local_files_only=hub_offline()))
         except Exception:  # noqa: BLE001 - not every tokenizer is SentencePiece
             return None
     return None
@@ -130,6 +131,8 @@ def export(merged_dir: Path, out_dir: Path, quants: list[str], name: str, templa
         if q not in CONVERTER_TYPES:
             ftype(q)
     result = ExportResult(merged_dir)
+    if not quants:
+        return result
     out_dir.mkdir(parents=True, exist_ok=True)
     # The 16-bit master every quantization starts from: bf16 if asked for and f16 is not.
     master_type = "bf16" if "bf16" in quants and "f16" not in quants else "f16"

@@ -33,6 +33,12 @@ class BaseModel:
         return Path(self.source).is_dir()
 
 
+def hub_offline() -> bool:
+    """Offline mode as the environment says now (huggingface_hub reads it only once, at import)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def hf_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
@@ -115,7 +121,7 @@ def resolve(spec: BaseModelSpec, dest: Path, s3: S3Spec | None = None) -> BaseMo
 
 def _from_pretrained_errors(base: BaseModel, exc: Exception) -> Exception:
     text = str(exc)
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    offline = hub_offline()
     if any(s in text for s in ("is not a local folder", "does not appear to have", "not a valid model identifier",
                                "Repository Not Found", "gated repo", "401", "404")) or offline:
         return ConfigError("ModelNotFound", f"{base.source}: {text.splitlines()[0] if text else exc!r}"
@@ -127,7 +133,8 @@ def load_tokenizer(base: BaseModel):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(base.source, revision=base.revision, token=hf_token())
+        tok = AutoTokenizer.from_pretrained(base.source, revision=base.revision, token=hf_token(),
+                                            local_files_only=hub_offline())
     except OSError as exc:
         raise _from_pretrained_errors(base, exc) from exc
     return getattr(tok, "tokenizer", tok)  # a processor (multimodal checkpoints) wraps the tokenizer
@@ -175,7 +182,7 @@ def _load_transformers(base: BaseModel, training: TrainingSpec):
 
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        base.source, revision=base.revision, token=hf_token(),
+        base.source, revision=base.revision, token=hf_token(), local_files_only=hub_offline(),
         # CPU: fp32 (bf16 matmuls are slow and lossy there); GPU without Unsloth: bf16 weights.
         dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa",
     )
@@ -199,7 +206,7 @@ def load_merged(base: BaseModel, adapter_dir: Path, device: str):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base.source, revision=base.revision, token=hf_token(),
+            base.source, revision=base.revision, token=hf_token(), local_files_only=hub_offline(),
             # Merge in fp32 on CPU (exact), bf16 on GPU; saved as bf16 either way.
             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     except OSError as exc:
