@@ -336,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        from .model_loading import early_imports
+        if args.command in ("run", "train"):
+            from .model_loading import early_imports
 
-        early_imports()
+            early_imports()
         result = args.fn(args)
     except TrainerError as exc:
         return _fail(exc.reason, exc.message, exc.exit_code)

@@ -155,6 +155,7 @@ def load_for_training(base: BaseModel, training: TrainingSpec):
 
 
 def _load_unsloth(base: BaseModel, training: TrainingSpec):
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import torch
     from unsloth import FastLanguageModel
 
