@@ -48,7 +48,7 @@ class Tool(BaseModel):
 
 class PrepareDataset(Tool):
     """Load rows (Hugging Face id, s3://, https:// or a local path), detect their format, apply the chat
-    template, tokenize, split, and write Arrow files plus report.json to output_dir."""
+    template, tokenize, split, and write Parquet files plus report.json to output_dir."""
 
     source: str = _like(DatasetSpec, "source", default=...)
     output_dir: str = Field(description="Folder for train/validation/parity Parquet files and report.json.")
