@@ -58,10 +58,11 @@ def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M)).to(torch.bfloat16)
     model.save_pretrained(path)
-    if tokenizer_dir:
-        from transformers import AutoTokenizer
+    if tokenizer_dir:  # as files: llama.cpp's converter needs the SentencePiece tokenizer.model itself
+        import shutil
 
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, path / f.name)
     return path
 
 
