@@ -15,6 +15,7 @@ t0=$SECONDS
 
 mkdir -p /tmp/site /tmp/tok
 [[ -f /tmp/site/.unpacked ]] || { tar xJf .gpu/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
+for whl in .gpu/extra/*.whl; do [[ -f $whl ]] && python3 -m zipfile -e "$whl" /tmp/site; done  # late additions
 [[ -f /tmp/tok/tokenizer.model ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer-image:$PWD/hack
 export LLAMA_CPP_CONVERTER_DIR=/tmp/site/llama.cpp-converter

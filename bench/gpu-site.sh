@@ -13,7 +13,7 @@ PKGS=(unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 dill
   docstring_parser==0.18.0 typeguard==4.6.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0
   typing_inspection==0.4.5 typing_extensions==4.16.0 json5==0.17.3 nest_asyncio==1.6.0 structlog==26.1.0
   hf_transfer==0.1.9 fsspec==2026.2.0 boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0
-  gguf==0.19.0)
+  gguf==0.19.0 diskcache==5.6.3)
 SITE=.gpu/site
 rm -rf "$SITE" && mkdir -p "$SITE" .gpu/wheels
 for p in "${PKGS[@]}"; do
