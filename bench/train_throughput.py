@@ -42,6 +42,8 @@ CONFIGS = {
     "project-nogc": ("project", 1, False, False),
     "project-b4x": ("project", 4, True, False),
     "project-b4x-nogc": ("project", 4, False, False),
+    "project-b8x": ("project", 8, True, False),
+    "project-b16x": ("project", 16, True, False),
     "project-packed": ("project", 1, True, True),
     "project-b4x-packed": ("project", 4, True, True),
     "baseline-qlora": ("hf", 1, True, False),
