@@ -228,7 +228,7 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
         "tiny-resume", bucket, s3.endpoint, data, tiny_gemma(),
         training={"maxSteps": 8, "checkpointEverySteps": 3}, export={"gguf": ["q8_0"], "parityCheck": False},
         # The Evaluating stage with the evaluation module's own offline test task.
-        evaluation={"tasks": ["tiny_antonyms"], "limit": 4, "dataUri": str(EVAL_TASKS)})))
+        evaluation={"tasks": ["tiny_antonyms"], "limit": 4, "dataUri": str(EVAL_TASKS), "includeBase": True})))
     cfg = RunConfig.load(config)
     with pytest.raises(Preempted):
         pipeline.run(cfg, tmp_path / "pod-1", reporter=PreemptingReporter(at_step=5, run=1, interval=1000))
@@ -243,6 +243,7 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["restarts"] == 1
     assert "tiny_antonyms" in metrics["eval"]["q8_0"]
+    assert "tiny_antonyms" in metrics["eval"]["base"]  # includeBase: the base model converted and scored too
     manifest = json.loads((workdir / "manifest.json").read_text())
     assert "eval/eval.json" in {a["name"] for a in manifest["artifacts"] if a["kind"] == "eval"}
     state = json.loads((workdir / "checkpoints" / "step-00000008" / "state.json").read_text())

@@ -224,7 +224,8 @@ def cmd_eval(args) -> Any:
     for item in args.gguf:
         quant, _, path = item.rpartition("=")
         files[quant or Path(path).stem.rsplit("-", 1)[-1]] = Path(path)
-    spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, data_uri=args.data_uri)
+    spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
+                          data_uri=args.data_uri, include_base="base" in files)
     return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None: log.info("%s", msg))
 
 
@@ -311,7 +312,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--gguf", action="append", help="[quant=]path, repeatable")
     v.add_argument("--tasks", help="comma-separated lm-eval task names")
     v.add_argument("--limit", type=int)
-    v.add_argument("--data-uri")
+    v.add_argument("--num-fewshot", type=int)
+    v.add_argument("--data-uri", help="offline task data: a local folder or s3:// prefix of task YAMLs + JSONL")
     v.add_argument("--output-dir", default="eval")
     v.set_defaults(fn=cmd_eval)
 

@@ -146,10 +146,27 @@ def stage_eval(ctx: Context, gguf_files: dict[str, Path]) -> dict[str, Any] | No
     ctx.reporter.stage(Phase.EVALUATING.value, f"lm-eval: {', '.join(ctx.spec.evaluation.tasks)}")
     from .evaluation import run_eval  # lm-eval loads only when asked for
 
-    results = run_eval(gguf_files, ctx.spec.evaluation, ctx.wd.eval, lambda msg, pct=None: ctx.reporter.message(msg))
+    files = dict(gguf_files)
+    if ctx.spec.evaluation.include_base:
+        files["base"] = base_gguf(ctx)
+    results = run_eval(files, ctx.spec.evaluation, ctx.wd.eval, lambda msg, pct=None: ctx.reporter.message(msg),
+                       s3_client=ctx.store.client if ctx.spec.evaluation.data_uri else None)
     (ctx.wd.root / "eval-metrics.json").write_text(json.dumps(results, indent=2))
     _timed(ctx, "eval", t0)
     return results
+
+
+def base_gguf(ctx: Context) -> Path:
+    """The base model as an f16 GGUF, for the before/after delta against the fine-tuned f16."""
+    source = Path(ctx.base.source)
+    if not source.is_dir():  # a Hub id: the snapshot from_pretrained already cached
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(ctx.base.source, revision=ctx.base.revision))
+    ctx.reporter.message("converting the base model to GGUF f16 for the before/after delta")
+    out = export.export(source, ctx.wd.eval / "base", ["f16"], f"{ctx.cfg.job.name}-base", ctx.template,
+                        modelfiles=False)
+    return out.gguf["f16"]
 
 
 def collect_metrics(ctx: Context, report: dict, result: dict, parity_results: dict, eval_results) -> dict[str, Any]:
