@@ -33,11 +33,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 # Pins only the image needs, with the reason. Anything else the Dockerfiles pin must be pinned,
 # identically, in pyproject.toml.
-IMAGE_ONLY_PINS = {
-    # unsloth 2026.10.9 requires trl<=1.15 and pyproject.toml leaves trl to that requirement; the
-    # image pins the version that was verified with it on the GPU machine (shared/FACTS.md).
-    "trl": "1.15.0",
-}
+IMAGE_ONLY_PINS: dict[str, str] = {}
 
 
 @dataclass
