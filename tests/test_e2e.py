@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import trainer_fixtures as fx
@@ -97,3 +98,54 @@ def test_bad_data_fails_at_once_with_the_trainers_reason(operator, k8s, namespac
     job = k8s.get("job", "bad-r1")
     assert job["status"].get("failed", 0) == 1
     assert any(e["reason"] == "Failed" and e["type"] == "Warning" for e in k8s.events("bad"))
+
+
+def _running_pod(k8s, job):
+    pods = (k8s.get("pods", selector=f"job-name={job}") or {}).get("items", [])
+    return next((p["metadata"]["name"] for p in pods if p.get("status", {}).get("phase") == "Running"), None)
+
+
+def _step_reached(k8s, name, step):
+    progress = k8s.status(name).get("progress") or {}
+    return progress.get("stage") == "Training" and (progress.get("step") or 0) >= step
+
+
+def test_killed_trainer_resumes_from_its_checkpoint(operator, k8s, namespace, s3, bucket, inputs, pod_runner):
+    """Fault drill: the trainer process is SIGKILLed mid-training (a crashed node, an OOM kill). The Job's
+    retry starts a new pod on an empty disk; it resumes from the newest checkpoint in S3."""
+    k8s.apply(manifest("crash", inputs, s3, bucket, maxSteps=10, checkpointEverySteps=2))
+    wait_for(lambda: _step_reached(k8s, "crash", 5), 300, "training past step 5", interval=0.2)
+    pod = _running_pod(k8s, "crash-r1")
+    killed_at = k8s.status("crash")["progress"]["step"]
+    assert pod_runner.kill(namespace, pod)
+    status = wait_for(lambda: k8s.status("crash").get("phase") in ("Succeeded", "Failed") and k8s.status("crash"),
+                      600, "run to finish")
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["restarts"] == 1 and status["metrics"]["restarts"] == 1
+    assert status["progress"]["step"] == 10
+    job = k8s.get("job", "crash-r1")
+    assert job["status"].get("failed") == 1 and job["status"].get("succeeded") == 1
+    # The retry resumed from a checkpoint at most one interval (2 steps) behind the kill.
+    pods = [p["metadata"]["name"] for p in k8s.get("pods", selector="job-name=crash-r1")["items"] if p["metadata"]["name"] != pod]
+    log = pod_runner.log_path(namespace, pods[0]).read_text()
+    resumed = int(re.search(r"resuming from \S+: step (\d+)", log).group(1))
+    assert killed_at - 2 <= resumed < 10, (killed_at, resumed)
+
+
+def test_suspend_mid_training_checkpoints_and_resumes(operator, k8s, kubeconfig, namespace, s3, bucket, inputs):
+    """Suspending a running FinetuneJob deletes its pod: SIGTERM makes the trainer save a checkpoint
+    and exit; resuming continues from that step instead of starting over."""
+    k8s.apply(manifest("pause", inputs, s3, bucket, maxSteps=10, checkpointEverySteps=100))
+    wait_for(lambda: _step_reached(k8s, "pause", 4), 300, "training past step 4", interval=0.2)
+    kubectl(kubeconfig, "patch", "ftj", "pause", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for(lambda: k8s.status("pause").get("phase") == "Suspended", 120, "Suspended")
+    wait_for(lambda: not (k8s.get("pods", selector="job-name=pause-r1") or {}).get("items"), 120, "pod gone")
+    saved = k8s.status("pause")["progress"]["step"]
+    kubectl(kubeconfig, "patch", "ftj", "pause", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    status = wait_for(lambda: k8s.status("pause").get("phase") in ("Succeeded", "Failed") and k8s.status("pause"),
+                      600, "run to finish")
+    assert status["phase"] == "Succeeded", status
+    assert status["run"] == 1 and status["progress"]["restarts"] >= 1
+    assert saved >= 4  # the SIGTERM checkpoint was at or after the step we saw
