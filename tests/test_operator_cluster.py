@@ -194,3 +194,28 @@ def test_job_failure_carries_reason(operator, k8s, kubeconfig, namespace):
     assert status["reason"] == "DeadlineExceeded"
     assert k8s.condition("dead", "Failed")["status"] == "True"
     assert any(e["type"] == "Warning" for e in k8s.events("dead"))
+
+
+def test_metrics_endpoint_counts_jobs_by_phase(crd, kubeconfig, namespace, k8s, tmp_path):
+    import socket
+    import urllib.request
+
+    from operator_fixtures import OperatorProcess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "op.log", {"FINETUNE_METRICS_PORT": str(port)}).start()
+    try:
+        k8s.apply(ftj("m1"))
+        wait_for(lambda: k8s.status("m1").get("phase") == "Succeeded", 90, "Succeeded")
+
+        def scrape():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return 'finetune_jobs{phase="Succeeded"} 1.0' in text and text
+
+        text = wait_for(scrape, 30, "metrics")
+        assert "finetune_reconcile_seconds_count" in text
+        assert 'finetune_phase_transitions_total{phase="Succeeded"}' in text
+    finally:
+        op.stop()
