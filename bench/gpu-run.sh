@@ -16,7 +16,7 @@ t0=$SECONDS
 mkdir -p /tmp/site /tmp/tok
 [[ -f /tmp/site/.unpacked ]] || { tar xJf .gpu/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
 for whl in .gpu/extra/*.whl; do [[ -f $whl ]] && python3 -m zipfile -e "$whl" /tmp/site; done  # late additions
-[[ -f /tmp/tok/tokenizer.model ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
+[[ -f /tmp/tok/tokenizer.model || $MODE == tests ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer-image:$PWD/hack
 export LLAMA_CPP_CONVERTER_DIR=/tmp/site/llama.cpp-converter
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
@@ -28,8 +28,8 @@ echo "setup: $((SECONDS - t0))s"
 
 model_dir=/tmp/gemma3-270m-random
 # A random-init model of Gemma 3 270M's exact shape, with the real tokenizer (the shape is what matters).
-python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import train_throughput as t; \
-t.make_model_dir(Path('$model_dir'), Path('/tmp/tok'))"
+[[ $MODE == tests ]] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+import train_throughput as t; t.make_model_dir(Path('$model_dir'), Path('/tmp/tok'))"
 
 case $MODE in
 proof)
@@ -79,7 +79,11 @@ bench)
     --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --steps 15 --warmup 4
   ;;
 tests)
-  timeout 560 python3 -m pytest -m gpu tests -q -p no:cacheprovider
+  # The tests' own fixtures: the rebuilt Gemma 3 tokenizer in the model cache, `weed` on PATH.
+  export FTO_CACHE=/tmp/fto-cache && mkdir -p $FTO_CACHE/models /tmp/bin
+  tar xJf .gpu/tokenizer-v2.tar.xz -C $FTO_CACHE/models
+  xz -dc .gpu/weed.xz >/tmp/bin/weed && chmod +x /tmp/bin/weed && export PATH=/tmp/bin:$PATH
+  timeout 540 python3 -m pytest -m gpu tests/test_trainer_gpu.py -v -p no:cacheprovider -o addopts="" 2>&1 | tail -40
   ;;
 esac
 echo "total: $((SECONDS - t0))s"
