@@ -3,8 +3,9 @@
     .venv/bin/python bench/load.py --jobs 100,500
 
 For each N, in a fresh namespace, with the operator running as a subprocess: creates N FinetuneJobs
-as fast as the apiserver takes them, then reports the time from each create to its Job appearing
-(p50/p99, seen through a watch), the operator's RSS and CPU seconds, status writes per second,
+as fast as the apiserver takes them (a burst), then — with those N live — 20 more one at a time
+(steady state). Reports the time from each create to its Job appearing (seen through a watch) for
+both, the operator's RSS and CPU seconds, status writes per second,
 apiserver requests per job, and whether any Job was lost or duplicated. Pods go to a node selector
 nothing matches, so every run stays live (N live jobs), which is the load the targets speak of.
 Not a test: it prints numbers.
@@ -55,7 +56,7 @@ def apiserver_requests(cluster: LocalCluster) -> int:
     return int(sum(float(m) for m in re.findall(r'^apiserver_request_total\{[^}]*\} ([0-9.e+]+)$', text, re.M)))
 
 
-def run(cluster: LocalCluster, n: int, workers: int) -> dict:
+def run(cluster: LocalCluster, n: int, workers: int, args_steady: int = 20) -> dict:
     import kubernetes
 
     ns = f"load-{n}"
@@ -70,6 +71,16 @@ def run(cluster: LocalCluster, n: int, workers: int) -> dict:
     status_writes = [0]
     stop = threading.Event()
 
+    def quietly(fn):  # the stream breaks when the cluster stops at the end; that is not news
+        def run():
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                if not stop.is_set():
+                    raise
+        return run
+
+    @quietly
     def watch_jobs():
         w = kubernetes.watch.Watch()
         for ev in w.stream(batch.list_namespaced_job, ns, timeout_seconds=600):
@@ -80,6 +91,7 @@ def run(cluster: LocalCluster, n: int, workers: int) -> dict:
             if stop.is_set():
                 w.stop()
 
+    @quietly
     def watch_ftjs():
         w = kubernetes.watch.Watch()
         for ev in w.stream(custom.list_namespaced_custom_object, "finetune.dev", "v1alpha1", ns, "finetunejobs",
@@ -111,17 +123,29 @@ def run(cluster: LocalCluster, n: int, workers: int) -> dict:
         time.sleep(0.5)
     all_jobs_s = time.monotonic() - t0
     time.sleep(5)  # let status writes settle
+    # Steady state: with N live jobs, new ones applied one at a time, as a user or Argo CD would.
+    steady = []
+    for i in range(args_steady):
+        name = f"late-{i:03d}"
+        create_at = time.monotonic()
+        custom.create_namespaced_custom_object("finetune.dev", "v1alpha1", ns, "finetunejobs", manifest(name))
+        while name not in job_seen and time.monotonic() - create_at < 30:
+            time.sleep(0.01)
+        steady.append(job_seen.get(name, time.monotonic()) - create_at)
+        time.sleep(0.2)
     rss1, cpu1 = proc_stats(op.proc.pid)
     req1 = apiserver_requests(cluster)
     stop.set()
     op.stop()
     lat = sorted(job_seen[k] - created[k] for k in created if k in job_seen)
+    steady.sort()
     dup = sum(1 for c in job_count.values() if c > 1)
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [0] * 99
     return {
-        "jobs": n, "applySeconds": round(apply_s, 1), "allJobsCreatedSeconds": round(all_jobs_s, 1),
-        "jobsCreated": len(job_seen), "lost": n - len(job_seen), "duplicated": dup,
-        "createToJobP50": round(q[49], 3), "createToJobP99": round(q[98], 3),
+        "liveJobs": n, "applySeconds": round(apply_s, 1), "allJobsCreatedSeconds": round(all_jobs_s, 1),
+        "jobsCreated": len(job_seen), "lost": n + len(steady) - len(job_seen), "duplicated": dup,
+        "burstCreateToJobP50": round(q[49], 3), "burstCreateToJobP99": round(q[98], 3),
+        "steadyCreateToJobP50": round(steady[len(steady) // 2], 3), "steadyCreateToJobMax": round(steady[-1], 3),
         "operatorRssMB": round(max(peak_rss, rss1)), "operatorCpuSeconds": round(cpu1 - cpu0, 1),
         "statusWritesPerSecond": round(status_writes[0] / (all_jobs_s + 5), 1),
         "apiserverRequestsPerJob": round((req1 - req0) / n, 1),
