@@ -207,17 +207,21 @@ class Preempted(Exception):
     pass
 
 
-class PreemptingReporter(Reporter):
-    """Stands in for a node going away in the middle of training."""
+class InterruptingReporter(Reporter):
+    """Calls `interrupt(step)` once training reaches `at_step`: a node going away, a kubelet's SIGTERM."""
 
-    def __init__(self, at_step: int, **kw):
+    def __init__(self, at_step: int, interrupt, **kw):
         super().__init__(**kw)
-        self.at_step = at_step
+        self.at_step, self.interrupt = at_step, interrupt
 
     def train_step(self, step, total_steps, metrics):
         super().train_step(step, total_steps, metrics)
         if step == self.at_step:
-            raise Preempted(f"preempted at step {step}")
+            self.interrupt(step)
+
+
+def preempt(step):
+    raise Preempted(f"preempted at step {step}")
 
 
 def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_count(env, s3, tmp_path):
@@ -231,7 +235,7 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
         evaluation={"tasks": ["tiny_antonyms"], "limit": 4, "dataUri": str(EVAL_TASKS), "includeBase": True})))
     cfg = RunConfig.load(config)
     with pytest.raises(Preempted):
-        pipeline.run(cfg, tmp_path / "pod-1", reporter=PreemptingReporter(at_step=5, run=1, interval=1000))
+        pipeline.run(cfg, tmp_path / "pod-1", reporter=InterruptingReporter(5, preempt, run=1, interval=1000))
     listing = s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/team-a/tiny-resume/run-1/checkpoints/")
     assert any(o["Key"].endswith("step-00000003/state.json") for o in listing["Contents"])
 
@@ -250,19 +254,6 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
     assert state["restarts"] == 1 and len(state["losses"]) == 8  # the loss history survived the restart
 
 
-class SigtermReporter(Reporter):
-    """Delivers SIGTERM to this process, as the kubelet does on preemption, after a given step."""
-
-    def __init__(self, at_step: int, **kw):
-        super().__init__(**kw)
-        self.at_step = at_step
-
-    def train_step(self, step, total_steps, metrics):
-        super().train_step(step, total_steps, metrics)
-        if step == self.at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_path):
     from finetune_api.spec import TrainingSpec
     from finetune_trainer import recipe
@@ -276,7 +267,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_p
     training = TrainingSpec(max_steps=6, batch_size=2, max_seq_length=64, checkpoint_every_steps=100)
     with pytest.raises(TransientError) as err:
         recipe.train(BaseModel(str(tiny_gemma())), training, trained.workdir / "dataset", wd,
-                     SigtermReporter(at_step=2, interval=1000), Checkpoints(wd.checkpoints))
+                     InterruptingReporter(2, lambda _: os.kill(os.getpid(), signal.SIGTERM), interval=1000), Checkpoints(wd.checkpoints))
     assert err.value.reason == "Terminated" and err.value.exit_code == 75
     assert "SIGTERM at step 2" in err.value.message
     assert json.loads((wd.checkpoints / "step-00000002" / "state.json").read_text())["step"] == 2
