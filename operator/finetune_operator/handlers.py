@@ -242,6 +242,7 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
 @kopf.on.event(*RESOURCE)
 def finetunejob_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
+        metrics.forget(body.metadata.namespace, body.metadata.name)
         return
     status = body.get("status") or {}
     job = kube.read_job(body.metadata.namespace, status["jobName"]) if status.get("jobName") else None

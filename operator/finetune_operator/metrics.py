@@ -31,7 +31,9 @@ def observe_phase(namespace: str, name: str, phase: str | None) -> None:
 
 def forget(namespace: str, name: str) -> None:
     with _lock:
-        _phases.pop((namespace, name), None)
+        phase = _phases.pop((namespace, name), None)
+        if phase is not None:
+            JOBS.labels(phase=phase).set(sum(1 for p in _phases.values() if p == phase))
 
 
 def start_server(port: int) -> None:
