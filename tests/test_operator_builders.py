@@ -169,3 +169,18 @@ def test_status_update_is_idempotent_and_sets_conditions():
     assert conds["Succeeded"]["observedGeneration"] == 3
     assert first["phase"] == "Succeeded" and first["completionTime"] == "2026-01-01T00:00:00Z"
     assert status_update(first, obs, generation=3, now="2026-01-02T00:00:00Z") == {}
+
+
+def test_jobs_by_phase_gauge_follows_transitions_and_deletion():
+    from finetune_operator import metrics
+
+    def value(phase):
+        return metrics.JOBS.labels(phase=phase)._value.get()
+
+    metrics.observe_phase("ns", "gauge-test", "Pending")
+    pending = value("Pending")
+    metrics.observe_phase("ns", "gauge-test", "Succeeded")
+    assert value("Pending") == pending - 1 and value("Succeeded") >= 1
+    succeeded = value("Succeeded")
+    metrics.forget("ns", "gauge-test")
+    assert value("Succeeded") == succeeded - 1

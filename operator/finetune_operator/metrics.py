@@ -7,6 +7,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from finetune_api.status import Phase
+
 log = logging.getLogger(__name__)
 
 RECONCILE_SECONDS = Histogram("finetune_reconcile_seconds", "Time spent in ensure_run")
@@ -19,21 +21,22 @@ _lock = threading.Lock()
 _started = False
 
 
+def _publish() -> None:
+    """Every phase's count, zeros included, so a phase that empties drops to 0 instead of going stale."""
+    for phase in Phase:
+        JOBS.labels(phase=phase.value).set(sum(1 for p in _phases.values() if p == phase.value))
+
+
 def observe_phase(namespace: str, name: str, phase: str | None) -> None:
     with _lock:
-        _phases[(namespace, name)] = phase or "Pending"
-        counts: dict[str, int] = {}
-        for p in _phases.values():
-            counts[p] = counts.get(p, 0) + 1
-        for p, n in counts.items():
-            JOBS.labels(phase=p).set(n)
+        _phases[(namespace, name)] = phase or Phase.PENDING.value
+        _publish()
 
 
 def forget(namespace: str, name: str) -> None:
     with _lock:
-        phase = _phases.pop((namespace, name), None)
-        if phase is not None:
-            JOBS.labels(phase=phase).set(sum(1 for p in _phases.values() if p == phase))
+        _phases.pop((namespace, name), None)
+        _publish()
 
 
 def start_server(port: int) -> None:
