@@ -149,3 +149,17 @@ def test_suspend_mid_training_checkpoints_and_resumes(operator, k8s, kubeconfig,
     assert status["phase"] == "Succeeded", status
     assert status["run"] == 1 and status["progress"]["restarts"] >= 1
     assert saved >= 4  # the SIGTERM checkpoint was at or after the step we saw
+
+
+def test_unreachable_s3_fails_naming_the_endpoint_after_retries(operator, k8s, namespace, s3, bucket, inputs):
+    """Fault drill: S3 permanently unreachable. The trainer retries with backoff, exits as transient,
+    the Job retries it (backoffLimit), and the run ends Failed naming the endpoint — not an endless loop."""
+    doc = manifest("nos3", inputs, s3, bucket)
+    doc["spec"]["output"]["s3"]["endpoint"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    doc["spec"]["runPolicy"] = {"backoffLimit": 1}
+    k8s.apply(doc)
+    status = wait_for(lambda: k8s.status("nos3").get("phase") == "Failed" and k8s.status("nos3"), 300, "Failed")
+    assert status["reason"] == "StorageUnavailable", status
+    assert "127.0.0.1:9" in status["message"]
+    job = k8s.get("job", "nos3-r1")
+    assert job["status"].get("failed") == 2  # retried once, as backoffLimit says, then given up
