@@ -163,3 +163,16 @@ def test_unreachable_s3_fails_naming_the_endpoint_after_retries(operator, k8s, n
     assert "127.0.0.1:9" in status["message"]
     job = k8s.get("job", "nos3-r1")
     assert job["status"].get("failed") == 2  # retried once, as backoffLimit says, then given up
+
+
+def test_apiserver_restart_mid_run_and_the_run_completes(operator, k8s, namespace, s3, bucket, inputs, cluster):
+    """Fault drill: the apiserver goes away mid-training and comes back. The operator's watches, the
+    trainer's progress reports and the Job controller reconnect; nothing is lost."""
+    k8s.apply(manifest("apirs", inputs, s3, bucket, maxSteps=12))
+    wait_for(lambda: _step_reached(k8s, "apirs", 3), 300, "training past step 3", interval=0.2)
+    cluster.restart_apiserver()
+    status = wait_for(lambda: k8s.status("apirs").get("phase") in ("Succeeded", "Failed") and k8s.status("apirs"),
+                      600, "run to finish")
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["step"] == 12 and status["artifacts"]
+    assert len(k8s.get("jobs", selector="finetune.dev/job=apirs")["items"]) == 1

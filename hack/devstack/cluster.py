@@ -115,6 +115,13 @@ class LocalCluster:
         self.startup_seconds = time.monotonic() - t0
         return self
 
+    def restart_apiserver(self) -> None:
+        """Fault drills: kill the apiserver and start it again on the same port, certificates and etcd."""
+        old = next(p for p in self.procs if p.name == "kube-apiserver")
+        old.stop(grace=0)
+        self.procs.remove(old)
+        self._start_apiserver()
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
