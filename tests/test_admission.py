@@ -73,6 +73,9 @@ CASES = [
     ("secret ref without name", with_("spec.output.s3.credentialsSecretRef", {"accessKeyIdKey": "a"}),
      "spec.output.s3.credentialsSecretRef.name"),
     ("name too long", with_("metadata.name", "a" * 60), "metadata.name"),
+    # Secrets are only ever read from the FinetuneJob's own namespace: there is no field to say otherwise.
+    ("secret in another namespace", with_("spec.output.s3.credentialsSecretRef", {"name": "s3", "namespace": "kube-system"}),
+     "spec.output.s3.credentialsSecretRef.namespace"),
 ]
 # qlora needs a GPU: a cross-field CEL rule.
 CASES[22] = ("qlora without gpu", {**VALID, "spec": {**VALID["spec"], "training": {"method": "qlora"},
