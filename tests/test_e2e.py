@@ -176,3 +176,25 @@ def test_apiserver_restart_mid_run_and_the_run_completes(operator, k8s, namespac
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == 12 and status["artifacts"]
     assert len(k8s.get("jobs", selector="finetune.dev/job=apirs")["items"]) == 1
+
+
+def test_operator_killed_mid_run_changes_nothing(operator, k8s, namespace, s3, bucket, inputs):
+    """Fault drill: SIGKILL the operator while the trainer exports and uploads; restart it. The run
+    ends exactly as an undisturbed one: one Job, Succeeded, every artifact in S3 as the status lists it."""
+    import signal
+
+    k8s.apply(manifest("opkill", inputs, s3, bucket))
+    wait_for(lambda: k8s.status("opkill").get("phase") in ("Exporting", "Uploading", "Succeeded"), 300,
+             "export started", interval=0.1)
+    operator.stop(signal.SIGKILL)
+    wait_for(lambda: (k8s.get("job", "opkill-r1") or {}).get("status", {}).get("succeeded"), 300,
+             "the Job to finish without the operator")
+    operator.start()
+    status = wait_for(lambda: k8s.status("opkill").get("phase") == "Succeeded" and k8s.status("opkill"), 120,
+                      "status converged after restart")
+    assert status["run"] == 1 and len(k8s.get("jobs", selector="finetune.dev/job=opkill")["items"]) == 1
+    client = s3.client()
+    for art in status["artifacts"]:
+        head = client.head_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])
+        assert head["ContentLength"] == art["sizeBytes"], art["name"]
+    assert k8s.condition("opkill", "Succeeded")["status"] == "True"

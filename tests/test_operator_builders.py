@@ -184,3 +184,27 @@ def test_jobs_by_phase_gauge_follows_transitions_and_deletion():
     succeeded = value("Succeeded")
     metrics.forget("ns", "gauge-test")
     assert value("Succeeded") == succeeded - 1
+
+
+def test_token_bucket_bounds_writes_per_second():
+    from finetune_operator.ratelimit import TokenBucket
+
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    bucket = TokenBucket(rate=10, burst=5, clock=lambda: now[0], sleep=sleep)
+    waits = [bucket.acquire() for _ in range(25)]
+    assert sum(1 for w in waits if w == 0) == 5  # the burst goes through at once
+    # the other 20 are spread at 10 per second
+    assert 1.9 <= now[0] <= 2.1
+
+
+def test_progress_interval_spreads_reports_over_live_jobs():
+    cfg = OperatorConfig(progress_interval_seconds=5, progress_reports_per_second=20)
+    assert builders.progress_interval(cfg, 0) == 5
+    assert builders.progress_interval(cfg, 100) == 5
+    assert builders.progress_interval(cfg, 500) == 25  # 500 trainers x 1/25 s = 20 reports/s
+    env = {e["name"]: e.get("value") for e in build()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[c.ENV_PROGRESS_INTERVAL] == str(CFG.progress_interval_seconds)

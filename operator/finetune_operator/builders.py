@@ -135,7 +135,14 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig) -> list[dict[str, Any]]:
+def progress_interval(cfg: OperatorConfig, live_jobs: int) -> int:
+    """Seconds between one trainer's reports, so that all live trainers together stay within
+    cfg.progress_reports_per_second (never faster than the configured interval)."""
+    return max(cfg.progress_interval_seconds, -(-live_jobs // max(1, int(cfg.progress_reports_per_second))))
+
+
+def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
+              live_jobs: int = 0) -> list[dict[str, Any]]:
     meta = owner["metadata"]
     env = [
         {"name": c.ENV_CONFIG, "value": f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"},
@@ -144,7 +151,7 @@ def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         {"name": c.ENV_RUN, "value": str(run)},
         {"name": c.ENV_WORKDIR, "value": c.WORKDIR_MOUNT},
         {"name": c.ENV_TERMINATION_LOG, "value": c.TERMINATION_LOG},
-        {"name": c.ENV_PROGRESS_INTERVAL, "value": str(cfg.progress_interval_seconds)},
+        {"name": c.ENV_PROGRESS_INTERVAL, "value": str(progress_interval(cfg, live_jobs))},
         # Caches live in the scratch volume: the image's home may be read-only.
         {"name": "HOME", "value": c.WORKDIR_MOUNT},
         {"name": "HF_HOME", "value": f"{c.WORKDIR_MOUNT}/.cache/huggingface"},
@@ -184,7 +191,7 @@ def build_resources(spec: FinetuneJobSpec) -> dict[str, Any]:
 
 
 def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
-                   service_account: str) -> dict[str, Any]:
+                   service_account: str, live_jobs: int = 0) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     res = spec.resources
     mounts = [
@@ -207,7 +214,7 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         "imagePullPolicy": res.image_pull_policy or cfg.image_pull_policy,
         "command": ["finetune", "run", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}",
                     "--workdir", c.WORKDIR_MOUNT, "--resume"],
-        "env": build_env(spec, owner, run, cfg),
+        "env": build_env(spec, owner, run, cfg, live_jobs),
         "resources": build_resources(spec),
         "volumeMounts": mounts,
         "terminationMessagePath": c.TERMINATION_LOG,
@@ -240,7 +247,7 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
 
 
 def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig, *,
-              service_account: str, raw_spec_hash: str) -> dict[str, Any]:
+              service_account: str, raw_spec_hash: str, live_jobs: int = 0) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     policy = spec.run_policy
     meta = _meta(job_name(name, run), owner, run, annotations={SPEC_HASH_ANNOTATION: raw_spec_hash})
@@ -259,7 +266,7 @@ def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         ]},
         "template": {
             "metadata": {"labels": labels(name, run)},
-            "spec": build_pod_spec(spec, owner, run, cfg, service_account),
+            "spec": build_pod_spec(spec, owner, run, cfg, service_account, live_jobs),
         },
     }
     if policy.active_deadline_seconds:

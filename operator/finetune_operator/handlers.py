@@ -26,10 +26,12 @@ from . import builders, kube, metrics
 from .conditions import now_rfc3339
 from .config import OperatorConfig
 from .lifecycle import Observation, observe, status_update
+from .ratelimit import TokenBucket
 
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
+STATUS_WRITES = TokenBucket(CONFIG.status_writes_per_second)
 
 
 @kopf.on.startup()
@@ -150,7 +152,8 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     run_config = builders.build_run_config(spec, owner, new_run)
     kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
                           builders.build_config_map(run_config, owner))
-    job = builders.build_job(spec, owner, new_run, CONFIG, service_account=service_account, raw_spec_hash=wanted)
+    job = builders.build_job(spec, owner, new_run, CONFIG, service_account=service_account, raw_spec_hash=wanted,
+                             live_jobs=metrics.live_jobs())
     created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
     if run:
         _retire_run(namespace, status, patch)
@@ -232,6 +235,7 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     update = status_update(status, obs, meta.get("generation"))
     if not update:
         return
+    metrics.STATUS_WRITE_WAIT.inc(STATUS_WRITES.acquire())
     kube.patch_finetunejob_status(meta["namespace"], meta["name"], update)
     if update.get("phase"):
         metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()

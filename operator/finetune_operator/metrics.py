@@ -15,6 +15,7 @@ RECONCILE_SECONDS = Histogram("finetune_reconcile_seconds", "Time spent in ensur
 ERRORS = Counter("finetune_errors_total", "FinetuneJobs failed by the operator, by reason", ["reason"])
 TRANSITIONS = Counter("finetune_phase_transitions_total", "Phase transitions written, by new phase", ["phase"])
 JOBS = Gauge("finetune_jobs", "FinetuneJobs seen, by phase", ["phase"])
+STATUS_WRITE_WAIT = Counter("finetune_status_write_wait_seconds_total", "Seconds status writes waited for the rate limit")
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -31,6 +32,12 @@ def observe_phase(namespace: str, name: str, phase: str | None) -> None:
     with _lock:
         _phases[(namespace, name)] = phase or Phase.PENDING.value
         _publish()
+
+
+def live_jobs() -> int:
+    """FinetuneJobs seen in a phase that is not finished."""
+    with _lock:
+        return sum(1 for p in _phases.values() if not Phase(p).finished)
 
 
 def forget(namespace: str, name: str) -> None:
