@@ -28,7 +28,7 @@ class OperatorConfig:
     default_s3_bucket: str | None = None
     default_s3_credentials_secret: str | None = None
     progress_interval_seconds: int = 5
-    status_writes_per_second: float = 50.0  # the operator's own status patches, all jobs together
+    status_writes_per_second: float = 100.0  # the operator's own status patches, all jobs together
     progress_reports_per_second: float = 20.0  # all trainers' reports together (sets each one's interval)
     metrics_port: int = 8080
 
@@ -47,7 +47,7 @@ class OperatorConfig:
             default_s3_bucket=env("FINETUNE_DEFAULT_S3_BUCKET") or None,
             default_s3_credentials_secret=env("FINETUNE_DEFAULT_S3_CREDENTIALS_SECRET") or None,
             progress_interval_seconds=int(env("FINETUNE_PROGRESS_INTERVAL") or 5),
-            status_writes_per_second=float(env("FINETUNE_STATUS_WRITES_PER_SECOND") or 50),
+            status_writes_per_second=float(env("FINETUNE_STATUS_WRITES_PER_SECOND") or 100),
             progress_reports_per_second=float(env("FINETUNE_PROGRESS_REPORTS_PER_SECOND") or 20),
             metrics_port=int(env("FINETUNE_METRICS_PORT") or 8080),
         )
