@@ -208,3 +208,11 @@ def test_progress_interval_spreads_reports_over_live_jobs():
     assert builders.progress_interval(cfg, 500) == 25  # 500 trainers x 1/25 s = 20 reports/s
     env = {e["name"]: e.get("value") for e in build()["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env[c.ENV_PROGRESS_INTERVAL] == str(CFG.progress_interval_seconds)
+
+
+def test_gpu_hours_of_a_run():
+    from finetune_operator.lifecycle import gpu_hours
+
+    assert gpu_hours("2026-01-01T00:00:00Z", "2026-01-01T01:30:00Z", 2) == 3.0
+    assert gpu_hours("2026-01-01T00:00:00Z", "2026-01-01T01:30:00Z", 0) == 0.0  # CPU runs cost no GPU time
+    assert gpu_hours(None, "2026-01-01T01:30:00Z", 1) == 0.0

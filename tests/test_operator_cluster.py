@@ -217,5 +217,6 @@ def test_metrics_endpoint_counts_jobs_by_phase(crd, kubeconfig, namespace, k8s, 
         text = wait_for(scrape, 30, "metrics")
         assert "finetune_reconcile_seconds_count" in text
         assert 'finetune_phase_transitions_total{phase="Succeeded"}' in text
+        assert f'finetune_gpu_hours_total{{namespace="{namespace}"}}' in text  # gpus: 0 here, so 0.0
     finally:
         op.stop()

@@ -25,7 +25,7 @@ from finetune_api.status import Phase, Reason
 from . import builders, kube, metrics
 from .conditions import now_rfc3339
 from .config import OperatorConfig
-from .lifecycle import Observation, observe, status_update
+from .lifecycle import Observation, gpu_hours, observe, status_update
 from .ratelimit import TokenBucket
 
 CONFIG = OperatorConfig.from_env()
@@ -239,6 +239,10 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     kube.patch_finetunejob_status(meta["namespace"], meta["name"], update)
     if update.get("phase"):
         metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()
+        if obs.phase.finished and update.get("completionTime"):
+            gpus = ((ftj.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+            metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(
+                gpu_hours(status.get("startTime"), update["completionTime"], gpus))
         kind = "Warning" if obs.phase is Phase.FAILED else "Normal"
         kopf.event(ftj, type=kind, reason=obs.phase.value, message=f"run {run}: {obs.message}"[:1024])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_api.status import STAGES, ConditionType, Phase, Reason
@@ -78,6 +79,14 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
     if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
         return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
     return Observation(Phase.PENDING, "PodPending", _pending_message(pods))
+
+
+def gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
+    """GPU-hours of a run from its RFC 3339 start and completion times."""
+    if not (start and end and gpus):
+        return 0.0
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)  # noqa: E731
+    return max(0.0, (parse(end) - parse(start)).total_seconds()) / 3600 * gpus
 
 
 def status_update(status: dict[str, Any], obs: Observation, generation: int | None,

@@ -15,6 +15,8 @@ RECONCILE_SECONDS = Histogram("finetune_reconcile_seconds", "Time spent in ensur
 ERRORS = Counter("finetune_errors_total", "FinetuneJobs failed by the operator, by reason", ["reason"])
 TRANSITIONS = Counter("finetune_phase_transitions_total", "Phase transitions written, by new phase", ["phase"])
 JOBS = Gauge("finetune_jobs", "FinetuneJobs seen, by phase", ["phase"])
+GPU_HOURS = Counter("finetune_gpu_hours_total", "GPU-hours of finished runs (start to completion x GPUs), by namespace",
+                    ["namespace"])
 STATUS_WRITE_WAIT = Counter("finetune_status_write_wait_seconds_total", "Seconds status writes waited for the rate limit")
 
 _phases: dict[tuple[str, str], str] = {}
