@@ -198,3 +198,39 @@ def test_operator_killed_mid_run_changes_nothing(operator, k8s, namespace, s3, b
         head = client.head_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])
         assert head["ContentLength"] == art["sizeBytes"], art["name"]
     assert k8s.condition("opkill", "Succeeded")["status"] == "True"
+
+
+def test_s3_outage_during_upload_is_ridden_out(operator, k8s, namespace, inputs, tmp_path, pod_runner):
+    """Fault drill: the S3 server goes down while the trainer exports and comes back during the upload.
+    Uploads retry with backoff and succeed; every object matches the manifest's checksum."""
+    import time
+
+    from devstack import S3Server
+
+    private = S3Server(workdir=tmp_path / "s3").start()
+    try:
+        bucket = private.make_bucket("outage")
+        k8s.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+                   "stringData": {"AWS_ACCESS_KEY_ID": private.access_key, "AWS_SECRET_ACCESS_KEY": private.secret_key}})
+        k8s.apply(manifest("outage", inputs, private, bucket))
+        wait_for(lambda: k8s.status("outage").get("phase") == "Exporting", 300, "Exporting", interval=0.1)
+        private.stop()  # down before the upload starts
+        wait_for(lambda: k8s.status("outage").get("phase") == "Uploading", 300, "Uploading", interval=0.1)
+        time.sleep(3)  # the outage lasts into the upload's retries
+        private.start()
+        status = wait_for(lambda: k8s.status("outage").get("phase") in ("Succeeded", "Failed") and k8s.status("outage"),
+                          300, "run to finish")
+        assert status["phase"] == "Succeeded", status
+        client = private.client()
+        manifest_doc = json.loads(client.get_object(
+            Bucket=bucket, Key=f"finetune/{namespace}/outage/run-1/manifest.json")["Body"].read())
+        for art in manifest_doc["artifacts"]:
+            if art["name"] == "manifest.json":
+                continue
+            body = client.get_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == art["sha256"], art["name"]
+        # The trainer really met the outage: it retried with backoff.
+        pod = k8s.get("pods", selector="job-name=outage-r1")["items"][0]["metadata"]["name"]
+        assert "StorageUnavailable), retrying in" in pod_runner.log_path(namespace, pod).read_text()
+    finally:
+        private.stop()
