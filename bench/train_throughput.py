@@ -35,19 +35,23 @@ GEMMA3_270M = dict(
 )
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-# name: (implementation, micro-batch multiplier, gradient checkpointing, packing)
+# name: (implementation, micro-batch multiplier, gradient checkpointing, packing). Checkpointing:
+# "offload" (the trainer's default with Unsloth: activations parked in CPU memory), "gpu" (plain
+# recompute, activations kept on the GPU), or False.
 CONFIGS = {
-    "baseline": ("hf", 1, True, False),          # what users run without us: HF + PEFT, checkpointing
-    "project": ("project", 1, True, False),      # the trainer's defaults (Unsloth, offloaded checkpointing)
+    "baseline": ("hf", 1, "gpu", False),             # what users run without us: HF + PEFT, checkpointing
+    "project": ("project", 1, "offload", False),     # the trainer's defaults
     "project-nogc": ("project", 1, False, False),
-    "project-b4x": ("project", 4, True, False),
+    "project-b4x": ("project", 4, "offload", False),
+    "project-b4x-gcgpu": ("project", 4, "gpu", False),
     "project-b4x-nogc": ("project", 4, False, False),
-    "project-b8x": ("project", 8, True, False),
-    "project-b16x": ("project", 16, True, False),
-    "project-packed": ("project", 1, True, True),
-    "project-b4x-packed": ("project", 4, True, True),
-    "baseline-qlora": ("hf", 1, True, False),
-    "project-qlora": ("project", 1, True, False),
+    "project-b8x": ("project", 8, "offload", False),
+    "project-b8x-gcgpu": ("project", 8, "gpu", False),
+    "project-b16x": ("project", 16, "offload", False),
+    "project-packed": ("project", 1, "offload", True),
+    "project-b4x-packed": ("project", 4, "offload", True),
+    "baseline-qlora": ("hf", 1, "gpu", False),
+    "project-qlora": ("project", 1, "offload", False),
 }
 
 
@@ -98,13 +102,14 @@ def worker(args) -> dict:
     from finetune_trainer.batching import Batches
 
     training = TrainingSpec(method="qlora" if qlora else "lora", max_seq_length=args.seq, batch_size=batch,
-                            gradient_checkpointing=gc, packing=packing, lora=LoraSpec(r=16, alpha=16))
+                            gradient_checkpointing=bool(gc), packing=packing, lora=LoraSpec(r=16, alpha=16))
     t_load = time.monotonic()
     if impl == "project":
         from finetune_trainer.model_loading import BaseModel, load_for_training
         from finetune_trainer.recipe import build_optimizer
 
-        model, backend = load_for_training(BaseModel(source=args.model_dir), training)
+        model, backend = load_for_training(BaseModel(source=args.model_dir), training,
+                                           offload_checkpoints=gc != "gpu")
         optimizer = build_optimizer(model, training)
     else:
         model, optimizer, backend = hf_baseline(args.model_dir, training), None, "transformers+peft"
@@ -141,14 +146,66 @@ def worker(args) -> dict:
     tps = tokens / seconds
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+    busy = None
+    if args.profile:  # after the timed steps, so profiling overhead never touches the numbers above
+        try:
+            busy = profile_steps(step, args.warmup + args.steps, args.profile, seconds / args.steps, args)
+        except Exception as exc:  # noqa: BLE001 - the timed result must survive a profiler problem
+            print(f"profile failed: {exc!r}", flush=True)
     return {
-        "config": args.config, "backend": backend, "gpu": name, "seq": args.seq, "microBatch": batch,
-        "gradientCheckpointing": gc, "packing": packing, "method": training.method, "data": args.data,
+        "config": args.config + (f"+{args.label}" if args.label else ""), "backend": backend, "gpu": name,
+        "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
+        "method": training.method, "data": args.data, "env": dict(e.split("=", 1) for e in args.env),
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "tokensPerSecond": round(tps), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
         "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
+        **({"gpuBusy": busy} if busy is not None else {}),
     }
+
+
+# Kernel name → where the time goes. Order matters: the first pattern that matches wins.
+KERNEL_GROUPS = (
+    ("attention", ("flex", "flash", "fmha", "attention", "triton_tem_fused")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "sm90_")),
+    ("copy H2D/D2H", ("memcpy htod", "memcpy dtoh", "memcpy", "pinned")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton fused (norms, rope, CE, LoRA glue)", ("triton_",)),
+    ("elementwise/reduce (eager)", ("elementwise", "reduce", "vectorized", "unrolled", "index", "copy", "fill")),
+)
+
+
+def profile_steps(step, first: int, n: int, step_seconds: float, args) -> float:
+    """Profiles n more steps; prints kernel time by group and the top kernels; returns GPU-busy share."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for m in range(first, first + n):
+            step(m)
+        torch.cuda.synchronize()
+    # Kernels only (device-side events): CPU ops also carry their kernels' time and would count twice.
+    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")] or \
+        [e for e in prof.key_averages() if e.self_cpu_time_total == 0]
+    kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0),
+                     key=lambda k: -k[1])
+    total_us = sum(t for _, t, _ in kernels)
+    groups: dict[str, float] = {}
+    for key, t, _ in kernels:
+        low = key.lower()
+        group = next((g for g, pats in KERNEL_GROUPS if any(p in low for p in pats)), "other")
+        groups[group] = groups.get(group, 0.0) + t
+    lines = [f"profile {args.config}: {n} steps, kernels {total_us / 1e3 / n:.1f} ms/step of "
+             f"{step_seconds * 1e3:.1f} ms/step wall ({total_us / 1e6 / n / step_seconds:.0%} GPU busy)"]
+    lines += [f"  {g:<44}{t / 1e3 / n:>9.1f} ms/step {t / total_us:>6.1%}" for g, t in
+              sorted(groups.items(), key=lambda kv: -kv[1])]
+    lines += ["  top kernels:"] + [f"  {t / 1e3 / n:>9.2f} ms/step x{c // n:<5} {k[:150]}" for k, t, c in kernels[:30]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).with_name(f"profile-{args.config}{'+' + args.label if args.label else ''}.txt").write_text(text)
+    return round(total_us / 1e6 / n / step_seconds, 3)
 
 
 def hf_baseline(model_dir: str, training):
@@ -184,6 +241,10 @@ def main() -> int:
     p.add_argument("--model-dir", default="/tmp/gemma3-270m-random")
     p.add_argument("--tokenizer-dir", default=None)
     p.add_argument("--out", default=None, help="append results as JSON lines here")
+    p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per config")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the workers (a lever such as UNSLOTH_FLEX_TUNED_BACKWARD=1)")
+    p.add_argument("--label", default="", help="suffix for the config names in the results (names the lever)")
     p.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--n-params", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -200,13 +261,18 @@ def main() -> int:
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
-               "--model-dir", str(model_dir), "--n-params", str(n_params)]
+               "--model-dir", str(model_dir), "--n-params", str(n_params), "--profile", str(args.profile),
+               "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
+        env = {**os.environ, **dict(e.split("=", 1) for e in args.env)}
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or not line:
             print(f"{name}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
             continue
+        for ln in proc.stdout.splitlines():  # the worker's profile, if any
+            if not ln.startswith("RESULT "):
+                print(ln, flush=True)
         res = json.loads(line[len("RESULT "):])
         res["wallSeconds"] = round(time.monotonic() - t0, 1)
         results.append(res)

@@ -150,6 +150,15 @@ def test_parity_with_the_merged_model_is_within_tolerance(trained):
     assert trained.manifest["parity"] == parity
 
 
+def test_metrics_say_where_the_export_time_went(trained):
+    timings = trained.metrics["timings"]
+    steps = timings["exportSteps"]
+    # merge, the 16-bit conversion, every other type by name, parity; the master f16 costs no extra step.
+    assert set(steps) == {"merge", "convert", "parity"} | (set(QUANTS) - {"f16"})
+    assert all(isinstance(s, float) and s >= 0 for s in steps.values())
+    assert sum(steps.values()) <= timings["exportSeconds"] + 0.1
+
+
 def test_manifest_lists_every_artifact_and_its_checksums_match_the_objects(trained, s3):
     client = s3.client()
     arts = trained.manifest["artifacts"]

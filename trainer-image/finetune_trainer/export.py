@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class ExportResult:
     gguf: dict[str, Path] = field(default_factory=dict)
     modelfiles: dict[str, Path] = field(default_factory=dict)
     parity: dict[str, dict] = field(default_factory=dict)
+    # Wall seconds per step: the 16-bit conversion ("convert") and each other type by name.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def ftype(quant: str) -> int:
@@ -136,15 +139,17 @@ def export(merged_dir: Path, out_dir: Path, quants: list[str], name: str, templa
     out_dir.mkdir(parents=True, exist_ok=True)
     # The 16-bit master every quantization starts from: bf16 if asked for and f16 is not.
     master_type = "bf16" if "bf16" in quants and "f16" not in quants else "f16"
+    t0 = time.monotonic()
     master = convert(merged_dir, out_dir / f"{name}-{master_type}.gguf", master_type, name)
+    result.seconds["convert"] = round(time.monotonic() - t0, 2)
     for q in quants:
         target = out_dir / f"{name}-{q}.gguf"
         if q == master_type:
             result.gguf[q] = master
-        elif q in CONVERTER_TYPES:
-            result.gguf[q] = convert(merged_dir, target, q, name)
         else:
-            result.gguf[q] = quantize(master, target, q)
+            t0 = time.monotonic()
+            result.gguf[q] = convert(merged_dir, target, q, name) if q in CONVERTER_TYPES else quantize(master, target, q)
+            result.seconds[q] = round(time.monotonic() - t0, 2)
         if modelfiles:
             result.modelfiles[q] = write_modelfile(result.gguf[q], template, name, q)
     if master_type not in quants:

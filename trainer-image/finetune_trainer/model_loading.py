@@ -140,21 +140,26 @@ def load_tokenizer(base: BaseModel):
     return getattr(tok, "tokenizer", tok)  # a processor (multimodal checkpoints) wraps the tokenizer
 
 
-def load_for_training(base: BaseModel, training: TrainingSpec):
-    """Returns (peft_model, backend_name). One entry point, two loaders behind it."""
+def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):
+    """Returns (peft_model, backend_name). One entry point, two loaders behind it.
+
+    offload_checkpoints: with Unsloth, keep checkpointed activations in CPU memory (the default) or on
+    the GPU (plain checkpointing: more GPU memory, no PCIe traffic); bench/ measures both.
+    """
     name = backend()
     if training.method == "qlora" and name != "unsloth":
         raise ConfigError("UnsupportedMethod", "training.method qlora needs a CUDA GPU with Unsloth and bitsandbytes")
     if training.optimizer == "adamw_8bit" and not importlib.util.find_spec("bitsandbytes"):
         raise ConfigError("UnsupportedOptimizer", "adamw_8bit needs bitsandbytes (GPU images only)")
     try:
-        model = _load_unsloth(base, training) if name == "unsloth" else _load_transformers(base, training)
+        model = (_load_unsloth(base, training, offload_checkpoints) if name == "unsloth"
+                 else _load_transformers(base, training))
     except OSError as exc:
         raise _from_pretrained_errors(base, exc) from exc
     return model, name
 
 
-def _load_unsloth(base: BaseModel, training: TrainingSpec):
+def _load_unsloth(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import torch
     from unsloth import FastLanguageModel
@@ -169,7 +174,8 @@ def _load_unsloth(base: BaseModel, training: TrainingSpec):
         model, r=lora.r, target_modules=list(lora.target_modules), lora_alpha=lora.alpha,
         lora_dropout=lora.dropout, bias="none",
         # "unsloth" offloads checkpointed activations to CPU: long sequences at almost no speed cost.
-        use_gradient_checkpointing="unsloth" if training.gradient_checkpointing else False,
+        use_gradient_checkpointing=(("unsloth" if offload_checkpoints else True)
+                                    if training.gradient_checkpointing else False),
         random_state=training.seed, max_seq_length=training.max_seq_length,
     )
     FastLanguageModel.for_training(model)

@@ -39,7 +39,7 @@ class Context:
     wd: Workdir
     reporter: Reporter
     resume: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)  # stage → seconds; exportSteps → step → seconds
 
     @property
     def spec(self):
@@ -126,13 +126,20 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         return files, ctx.read_json(ctx.wd.gguf / "parity.json", "export-gguf")
     if not (ctx.wd.adapter / "adapter_config.json").exists():
         raise ConfigError("MissingStageOutput", f"no adapter in {ctx.wd.adapter}: run the train stage first")
+    t_merge = time.monotonic()
     merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template)
+    steps = {"merge": round(time.monotonic() - t_merge, 2)}
     result = export.export(merged, ctx.wd.gguf, list(spec.gguf), name, ctx.template, spec.ollama_modelfile)
+    steps.update(result.seconds)
     parity_results: dict[str, dict] = {}
     if spec.parity_check and result.gguf:
         ctx.reporter.message("parity check: each GGUF against the merged model on held-out rows")
         rows = [list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
+        t_parity = time.monotonic()
         parity_results = parity.check(merged, result.gguf, rows[: spec.parity_samples])
+        steps["parity"] = round(time.monotonic() - t_parity, 2)
+    # Where the export's time goes (merge, 16-bit convert, each quantization, parity), for the status.
+    ctx.timings["exportSteps"] = steps
     (ctx.wd.gguf / "parity.json").write_text(json.dumps(parity_results, indent=2))
     ctx.mark("export")
     _timed(ctx, "export", t0)
