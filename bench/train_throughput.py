@@ -120,7 +120,9 @@ def worker(args) -> dict:
     if qlora:  # 4-bit weights count as half-bytes in numel(); use the model shape's real count
         n_params = args.n_params or n_params
     rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
-    batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing)
+    # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
+    # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
+    batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project")
     model.train()
     torch.cuda.reset_peak_memory_stats()
 
@@ -134,12 +136,18 @@ def worker(args) -> dict:
         return b.tokens
 
     t_compile = time.monotonic()
-    for m in range(args.warmup):  # first steps compile kernels for this shape
+    timed = range(args.warmup, args.warmup + args.steps)
+    first_of_width: dict[int, int] = {}
+    for m in timed:
+        first_of_width.setdefault(batches.get(m).input_ids.shape[1], m)
+    # First steps compile kernels: the warmup steps, then one step of every width the timed steps
+    # will see, so no compilation lands inside the measurement.
+    for m in [*range(args.warmup), *first_of_width.values()]:
         step(m)
     torch.cuda.synchronize()
     warm_s = time.monotonic() - t_compile
     tokens, t0 = 0, time.monotonic()
-    for m in range(args.warmup, args.warmup + args.steps):
+    for m in timed:
         tokens += step(m)
     torch.cuda.synchronize()
     seconds = time.monotonic() - t0
@@ -161,6 +169,7 @@ def worker(args) -> dict:
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
         "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
+        "widths": sorted(first_of_width),
         **({"gpuBusy": busy} if busy is not None else {}),
     }
 

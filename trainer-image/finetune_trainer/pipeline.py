@@ -215,6 +215,8 @@ def finish(ctx: Context) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+    if not resume:  # a run from scratch in a used workdir starts its training log over, too
+        Workdir(workdir).train_log.unlink(missing_ok=True)
     ctx = make_context(cfg, workdir, resume, reporter)
     # Fail in seconds, not after hours of training, when the bucket or the credentials are wrong.
     ctx.store.check_access(cfg.output_uri)
