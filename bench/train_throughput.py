@@ -123,18 +123,13 @@ def worker(args) -> dict:
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
     batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project")
-    masks = None
-    if impl == "project" and packing:  # as the trainer does (recipe.train)
-        from finetune_trainer.packed_masks import PackedMasks
-
-        masks = PackedMasks.for_model(model)
     model.train()
     torch.cuda.reset_peak_memory_stats()
 
     def step(m: int) -> int:
         b = batches.get(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**b.model_inputs(device, masks), use_cache=False)
+            out = model(**b.model_inputs(device), use_cache=False)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -27,15 +27,12 @@ class Batch:
     tokens: int  # non-padding tokens
     label_tokens: int  # tokens that carry loss (after the causal shift)
 
-    def model_inputs(self, device, packed_masks=None) -> dict:
-        """Keyword arguments for the model; packed_masks (a PackedMasks) builds a packed batch's masks."""
+    def model_inputs(self, device) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device)}
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask.to(device)
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids.to(device)
-            if packed_masks is not None:
-                out["attention_mask"] = packed_masks(out["position_ids"])
         return out
 
 

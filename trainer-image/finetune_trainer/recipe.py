@@ -30,7 +30,6 @@ from .checkpoints import Checkpoints
 from .data.prepare import load_split
 from .errors import ConfigError, TransientError
 from .model_loading import BaseModel, load_for_training
-from .packed_masks import PackedMasks
 from .paths import Workdir
 from .progress import Reporter
 
@@ -130,8 +129,9 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
                       bucket=bucket)
-    # Packed batches under flex attention get their masks from us, built once per batch (see packed_masks).
-    masks = PackedMasks.for_model(model) if training.packing else None
+    if training.packing and backend == "unsloth":
+        log.warning("packing with Unsloth on this stack was measured slower than padding (host-bound steps, "
+                    "docs/benchmarks.md); padding to power-of-two buckets is the faster choice on GPU")
     accum = training.gradient_accumulation_steps
     total_steps = plan_steps(training, batches.per_epoch)
 
@@ -172,7 +172,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 if b.label_tokens == 0:
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = model(**b.model_inputs(device, masks), use_cache=False)
+                    out = model(**b.model_inputs(device), use_cache=False)
                 # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
                 loss = out.loss * (b.label_tokens / n_labels)
                 loss.backward()
