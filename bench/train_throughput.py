@@ -176,6 +176,7 @@ def worker(args) -> dict:
 
 # Kernel name → where the time goes. Order matters: the first pattern that matches wins.
 KERNEL_GROUPS = (
+    ("cross-entropy (Unsloth's fused LM-head loss)", ("_fl_",)),
     ("attention", ("flex", "flash", "fmha", "attention", "triton_tem_fused")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "sm90_")),
     ("copy H2D/D2H", ("memcpy htod", "memcpy dtoh", "memcpy", "pinned")),

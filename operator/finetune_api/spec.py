@@ -134,7 +134,9 @@ class TrainingSpec(ApiModel):
         "linear", description="Learning-rate schedule after warmup.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     seed: int = Field(3407, ge=0, le=2**31 - 1, description="Seed for shuffling, LoRA init and dropout.")
-    packing: bool = Field(False, description="Pack several rows into each sequence (no padding waste).")
+    packing: bool = Field(False, description="Pack several rows into each sequence (no padding waste; each row still "
+                          "attends only to itself). Measured slower than padding with Unsloth on an H100 "
+                          "(host-bound steps, see docs/benchmarks.md): leave it off on GPU for now.")
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the assistant's tokens only, not on the prompt.")
     chat_template: Literal["auto", "gemma3", "chatml", "llama3"] = Field(
