@@ -180,7 +180,8 @@ def test_apiserver_restart_mid_run_and_the_run_completes(operator, k8s, namespac
 
 def test_operator_killed_mid_run_changes_nothing(operator, k8s, namespace, s3, bucket, inputs):
     """Fault drill: SIGKILL the operator while the trainer exports and uploads; restart it. The run
-    ends exactly as an undisturbed one: one Job, Succeeded, every artifact in S3 as the status lists it."""
+    ends exactly as an undisturbed one: one Job, Succeeded, every artifact in S3 byte for byte as the
+    status lists it (size and SHA-256)."""
     import signal
 
     k8s.apply(manifest("opkill", inputs, s3, bucket))
@@ -194,9 +195,11 @@ def test_operator_killed_mid_run_changes_nothing(operator, k8s, namespace, s3, b
                       "status converged after restart")
     assert status["run"] == 1 and len(k8s.get("jobs", selector="finetune.dev/job=opkill")["items"]) == 1
     client = s3.client()
-    for art in status["artifacts"]:
-        head = client.head_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])
-        assert head["ContentLength"] == art["sizeBytes"], art["name"]
+    names = {art["name"] for art in status["artifacts"]}
+    assert {"gguf/opkill-f16.gguf", "gguf/opkill-q8_0.gguf", "manifest.json"} <= names
+    for art in status["artifacts"]:  # every byte as the status says: size and SHA-256
+        body = client.get_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])["Body"].read()
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (art["sizeBytes"], art["sha256"]), art["name"]
     assert k8s.condition("opkill", "Succeeded")["status"] == "True"
 
 
