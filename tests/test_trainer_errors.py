@@ -10,13 +10,12 @@ import threading
 import uuid
 
 import pytest
-import yaml
 
 from finetune_api.spec import S3Spec
 from finetune_trainer.cli import main
 from finetune_trainer.errors import ConfigError, TransientError
 from finetune_trainer.s3 import S3Store
-from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, tiny_gemma, write_jsonl
+from tests.trainer_fixtures import ALPACA_ROWS, run_job, tiny_gemma, trainer_env, write_jsonl
 
 WRONG_SECRET = "wrong-secret-" + uuid.uuid4().hex
 
@@ -24,12 +23,9 @@ WRONG_SECRET = "wrong-secret-" + uuid.uuid4().hex
 @pytest.fixture
 def run(tmp_path, monkeypatch, s3, capsys):
     """Runs `finetune run` on a FinetuneJob built from overrides; returns (exit code, termination JSON, output)."""
-    for k, v in OFFLINE_ENV.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     term = tmp_path / "termination-log"
-    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(term))
+    for k, v in trainer_env(s3, term).items():
+        monkeypatch.setenv(k, v)
 
     def go(bucket: str, *, spec: dict | None = None, command: str = "run"):
         job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "bad"},
@@ -39,9 +35,7 @@ def run(tmp_path, monkeypatch, s3, capsys):
                         "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}}}}
         for key, value in (spec or {}).items():
             job["spec"][key] = {**job["spec"].get(key, {}), **value}
-        config = tmp_path / "job.yaml"
-        config.write_text(yaml.safe_dump(job))
-        code = main([command, "--config", str(config), "--workdir", str(tmp_path / "work")])
+        code, _, _ = run_job(job, tmp_path, command)
         out = capsys.readouterr()
         lines = term.read_text().splitlines() if term.exists() else []
         assert len(lines) <= 1

@@ -7,10 +7,8 @@ import json
 import uuid
 
 import pytest
-import yaml
 
-from finetune_trainer.cli import main
-from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, tiny_gemma, write_jsonl
+from tests.trainer_fixtures import ALPACA_ROWS, run_job, tiny_gemma, trainer_env, write_jsonl
 
 
 def _cuda() -> bool:
@@ -24,8 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a C
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_finetune_run_with_unsloth(method, s3, tmp_path, monkeypatch):
-    for k, v in {**OFFLINE_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                 "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")}.items():
+    for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
     bucket = s3.make_bucket(f"gpu-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": f"tiny-{method}"},
@@ -36,10 +33,8 @@ def test_finetune_run_with_unsloth(method, s3, tmp_path, monkeypatch):
                     "export": {"gguf": ["f16", "q8_0"], "paritySamples": 3},
                     "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}},
                     "resources": {"gpus": 1}}}
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(job))
-    workdir = tmp_path / "work"
-    assert main(["run", "--config", str(config), "--workdir", str(workdir)]) == 0
+    code, _, workdir = run_job(job, tmp_path)
+    assert code == 0
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["backend"] == "unsloth", "the GPU path must train with Unsloth"
     assert metrics["steps"] == 20

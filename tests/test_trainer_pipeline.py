@@ -21,7 +21,7 @@ from finetune_api import RunConfig
 from finetune_trainer import pipeline
 from finetune_trainer.cli import main
 from finetune_trainer.progress import Reporter
-from tests.trainer_fixtures import ALPACA_ROWS, OFFLINE_ENV, FakeApiServer, tiny_gemma, write_jsonl
+from tests.trainer_fixtures import ALPACA_ROWS, FakeApiServer, run_job, tiny_gemma, trainer_env, write_jsonl
 
 QUANTS = ["f16", "q8_0", "q4_k_m"]
 EVAL_TASKS = Path(__file__).resolve().parent / "data" / "eval"
@@ -49,8 +49,7 @@ def env(s3, tmp_path_factory):
     """Offline, S3 credentials from the environment, status reporting to a fake apiserver."""
     apiserver = FakeApiServer(tmp_path_factory.mktemp("apiserver")).start()
     term = tmp_path_factory.mktemp("term") / "termination-log"
-    values = {**OFFLINE_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-              "FINETUNE_TERMINATION_LOG": str(term), "FINETUNE_PROGRESS_INTERVAL": "1000",
+    values = {**trainer_env(s3, term), "FINETUNE_PROGRESS_INTERVAL": "1000",
               **apiserver.env("tiny", namespace="team-a", run=1)}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in values.items():
@@ -64,10 +63,7 @@ def trained(env, s3, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     bucket = s3.make_bucket(f"trainer-{uuid.uuid4().hex[:10]}")
     data = write_jsonl(root / "data.jsonl", ALPACA_ROWS * 5)
-    config = root / "job.yaml"
-    config.write_text(yaml.safe_dump(job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma())))
-    workdir = root / "work"
-    rc = main(["run", "--config", str(config), "--workdir", str(workdir)])
+    rc, config, workdir = run_job(job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma()), root)
     cfg = RunConfig.load(config)
     return SimpleNamespace(rc=rc, config=config, workdir=workdir, bucket=bucket, cfg=cfg,
                            prefix=cfg.output_uri.removeprefix(f"s3://{bucket}/"),

@@ -8,10 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from finetune_trainer.cli import main
-from tests.trainer_fixtures import OFFLINE_ENV, real_gguf
+from tests.trainer_fixtures import real_gguf, run_job, trainer_env
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -20,8 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 def test_fine_tune_the_real_270m_from_its_gguf_and_export_q8_0(s3, tmp_path, monkeypatch):
     import llama_cpp
 
-    for k, v in {**OFFLINE_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                 "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")}.items():
+    for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
     bucket = s3.make_bucket(f"real-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "gemma-270m"},
@@ -31,10 +28,8 @@ def test_fine_tune_the_real_270m_from_its_gguf_and_export_q8_0(s3, tmp_path, mon
                     "export": {"gguf": ["q8_0"], "paritySamples": 4, "adapter": True},
                     "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}},
                     "resources": {"gpus": 0}}}
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(job))
-    workdir = tmp_path / "work"
-    assert main(["run", "--config", str(config), "--workdir", str(workdir)]) == 0
+    code, _, workdir = run_job(job, tmp_path)
+    assert code == 0
 
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 3 and 0 < metrics["trainLoss"] < 20

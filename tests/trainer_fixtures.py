@@ -120,6 +120,24 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, **extra}
 
 
+def trainer_env(s3, termination_log: Path) -> dict[str, str]:
+    """The variables a trainer pod runs with: offline, S3 credentials from the Secret, a termination log."""
+    return {**OFFLINE_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            "FINETUNE_TERMINATION_LOG": str(termination_log)}
+
+
+def run_job(job: dict, root: Path, command: str = "run") -> tuple[int, Path, Path]:
+    """`finetune <command>` on a FinetuneJob, as its pod would: returns (exit code, config, workdir)."""
+    import yaml
+
+    from finetune_trainer.cli import main
+
+    config = root / "job.yaml"
+    config.write_text(yaml.safe_dump(job))
+    workdir = root / "work"
+    return main([command, "--config", str(config), "--workdir", str(workdir)]), config, workdir
+
+
 # ------------------------------------------------------------------ a fake apiserver (HTTPS)
 class FakeApiServer:
     """Records the trainer's status patches; answers each with the next queued status (default 200).
