@@ -4,6 +4,7 @@ tiny Gemma 3, through export and parity. Skipped where there is no CUDA device."
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -41,3 +42,62 @@ def test_finetune_run_with_unsloth(method, s3, tmp_path, monkeypatch):
     losses = [json.loads(line)["loss"] for line in (workdir / "train-log.jsonl").read_text().splitlines()]
     assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 1.0, losses
     assert metrics["parity"]["f16"]["top1Agreement"] >= 0.99
+
+
+UNSLOTH_PADDING_FREE = r"""
+import json, os, sys
+import torch
+from finetune_api.spec import TrainingSpec
+from finetune_trainer import varlen_attention
+from finetune_trainer.batching import Batches
+from finetune_trainer.model_loading import BaseModel, early_imports, load_for_training
+
+early_imports()
+g = torch.Generator().manual_seed(0)
+rows = [{"input_ids": (ids := torch.randint(3, 262144, (n,), generator=g).tolist()), "labels": ids}
+        for n in (600, 130, 700, 90)]
+training = TrainingSpec(max_seq_length=1024, batch_size=4)
+out = {}
+for padding_free in (True, False):
+    model, backend = load_for_training(BaseModel(source=sys.argv[1]), training)
+    extra = varlen_attention.enable(model) if padding_free else {}
+    batch = Batches(rows, 4, 1024, 0, 0, bucket=True, padding_free=extra is not None).get(0)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        res = model(**batch.model_inputs("cuda"), **(extra or {}), use_cache=False)
+    logits = res.logits.float()
+    if padding_free:
+        starts = batch.cu_seqlens.tolist()
+        per_row = [logits[0, starts[b]:starts[b + 1]] for b in range(4)]
+    else:
+        order = [i for unit in Batches(rows, 4, 1024, 0, 0)._epoch(0)[0] for i in unit]
+        per_row = [logits[b, : len(rows[i]["input_ids"])] for b, i in enumerate(order)]
+    out["flat" if padding_free else "padded"] = {"backend": backend, "loss": float(res.loss), "rows": per_row}
+    del model
+diffs = [float((a - b).abs().max()) for a, b in zip(out["flat"]["rows"], out["padded"]["rows"])]
+print("RESULT " + json.dumps({"calls": varlen_attention.STATS["calls"], "diffs": diffs,
+                              "lengths": [len(r) for r in out["flat"]["rows"]],
+                              **{k: {"backend": v["backend"], "loss": v["loss"]} for k, v in out.items()}}))
+"""
+
+
+def test_unsloth_padding_free_batches_score_as_padded_ones(tmp_path):
+    """The padding-free layout through Unsloth's patched Gemma 3: one [1, T] row of sequences on the
+    varlen flash kernel scores as the same rows padded, on the model's own attention. Rows longer than
+    the sliding window (512), so the local layers' window is exercised too. Its own process: importing
+    Unsloth patches transformers' Gemma 3 for everything after it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "padding_free.py"
+    script.write_text(UNSLOTH_PADDING_FREE)
+    env = {**os.environ, "FINETUNE_ATTENTION": "varlen", "UNSLOTH_RETURN_LOGITS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_gemma())], capture_output=True, text=True,
+                          env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["calls"] > 0, "Unsloth's layers did not reach the varlen kernel"
+    assert result["flat"]["backend"] == result["padded"]["backend"] == "unsloth"
+    assert sorted(result["lengths"]) == [90, 130, 600, 700]
+    assert result["flat"]["loss"] == pytest.approx(result["padded"]["loss"], rel=1e-2)
+    assert max(result["diffs"]) < 0.1, result["diffs"]  # per-token logits agree to bf16 noise

@@ -1,39 +1,61 @@
-"""Packed batches: rows packed together train exactly as they would one by one.
+"""Packed and padding-free batches: rows trained together score exactly as they would one by one.
 
 With packing, batching.py restarts position ids at every row and leaves the attention mask out, so
-transformers builds a block-diagonal causal mask (windowed on sliding layers). Checked on CPU on a
-tiny Gemma 3 whose sliding window is shorter than the rows, for the attention implementations the
-trainer runs: sdpa (transformers on CPU) and flex attention (what Unsloth picks for Gemma 3 on GPU).
+transformers builds a block-diagonal causal mask (windowed on sliding layers). Padding-free batches
+(what the trainer runs on GPU) are one [1, T] row with cu_seqlens, read by varlen_attention. Checked on
+CPU on a tiny Gemma 3 whose sliding window is shorter than the rows, for the attention implementations
+the trainer runs: sdpa (transformers on CPU), flex attention (Unsloth's pick for Gemma 3 on GPU) and
+varlen (its reference path here; the flash kernel behind it is checked on a GPU, `pytest -m gpu`).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from finetune_trainer.batching import Batches
+from finetune_trainer import varlen_attention
+from finetune_trainer.batching import IGNORE, Batches
 
 LENGTHS = [13, 21, 7, 30, 5, 18, 26, 9]
 
 
-def tiny_model(attn: str):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def tiny_model(attn: str, dtype=torch.float32, device="cpu", head_dim=16):
+    from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
+
+    if attn == varlen_attention.NAME:
+        AttentionInterface.register(attn, varlen_attention.varlen_attention_forward)
 
     torch.manual_seed(0)  # same seed, same weights, whatever the attention implementation
     config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, sliding_window=8,
                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
                               pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation=attn)
-    return Gemma3ForCausalLM(config).eval()
+    return Gemma3ForCausalLM(config).eval().to(device=device, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
+
+
+def varlen_model(attn: str = "sdpa", dtype=torch.float32, device="cpu", head_dim=16):
+    """The trainer's route: the model keeps its attention; enable() reroutes padding-free calls."""
+    model = tiny_model(attn, dtype, device, head_dim)
+    extra = varlen_attention.enable(model)
+    assert extra is not None
+    return model, extra
+
+
+def make_rows(lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(3, 256, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
 
 
 @pytest.fixture(scope="module")
 def packed():
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for n in LENGTHS:
-        ids = torch.randint(3, 256, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": ids})
+    rows = make_rows()
     batches = Batches(rows, batch_size=4, max_seq_length=48, pad_id=0, seed=0, packing=True)
     batch = batches.get(0)
     in_batch = [rows[i] for unit in batches._epoch(0)[0] for i in unit]
@@ -45,8 +67,9 @@ def packed():
 
 def loss_row_by_row(model, rows) -> float:
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for row in rows:
-        ids = torch.tensor([row["input_ids"]])
+        ids = torch.tensor([row["input_ids"]], device=device)
         with torch.no_grad():
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         total += float(loss) * (len(row["input_ids"]) - 1)
@@ -70,3 +93,152 @@ def test_the_check_can_fail_rows_that_see_each_other_score_differently(packed):
     with torch.no_grad():
         leaky = float(tiny_model("sdpa")(**inputs, use_cache=False).loss)
     assert leaky != pytest.approx(loss_row_by_row(tiny_model("eager"), rows), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------- padding-free
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_padding_free_batch_is_its_rows_back_to_back(packing):
+    rows = make_rows()
+    batches = Batches(rows, batch_size=3, max_seq_length=32, pad_id=0, seed=0, packing=packing, bucket=True,
+                      padding_free=True)
+    for m in range(batches.per_epoch):
+        b = batches.get(m)
+        in_batch = [rows[i] for unit in batches._epoch(0)[m] for i in unit]
+        lengths = [len(r["input_ids"]) for r in in_batch]
+        assert b.input_ids.shape[0] == 1 and b.attention_mask is None and b.tokens == sum(lengths)
+        width = b.input_ids.shape[1]
+        assert width >= b.tokens and width % 64 == 0  # a bucket: a few fixed totals, so few compiles
+        starts = b.cu_seqlens.tolist()
+        assert starts[: len(lengths) + 1] == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+        assert starts[-1] == width and b.max_seqlen == 32
+        assert all(0 < e - s <= b.max_seqlen for s, e in itertools.pairwise(starts))  # the tail too
+        for s, e in itertools.pairwise(starts):  # positions restart per sequence; no loss across a boundary
+            assert b.position_ids[0, s:e].tolist() == list(range(e - s))
+            assert b.labels[0, s] == IGNORE
+        assert (b.labels[0, b.tokens:] == IGNORE).all() and (b.input_ids[0, b.tokens:] == 0).all()
+        flat = [t for r in in_batch for t in r["input_ids"]]
+        assert b.input_ids[0, : b.tokens].tolist() == flat
+        assert b.label_tokens == sum(n - 1 for n in lengths)
+
+
+def logits_row_by_row(model, rows) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0] for r in rows])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "eager"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_padding_free_batch_trains_as_its_rows_one_by_one(packing, attn):
+    rows = make_rows()
+    batches = Batches(rows, batch_size=4, max_seq_length=48, pad_id=0, seed=0, packing=packing, bucket=True,
+                      padding_free=True)
+    b = batches.get(0)
+    in_batch = [rows[i] for unit in batches._epoch(0)[0] for i in unit]
+    assert len(in_batch) > 1 and b.input_ids.shape[1] > b.tokens  # several sequences and a padded tail
+    model, extra = varlen_model(attn)
+    calls = varlen_attention.STATS["calls"]
+    with torch.no_grad():
+        out = model(**b.model_inputs("cpu"), **extra, use_cache=False)
+    assert varlen_attention.STATS["calls"] == calls + 2  # both layers, the sliding one and the full one
+    eager = tiny_model("eager")
+    torch.testing.assert_close(out.logits[0, : b.tokens], logits_row_by_row(eager, in_batch), atol=1e-4, rtol=1e-4)
+    assert float(out.loss) == pytest.approx(loss_row_by_row(eager, in_batch), rel=1e-4)
+
+
+def test_the_padding_free_check_can_fail_one_long_sequence_scores_differently():
+    rows = make_rows()
+    b = Batches(rows, 4, 48, 0, 0, padding_free=True).get(0)
+    inputs = b.model_inputs("cpu")
+    inputs[varlen_attention.CU_SEQLENS] = torch.tensor([0, b.input_ids.shape[1]], dtype=torch.int32)
+    model, extra = varlen_model()
+    with torch.no_grad():
+        leaky = model(**inputs, **extra, use_cache=False).logits[0]
+    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    first = len(in_batch[0]["input_ids"])
+    reference = logits_row_by_row(tiny_model("eager"), in_batch)
+    torch.testing.assert_close(leaky[:first], reference[:first], atol=1e-4, rtol=1e-4)  # the first row sees no other
+    assert (leaky[first:] - reference[first:]).abs().max() > 1e-2  # the rest see the rows before them
+
+
+def test_without_cu_seqlens_each_right_padded_row_is_one_sequence():
+    rows = make_rows()
+    b = Batches(rows, 4, 48, 0, 0).get(0)  # padded rows, as a plain forward or generate would pass them
+    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    inputs = b.model_inputs("cpu")
+    inputs.pop("attention_mask")
+    with torch.no_grad():
+        logits = tiny_model(varlen_attention.NAME)(**inputs, use_cache=False).logits
+    real = torch.cat([logits[k, : len(r["input_ids"])] for k, r in enumerate(in_batch)])
+    torch.testing.assert_close(real, logits_row_by_row(tiny_model("eager"), in_batch), atol=1e-4, rtol=1e-4)
+
+
+def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.delenv("FINETUNE_ATTENTION")
+    assert varlen_attention.enable(tiny_model("sdpa")) is None
+    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
+    model, extra = varlen_model("sdpa")
+    assert model.config._attn_implementation == "sdpa"  # the model keeps its attention for other calls
+    assert extra == {"attention_mask": {"sliding_attention": None, "full_attention": None}}
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"]._finetune_varlen_router
+    varlen_model("sdpa")  # enabling twice wraps once
+    assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__, "_finetune_varlen_router", False)
+    rows = make_rows()
+    b = Batches(rows, 4, 48, 0, 0).get(0)  # a padded batch still runs the model's own attention
+    calls = varlen_attention.STATS["calls"]
+    with torch.no_grad():
+        padded = model(**b.model_inputs("cpu"), use_cache=False)
+    assert varlen_attention.STATS["calls"] == calls
+    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    assert float(padded.loss) == pytest.approx(loss_row_by_row(tiny_model("eager"), in_batch), rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 256])  # 256: Gemma 3's, the flash kernel's largest
+def test_flash_varlen_matches_rows_one_by_one_in_loss_and_gradients(packing, head_dim):
+    """The CUDA path: torch's FlashAttention varlen kernel, bf16, forward and backward."""
+    rows = make_rows(LENGTHS * 4)
+    b = Batches(rows, 8, 48, 0, 0, packing=packing, bucket=True, padding_free=True).get(0)
+    in_batch = [rows[i] for unit in Batches(rows, 8, 48, 0, 0, packing=packing)._epoch(0)[0] for i in unit]
+    # flex_attention: the implementation Unsloth runs Gemma 3 on, and the one its patched layers (once
+    # Unsloth is imported in this process, e.g. by test_trainer_gpu) still dispatch through the registry.
+    flash, extra = varlen_model("flex_attention", torch.bfloat16, "cuda", head_dim)
+    eager = tiny_model("eager", torch.bfloat16, "cuda", head_dim)
+    loss = flash(**b.model_inputs("cuda"), **extra, use_cache=False).loss
+    loss.backward()
+    total = 0.0
+    for row in in_batch:
+        ids = torch.tensor([row["input_ids"]], device="cuda")
+        n = len(row["input_ids"]) - 1
+        total = total + eager(input_ids=ids, labels=ids, use_cache=False).loss * n
+    ref = total / sum(len(r["input_ids"]) - 1 for r in in_batch)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=2e-2)
+    for (name, p), q in zip(flash.named_parameters(), eager.parameters(), strict=True):
+        cos = torch.nn.functional.cosine_similarity(p.grad.float().flatten(), q.grad.float().flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_inputs_under_autocast_take_the_flash_kernel(monkeypatch):
+    """What Unsloth hands over for Gemma 3: fp32 q/k/v inside bf16 autocast. The reference path would
+    build a T x T mask (seconds per step at training sizes), so it must not be taken."""
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference path ran on CUDA")
+
+    reference = varlen_attention._reference
+    monkeypatch.setattr(varlen_attention, "_reference", no_reference)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, 300, 256, device="cuda", generator=g)
+    k, v = (torch.randn(1, 1, 300, 256, device="cuda", generator=g) for _ in range(2))
+    cu = torch.tensor([0, 40, 200, 300], dtype=torch.int32, device="cuda")
+    kwargs = {varlen_attention.CU_SEQLENS: cu, varlen_attention.MAX_SEQLEN: 256}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = varlen_attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, sliding_window=64, **kwargs)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 300, 4, 256)
+    expected = reference(q, k, v, cu, 256 ** -0.5, 64)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)

@@ -5,10 +5,16 @@ seeded permutation; nothing is consumed from an iterator, so resuming at step s 
 With packing, rows are concatenated into sequences of up to max_seq_length; position ids restart per
 row and the attention mask is left out, which makes transformers build a block-diagonal causal mask
 (no attention across rows).
+
+Padding-free (CUDA, opted in with FINETUNE_ATTENTION=varlen; see varlen_attention): a micro-batch is one
+[1, T] row, every sequence back to back with `cu_seqlens` marking where each starts; only a tail pads T
+to a bucket. Packing then only decides how many rows a micro-batch holds (up to batch_size x
+max_seq_length tokens).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -26,19 +32,27 @@ class Batch:
     position_ids: torch.Tensor | None
     tokens: int  # non-padding tokens
     label_tokens: int  # tokens that carry loss (after the causal shift)
+    cu_seqlens: torch.Tensor | None = None  # padding-free: where each sequence starts, and T at the end
+    max_seqlen: int | None = None  # padding-free: the longest a sequence may be (fixed, so no recompiles)
 
-    def model_inputs(self, device) -> dict[str, torch.Tensor]:
+    def model_inputs(self, device) -> dict:
         out = {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device)}
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask.to(device)
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids.to(device)
+        if self.cu_seqlens is not None:
+            from .varlen_attention import CU_SEQLENS, MAX_SEQLEN
+
+            cu = self.cu_seqlens.to(device)
+            torch._dynamo.maybe_mark_dynamic(cu, 0)  # the sequence count changes every step: one graph for all
+            out[CU_SEQLENS], out[MAX_SEQLEN] = cu, self.max_seqlen
         return out
 
 
 class Batches:
     def __init__(self, rows: list[dict], batch_size: int, max_seq_length: int, pad_id: int, seed: int,
-                 packing: bool = False, bucket: bool = False):
+                 packing: bool = False, bucket: bool = False, padding_free: bool = False):
         self.rows = rows
         self.batch_size = batch_size
         self.max_len = max_seq_length
@@ -48,6 +62,7 @@ class Batches:
         # Compiled kernels (Unsloth's torch.compile regions) recompile for every new sequence length,
         # at a minute or more each: pad widths up to a few power-of-two buckets instead.
         self.bucket = bucket
+        self.padding_free = padding_free
         # A unit is one sequence: one row, or several packed rows. Packing happens once (in a seeded
         # order) so every epoch has the same number of micro-batches; epochs shuffle the units.
         order = list(range(len(rows)))
@@ -81,6 +96,8 @@ class Batches:
 
     def get(self, micro: int) -> Batch:
         units = self._epoch(micro // self.per_epoch)[micro % self.per_epoch]
+        if self.padding_free:
+            return self._flat([i for u in units for i in u], len(units))
         seqs = [self._sequence(u) for u in units]
         width = max(len(ids) for ids, _, _ in seqs)
         if self.bucket:
@@ -112,3 +129,27 @@ class Batches:
             labels += r_labels
             pos += range(len(row["input_ids"]))
         return ids, labels, pos
+
+    def _flat(self, rows: list[int], units: int) -> Batch:
+        ids, labels, pos, starts = [], [], [], [0]
+        for i in rows:
+            s_ids, s_labels, s_pos = self._sequence([i])
+            ids += s_ids
+            labels += s_labels
+            pos += s_pos
+            starts.append(len(ids))
+        tokens, longest = len(ids), max(b - a for a, b in itertools.pairwise(starts))
+        width = tokens
+        if self.bucket:  # a few power-of-two totals, capped at what the micro-batch can hold
+            cap = -(-units * self.max_len // MIN_BUCKET) * MIN_BUCKET
+            width = max(tokens, min(cap, max(MIN_BUCKET, 1 << (tokens - 1).bit_length())))
+        max_seqlen = max(self.max_len, longest)
+        while len(ids) < width:  # the tail: its own sequences, none longer than max_seqlen, no loss
+            n = min(width - len(ids), max_seqlen)
+            ids += [self.pad_id] * n
+            labels += [IGNORE] * n
+            pos += range(n)
+            starts.append(len(ids))
+        labels_t = torch.tensor([labels])
+        return Batch(torch.tensor([ids]), labels_t, None, torch.tensor([pos]), tokens,
+                     int((labels_t[:, 1:] != IGNORE).sum()), torch.tensor(starts, dtype=torch.int32), max_seqlen)

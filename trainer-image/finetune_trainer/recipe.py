@@ -25,6 +25,7 @@ import torch
 
 from finetune_api.spec import TrainingSpec
 
+from . import varlen_attention
 from .batching import Batches
 from .checkpoints import Checkpoints
 from .data.prepare import load_split
@@ -95,7 +96,7 @@ def plan_steps(training: TrainingSpec, per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, device) -> float | None:
+def evaluate(model, batches: Batches, device, extra_inputs: dict | None = None) -> float | None:
     """Mean loss per label token over the validation split."""
     if not batches.rows:
         return None
@@ -106,7 +107,7 @@ def evaluate(model, batches: Batches, device) -> float | None:
         if b.label_tokens == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(**b.model_inputs(device), use_cache=False)
+            out = model(**b.model_inputs(device), **(extra_inputs or {}), use_cache=False)
         total += float(out.loss) * b.label_tokens
         count += b.label_tokens
     model.train()
@@ -127,9 +128,12 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if not rows:
         raise ConfigError("InvalidDataset", "the prepared train split is empty")
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
+    # GPU, opted in: one padding-free row per micro-batch through FlashAttention's varlen kernel.
+    varlen_inputs = varlen_attention.enable(model) if device.type == "cuda" else None
+    padding_free, extra_inputs = varlen_inputs is not None, varlen_inputs or {}
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
-                      bucket=bucket)
-    if training.packing and backend == "unsloth":
+                      bucket=bucket, padding_free=padding_free)
+    if training.packing and backend == "unsloth" and not padding_free:
         log.warning("packing with Unsloth on this stack was measured slower than padding (host-bound steps, "
                     "docs/benchmarks.md); padding to power-of-two buckets is the faster choice on GPU")
     accum = training.gradient_accumulation_steps
@@ -150,7 +154,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         log.info("resuming from %s: step %d of %d (restart %d)", newest.name, step, total_steps, restarts)
     reporter.set_restarts(restarts)
     log.info("training config: %s", json.dumps({
-        "backend": backend, "device": str(device), "trainableParameters": n_trainable, "rows": len(rows),
+        "backend": backend, "device": str(device), "paddingFree": padding_free, "trainableParameters": n_trainable, "rows": len(rows),
         "microBatchesPerEpoch": batches.per_epoch, "totalSteps": total_steps, "startStep": step,
         **training.wire()}))
 
@@ -172,7 +176,10 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 if b.label_tokens == 0:
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = model(**b.model_inputs(device), use_cache=False)
+                    out = model(**b.model_inputs(device), **extra_inputs, use_cache=False)
+                if padding_free and not varlen_attention.STATS["calls"]:  # never silently attend across rows
+                    raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
+                                       "unset FINETUNE_ATTENTION to train on padded batches")
                 # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
                 loss = out.loss * (b.label_tokens / n_labels)
                 loss.backward()
@@ -208,7 +215,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
     eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
-                                        training.seed, bucket=bucket), device) if val_rows else None
+                                        training.seed, bucket=bucket, padding_free=padding_free),
+                         device, extra_inputs) if val_rows else None
     model.save_pretrained(str(workdir.adapter))
     tail = losses[-10:]
     result = TrainResult(

@@ -1,0 +1,155 @@
+"""Padding-free attention: a micro-batch trains as one row of concatenated sequences. Opt-in for now
+(FINETUNE_ATTENTION=varlen on the trainer): its kernel is proven on an H100, its route through
+Unsloth's patched layers not yet (docs/benchmarks.md, "Padding-free attention").
+
+Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
+at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
+attention function keeps each sequence causal and walled off from its neighbours, sliding windows
+included (Gemma 3's local layers), through torch's bundled FlashAttention-2 varlen kernel, which takes
+head dim 256 and grouped K/V heads as they are. No T x T mask exists anywhere, so packing costs nothing
+extra and padding shrinks to one short tail per micro-batch.
+
+How it is reached: the model keeps its attention implementation, and the registered function of that
+name is wrapped so that a call carrying `ft_cu_seqlens` comes here and every other call goes where it
+went before. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
+"flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
+other name (measured: 6.8 s a step, and attention across the packed sequences). Mask building is
+skipped by handing the model an already-prepared, empty mask mapping. The trainer stops with an error
+if its first padding-free step never reached this function, rather than train across sequences.
+
+Why at all: with Unsloth, Gemma 3 runs flex attention, whose block masks for packed rows are rebuilt
+on the host every step (docs/benchmarks.md measured the GPU 8 % busy), and SDPA's packed route needs a
+dense T x T mask.
+
+Off CUDA the same contract runs on SDPA with an explicit mask: the reference the tests hold the layout
+against, and fine for the small batches CPU training sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+NAME = "finetune_varlen"
+# Extra model(...) keyword arguments; transformers hands them to the attention function untouched.
+CU_SEQLENS = "ft_cu_seqlens"
+MAX_SEQLEN = "ft_max_seqlen"
+# Calls that reached the kernel (the trainer checks its first step got here, not a silent fallback).
+STATS = {"calls": 0}
+
+
+def requested() -> bool:
+    return os.environ.get("FINETUNE_ATTENTION", "model").strip().lower() == "varlen"
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None, **kwargs):
+    """transformers' attention-function contract: q (B, H, T, D), k/v (B, H_kv, T, D) → ((B, T, H, D), None).
+
+    With our batches B is 1 and `ft_cu_seqlens` marks the sequences. A caller without them (a plain
+    forward, generate) gets one causal sequence per row: right padding needs no mask under causality
+    (a real token never sees the pads after it), so rows of any batch come out right.
+    """
+    if dropout:
+        raise ValueError("padding-free attention has no attention dropout")
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"padding-free attention is causal only; {type(module).__name__} is not")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    cu_seqlens, max_seqlen = kwargs.get(CU_SEQLENS), kwargs.get(MAX_SEQLEN)
+    rows, _, width, _ = query.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (rows + 1) * width, width, dtype=torch.int32, device=query.device)
+        max_seqlen = width
+        query, key, value = (x.transpose(0, 1).reshape(1, x.shape[1], rows * width, x.shape[-1])
+                             for x in (query, key, value))
+    elif rows != 1:
+        raise ValueError(f"{CU_SEQLENS} needs one packed row, got a batch of {rows}")
+    STATS["calls"] += 1
+    if query.is_cuda:
+        # Unsloth hands Gemma 3's q/k/v over in fp32 (its norms upcast); SDPA under autocast would run
+        # them in the autocast dtype, and so does the flash kernel here (it takes fp16/bf16 only).
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        q, k, v = (x.to(dtype) for x in (query, key, value))
+        out = _flash(q, k, v, cu_seqlens, int(max_seqlen), scale, sliding_window)
+        if not torch.is_autocast_enabled("cuda"):
+            out = out.to(query.dtype)
+    else:
+        out = _reference(query, key, value, cu_seqlens, scale, sliding_window)
+    return out.reshape(rows, width, *out.shape[2:]), None
+
+
+def _flash(query, key, value, cu_seqlens, max_seqlen: int, scale: float, window: int | None):
+    # aten's op directly: a native autograd backward, grouped K/V heads as they are, and it traces
+    # inside compiled regions. Window: transformers' sliding_window counts the query itself.
+    out = torch.ops.aten._flash_attention_forward(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale,
+        window_size_left=-1 if window is None else window - 1, window_size_right=0,
+    )[0]
+    return out.unsqueeze(0)
+
+
+def segment_mask(cu_seqlens: torch.Tensor, total: int, window: int | None, device) -> torch.Tensor:
+    """(T, T) bool: causal inside each segment, nothing across segments, within the window if any."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
+    pos = torch.arange(total, device=device)
+    q, k = pos[:, None], pos[None, :]
+    mask = (seg[:, None] == seg[None, :]) & (k <= q)
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+def _reference(query, key, value, cu_seqlens, scale: float, window: int | None):
+    total = query.shape[2]
+    mask = segment_mask(cu_seqlens, total, window, query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None], scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+def routed(original):
+    """`original` (a registered attention function) with padding-free calls taken here instead."""
+    if getattr(original, "_finetune_varlen_router", False):
+        return original
+
+    @functools.wraps(original)  # keeps the markers others read off the registered function (Unsloth's)
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if kwargs.get(CU_SEQLENS) is not None:
+            return varlen_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention._finetune_varlen_router = True
+    return attention
+
+
+def enable(model) -> dict | None:
+    """Routes the model's padding-free calls here. Returns what every padding-free forward must also be
+    given (an empty, already-prepared mask mapping, so no T x T mask is built), or None where the model
+    cannot take it (then nothing is changed and batches stay padded)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not requested():
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "attn_logit_softcapping", None) or not layer_types:
+        # Gemma 2 (softcapping: the flash op has none) and models that build their mask without a
+        # per-layer-type mapping (a dense T x T mask for a packed row) keep padded batches.
+        return None
+    implementation = config._attn_implementation
+    if implementation in ("eager", None):
+        AttentionInterface.register(NAME, varlen_attention_forward)
+        config._attn_implementation = implementation = NAME
+    original = ALL_ATTENTION_FUNCTIONS.get(implementation)
+    if original is None:
+        return None
+    AttentionInterface.register(implementation, routed(original))
+    return {"attention_mask": {kind: None for kind in set(layer_types)}}
