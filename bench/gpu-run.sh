@@ -6,7 +6,7 @@
 #   bench/gpu-run.sh bench   # bench/train_throughput.py: project path vs transformers+peft
 #                            #   (CONFIGS, SEQ, DATA, PROFILE=<steps>, LEVER="K=V ..." + LABEL=<name>)
 #   bench/gpu-run.sh real    # `finetune run` on the real Gemma 3 270M → GGUF → held-out answer before/after
-#   bench/gpu-run.sh tests   # pytest -m gpu
+#   bench/gpu-run.sh tests   # pytest -m gpu (TESTS=<files or node ids>)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
 #
 # The real GGUF (253 MB) is more than one call may carry (64 MiB), so it travels as pieces
@@ -97,7 +97,7 @@ YAML
   verify_s3 gpu-lora gpu-qlora
   ;;
 bench)
-  timeout 560 python3 bench/train_throughput.py --model-dir $model_dir --out "$OUT/bench.jsonl" \
+  timeout "${BENCH_TIMEOUT:-560}" python3 bench/train_throughput.py --model-dir $model_dir --out "$OUT/bench.jsonl" \
     --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --steps 15 --warmup 4 \
     --data "${DATA:-full}" --profile "${PROFILE:-0}" --label "${LABEL:-}" $(for kv in ${LEVER:-}; do echo "--env=$kv"; done)
   ;;
@@ -149,7 +149,7 @@ tests)
   export FTO_CACHE=/tmp/fto-cache && mkdir -p $FTO_CACHE/models /tmp/bin
   tar xJf .gpu/tokenizer-v2.tar.xz -C $FTO_CACHE/models
   xz -dc .gpu/weed.xz >/tmp/bin/weed && chmod +x /tmp/bin/weed && export PATH=/tmp/bin:$PATH
-  timeout 540 python3 -m pytest -m gpu tests/test_trainer_gpu.py -v -p no:cacheprovider -o addopts="" 2>&1 | tail -40
+  timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -m gpu ${TESTS:-tests/test_trainer_gpu.py tests/test_trainer_packing.py} -v -p no:cacheprovider -o addopts="" 2>&1 | tail -40
   ;;
 esac
 echo "total: $((SECONDS - t0))s"

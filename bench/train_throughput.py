@@ -99,6 +99,7 @@ def worker(args) -> dict:
 
         early_imports()  # Unsloth first, as the trainer does
     from finetune_api.spec import LoraSpec, TrainingSpec
+    from finetune_trainer import varlen_attention
     from finetune_trainer.batching import Batches
 
     training = TrainingSpec(method="qlora" if qlora else "lora", max_seq_length=args.seq, batch_size=batch,
@@ -122,14 +123,19 @@ def worker(args) -> dict:
     rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
-    batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project")
+    # With FINETUNE_ATTENTION=varlen (a lever: --env), the project trains padding-free, as the trainer
+    # then does: one [1, T] row per micro-batch on FlashAttention's varlen kernel.
+    varlen_inputs = varlen_attention.enable(model) if impl == "project" else None
+    padding_free, extra_inputs = varlen_inputs is not None, varlen_inputs or {}
+    batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project",
+                      padding_free=padding_free)
     model.train()
     torch.cuda.reset_peak_memory_stats()
 
     def step(m: int) -> int:
         b = batches.get(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**b.model_inputs(device), use_cache=False)
+            out = model(**b.model_inputs(device), **extra_inputs, use_cache=False)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +149,11 @@ def worker(args) -> dict:
     # First steps compile kernels: the warmup steps, then one step of every width the timed steps
     # will see, so no compilation lands inside the measurement.
     for m in [*range(args.warmup), *first_of_width.values()]:
+        t = time.monotonic()
         step(m)
+        torch.cuda.synchronize()
+        print(f"{args.config}: warmup step {m} ({batches.get(m).input_ids.shape[1]} wide) "
+              f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
     warm_s = time.monotonic() - t_compile
     tokens, t0 = 0, time.monotonic()
@@ -163,13 +173,13 @@ def worker(args) -> dict:
     return {
         "config": args.config + (f"+{args.label}" if args.label else ""), "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
-        "method": training.method, "data": args.data, "env": dict(e.split("=", 1) for e in args.env),
+        "method": training.method, "data": args.data, "paddingFree": padding_free, "env": dict(e.split("=", 1) for e in args.env),
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "tokensPerSecond": round(tps), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
         "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
-        "widths": sorted(first_of_width),
+        "widths": sorted(first_of_width), "varlenCalls": varlen_attention.STATS["calls"],
         **({"gpuBusy": busy} if busy is not None else {}),
     }
 
@@ -275,10 +285,11 @@ def main() -> int:
                "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
         env = {**os.environ, **dict(e.split("=", 1) for e in args.env)}
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # stderr streams (compile progress, warmup steps); stdout carries the result line
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or not line:
-            print(f"{name}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
+            print(f"{name}: FAILED ({proc.returncode})\n{proc.stdout[-4000:]}", flush=True)
             continue
         for ln in proc.stdout.splitlines():  # the worker's profile, if any
             if not ln.startswith("RESULT "):
