@@ -69,7 +69,7 @@ for padding_free in (True, False):
         starts = batch.cu_seqlens.tolist()
         per_row = [logits[0, starts[b]:starts[b + 1]] for b in range(4)]
     else:
-        order = [i for unit in Batches(rows, 4, 1024, 0, 0)._epoch(0)[0] for i in unit]
+        order = Batches(rows, 4, 1024, 0, 0).rows_of(0)
         per_row = [logits[b, : len(rows[i]["input_ids"])] for b, i in enumerate(order)]
     out["flat" if padding_free else "padded"] = {"backend": backend, "loss": float(res.loss), "rows": per_row}
     del model

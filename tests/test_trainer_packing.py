@@ -58,7 +58,7 @@ def packed():
     rows = make_rows()
     batches = Batches(rows, batch_size=4, max_seq_length=48, pad_id=0, seed=0, packing=True)
     batch = batches.get(0)
-    in_batch = [rows[i] for unit in batches._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in batches.rows_of(0)]
     assert batch.position_ids is not None and batch.attention_mask is None
     assert len(in_batch) > batch.input_ids.shape[0] > 1  # several sequences, more rows than sequences
     assert max(len(r["input_ids"]) for r in in_batch) > 8  # rows longer than the sliding window
@@ -103,7 +103,7 @@ def test_a_padding_free_batch_is_its_rows_back_to_back(packing):
                       padding_free=True)
     for m in range(batches.per_epoch):
         b = batches.get(m)
-        in_batch = [rows[i] for unit in batches._epoch(0)[m] for i in unit]
+        in_batch = [rows[i] for i in batches.rows_of(m)]
         lengths = [len(r["input_ids"]) for r in in_batch]
         assert b.input_ids.shape[0] == 1 and b.attention_mask is None and b.tokens == sum(lengths)
         width = b.input_ids.shape[1]
@@ -133,7 +133,7 @@ def test_a_padding_free_batch_trains_as_its_rows_one_by_one(packing, attn):
     batches = Batches(rows, batch_size=4, max_seq_length=48, pad_id=0, seed=0, packing=packing, bucket=True,
                       padding_free=True)
     b = batches.get(0)
-    in_batch = [rows[i] for unit in batches._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in batches.rows_of(0)]
     assert len(in_batch) > 1 and b.input_ids.shape[1] > b.tokens  # several sequences and a padded tail
     model, extra = varlen_model(attn)
     calls = varlen_attention.STATS["calls"]
@@ -153,7 +153,7 @@ def test_the_padding_free_check_can_fail_one_long_sequence_scores_differently():
     model, extra = varlen_model()
     with torch.no_grad():
         leaky = model(**inputs, **extra, use_cache=False).logits[0]
-    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
     first = len(in_batch[0]["input_ids"])
     reference = logits_row_by_row(tiny_model("eager"), in_batch)
     torch.testing.assert_close(leaky[:first], reference[:first], atol=1e-4, rtol=1e-4)  # the first row sees no other
@@ -163,7 +163,7 @@ def test_the_padding_free_check_can_fail_one_long_sequence_scores_differently():
 def test_without_cu_seqlens_each_right_padded_row_is_one_sequence():
     rows = make_rows()
     b = Batches(rows, 4, 48, 0, 0).get(0)  # padded rows, as a plain forward or generate would pass them
-    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
     inputs = b.model_inputs("cpu")
     inputs.pop("attention_mask")
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
     with torch.no_grad():
         padded = model(**b.model_inputs("cpu"), use_cache=False)
     assert varlen_attention.STATS["calls"] == calls
-    in_batch = [rows[i] for unit in Batches(rows, 4, 48, 0, 0)._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
     assert float(padded.loss) == pytest.approx(loss_row_by_row(tiny_model("eager"), in_batch), rel=1e-4)
 
 
@@ -202,7 +202,7 @@ def test_flash_varlen_matches_rows_one_by_one_in_loss_and_gradients(packing, hea
     """The CUDA path: torch's FlashAttention varlen kernel, bf16, forward and backward."""
     rows = make_rows(LENGTHS * 4)
     b = Batches(rows, 8, 48, 0, 0, packing=packing, bucket=True, padding_free=True).get(0)
-    in_batch = [rows[i] for unit in Batches(rows, 8, 48, 0, 0, packing=packing)._epoch(0)[0] for i in unit]
+    in_batch = [rows[i] for i in Batches(rows, 8, 48, 0, 0, packing=packing).rows_of(0)]
     # flex_attention: the implementation Unsloth runs Gemma 3 on, and the one its patched layers (once
     # Unsloth is imported in this process, e.g. by test_trainer_gpu) still dispatch through the registry.
     flash, extra = varlen_model("flex_attention", torch.bfloat16, "cuda", head_dim)

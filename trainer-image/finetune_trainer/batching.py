@@ -94,10 +94,18 @@ class Batches:
     def epoch_of(self, micro: int) -> float:
         return micro / self.per_epoch
 
+    def units_of(self, micro: int) -> list[list[int]]:
+        """Micro-batch `micro`'s units (each a list of row indices), in the order it lays them out."""
+        return self._epoch(micro // self.per_epoch)[micro % self.per_epoch]
+
+    def rows_of(self, micro: int) -> list[int]:
+        """Micro-batch `micro`'s row indices, in the order its tokens come."""
+        return [i for unit in self.units_of(micro) for i in unit]
+
     def get(self, micro: int) -> Batch:
-        units = self._epoch(micro // self.per_epoch)[micro % self.per_epoch]
+        units = self.units_of(micro)
         if self.padding_free:
-            return self._flat([i for u in units for i in u], len(units))
+            return self._flat(self.rows_of(micro), len(units))
         seqs = [self._sequence(u) for u in units]
         width = max(len(ids) for ids, _, _ in seqs)
         if self.bucket:
