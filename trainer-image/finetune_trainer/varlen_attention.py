@@ -144,12 +144,14 @@ def enable(model) -> dict | None:
         # Gemma 2 (softcapping: the flash op has none) and models that build their mask without a
         # per-layer-type mapping (a dense T x T mask for a packed row) keep padded batches.
         return None
+    masks = {"attention_mask": {kind: None for kind in set(layer_types)}}
     implementation = config._attn_implementation
-    if implementation in ("eager", None):
+    if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
         AttentionInterface.register(NAME, varlen_attention_forward)
-        config._attn_implementation = implementation = NAME
+        config._attn_implementation = NAME
+        return masks
     original = ALL_ATTENTION_FUNCTIONS.get(implementation)
     if original is None:
         return None
     AttentionInterface.register(implementation, routed(original))
-    return {"attention_mask": {kind: None for kind in set(layer_types)}}
+    return masks
