@@ -194,6 +194,89 @@ def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
     assert float(padded.loss) == pytest.approx(loss_row_by_row(tiny_model("eager"), in_batch), rel=1e-4)
 
 
+def test_compiled_decoder_layers_take_the_route_without_recompiling():
+    """Unsloth compiles each decoder layer: the route must trace, count as reached, and compile once
+    per layer kind, not once per call (a Python counter read inside the graph made dynamo recompile
+    every call)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    rows = make_rows()
+    b = Batches(rows, 4, 48, 0, 0, padding_free=True).get(0)
+    in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
+    model, extra = varlen_model("sdpa")
+    for layer in model.model.layers:
+        layer.compile(backend="eager", dynamic=False)
+    calls = varlen_attention.STATS["calls"]
+    reference = logits_row_by_row(tiny_model("eager"), in_batch)
+    graphs, before = [], counters["stats"]["unique_graphs"]  # the counter lives as long as the process
+    for _ in range(3):
+        with torch.no_grad():
+            out = model(**b.model_inputs("cpu"), **extra, use_cache=False)
+        torch.testing.assert_close(out.logits[0, : b.tokens], reference, atol=1e-4, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    torch._dynamo.reset()
+    assert 0 < graphs[0] == graphs[-1] <= 2, graphs  # the sliding layer's graph and the full one's, once
+    assert varlen_attention.STATS["calls"] > calls
+
+
+def test_a_wrapper_set_on_the_shared_interface_still_routes_to_the_kernel(monkeypatch):
+    """Unsloth replaces flex_attention with `ALL_ATTENTION_FUNCTIONS[name] = wrapper`, an entry of the
+    shared instance that shadows AttentionInterface.register(); the route must still be taken."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {})  # restored after the test
+    reached = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def wrapper(*args, **kwargs):
+        reached.append(True)
+        return sdpa(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
+    model, extra = varlen_model("sdpa")
+    b = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)
+    calls = varlen_attention.STATS["calls"]
+    with torch.no_grad():
+        model(**b.model_inputs("cpu"), **extra, use_cache=False)
+    assert varlen_attention.STATS["calls"] == calls + 2 and not reached
+    with torch.no_grad():  # other calls still go through the wrapper that was there
+        model(**Batches(make_rows(), 4, 48, 0, 0).get(0).model_inputs("cpu"), use_cache=False)
+    assert len(reached) == 2
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_the_loss_never_sees_the_padding_free_keywords_the_layers_do(peft):
+    """A causal LM hands its extra keywords to its loss too; Unsloth's fused cross-entropy leaves its
+    fast kernel for any keyword it does not know, so enable() keeps them to the decoder stack. With
+    PEFT's wrapper around the model too, as the trainer runs it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("sdpa")
+    seen = []
+    original = base.loss_function
+
+    def loss_function(*args, **kwargs):
+        seen.append(set(kwargs))
+        return original(*args, **kwargs)
+
+    base.loss_function = loss_function
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) if peft else base
+    extra = varlen_attention.enable(model)
+    b = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)
+    inputs = b.model_inputs("cpu")
+    assert varlen_attention.CU_SEQLENS in inputs and varlen_attention.MAX_SEQLEN in inputs
+    calls = varlen_attention.STATS["calls"]
+    for _ in range(2):  # and again: nothing is left over from the call before
+        with torch.no_grad():
+            model(**inputs, **extra, use_cache=False)
+    assert varlen_attention.STATS["calls"] == calls + 4
+    assert len(seen) == 2 and not any(key.startswith("ft_") for keys in seen for key in keys), seen
+    with torch.no_grad():  # a call without them (generate, a padded batch) finds none held for it
+        model(**Batches(make_rows(), 4, 48, 0, 0).get(0).model_inputs("cpu"), use_cache=False)
+    assert varlen_attention.STATS["calls"] == calls + 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("packing", [False, True])

@@ -37,8 +37,21 @@ NAME = "finetune_varlen"
 # Extra model(...) keyword arguments; transformers hands them to the attention function untouched.
 CU_SEQLENS = "ft_cu_seqlens"
 MAX_SEQLEN = "ft_max_seqlen"
-# Calls that reached the kernel (the trainer checks its first step got here, not a silent fallback).
+# Calls that reached the kernel, or compiled graphs that will (the trainer checks its first step got
+# here, not a silent fallback).
 STATS = {"calls": 0}
+
+
+def _note_reached() -> None:
+    # Inside a compiled region (Unsloth compiles each decoder layer) a plain `STATS["calls"] += 1`
+    # makes dynamo guard on the count's value and recompile every call (measured: a step that never
+    # finished); comptime counts once, at trace time, and leaves nothing in the graph.
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(lambda ctx: STATS.__setitem__("calls", STATS["calls"] + 1))
+    else:
+        STATS["calls"] += 1
 
 
 def requested() -> bool:
@@ -67,7 +80,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              for x in (query, key, value))
     elif rows != 1:
         raise ValueError(f"{CU_SEQLENS} needs one packed row, got a batch of {rows}")
-    STATS["calls"] += 1
+    _note_reached()
     if query.is_cuda:
         # Unsloth hands Gemma 3's q/k/v over in fp32 (its norms upcast); SDPA under autocast would run
         # them in the autocast dtype, and so does the flash kernel here (it takes fp16/bf16 only).
@@ -128,6 +141,35 @@ def routed(original):
     return attention
 
 
+def _past_the_loss(model, base) -> None:
+    """Hands `ft_*` keywords to the decoder stack only. A causal LM passes its extra keywords to its
+    loss as well as to its layers, and Unsloth's fused cross-entropy leaves its fast chunked kernel
+    for a slower general path on any keyword it does not know; so the outermost call (PEFT's wrapper,
+    whose own forward may call the causal LM's forward directly) drops them, and the decoder's call,
+    under it in the same forward, takes them back."""
+    if getattr(model, "_finetune_varlen_hooks", False):
+        return
+    decoder, held = base.get_decoder(), {}
+
+    def take(module, args, kwargs):
+        if any(key in kwargs for key in (CU_SEQLENS, MAX_SEQLEN)):
+            held.clear()
+            held.update({key: kwargs.pop(key) for key in (CU_SEQLENS, MAX_SEQLEN) if key in kwargs})
+        return args, kwargs
+
+    def give(module, args, kwargs):
+        return args, {**kwargs, **held}
+
+    def forget(module, args, kwargs, output):
+        held.clear()
+
+    for outer in {id(model): model, id(base): base}.values():
+        outer.register_forward_pre_hook(take, with_kwargs=True)
+        outer.register_forward_hook(forget, with_kwargs=True, always_call=True)
+    decoder.register_forward_pre_hook(give, with_kwargs=True)
+    model._finetune_varlen_hooks = True
+
+
 def enable(model) -> dict | None:
     """Routes the model's padding-free calls here. Returns what every padding-free forward must also be
     given (an empty, already-prepared mask mapping, so no T x T mask is built), or None where the model
@@ -149,9 +191,11 @@ def enable(model) -> dict | None:
     if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
         AttentionInterface.register(NAME, varlen_attention_forward)
         config._attn_implementation = NAME
-        return masks
-    original = ALL_ATTENTION_FUNCTIONS.get(implementation)
-    if original is None:
+    elif (original := ALL_ATTENTION_FUNCTIONS.get(implementation)) is not None:
+        # An entry set on the shared instance (Unsloth wraps flex_attention so) shadows register(), so
+        # the router goes where lookups look first; wrappers Unsloth adds later wrap the router.
+        ALL_ATTENTION_FUNCTIONS[implementation] = routed(original)
+    else:
         return None
-    AttentionInterface.register(implementation, routed(original))
+    _past_the_loss(model, base)
     return masks
