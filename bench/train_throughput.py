@@ -53,6 +53,16 @@ CONFIGS = {
     "baseline-qlora": ("hf", 1, "gpu", False),
     "project-qlora": ("project", 1, "offload", False),
 }
+# A config name may end in "+<lever>" (project-b4x+varlen): the same config with the lever's
+# environment, so one invocation measures a config with and without it against the same baseline.
+LEVERS = {
+    "varlen": {"FINETUNE_ATTENTION": "varlen"},  # padding-free batches on the varlen flash kernel
+}
+
+
+def config_env(name: str) -> dict[str, str]:
+    _, _, lever = name.partition("+")
+    return LEVERS[lever] if lever else {}
 
 
 def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
@@ -90,8 +100,8 @@ def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0) -> list[dict]:
 def worker(args) -> dict:
     import torch
 
-    impl, mult, gc, packing = CONFIGS[args.config]
-    qlora = args.config.endswith("qlora")
+    impl, mult, gc, packing = CONFIGS[args.config.partition("+")[0]]
+    qlora = args.config.partition("+")[0].endswith("qlora")
     batch = args.batch * mult
     if impl == "project":
         os.environ["FINETUNE_BACKEND"] = "unsloth"
@@ -123,7 +133,7 @@ def worker(args) -> dict:
     rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
-    # With FINETUNE_ATTENTION=varlen (a lever: --env), the project trains padding-free, as the trainer
+    # With FINETUNE_ATTENTION=varlen (the lever "+varlen"), the project trains padding-free, as the trainer
     # then does: one [1, T] row per micro-batch on FlashAttention's varlen kernel.
     varlen_inputs = varlen_attention.enable(model) if impl == "project" else None
     padding_free, extra_inputs = varlen_inputs is not None, varlen_inputs or {}
@@ -152,6 +162,8 @@ def worker(args) -> dict:
         t = time.monotonic()
         step(m)
         torch.cuda.synchronize()
+        if padding_free and not varlen_attention.STATS["calls"]:  # as the trainer: never across sequences
+            raise RuntimeError("padding-free batches did not reach the varlen attention kernel")
         print(f"{args.config}: warmup step {m} ({batches.get(m).input_ids.shape[1]} wide) "
               f"{time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
@@ -173,7 +185,7 @@ def worker(args) -> dict:
     return {
         "config": args.config + (f"+{args.label}" if args.label else ""), "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
-        "method": training.method, "data": args.data, "paddingFree": padding_free, "env": dict(e.split("=", 1) for e in args.env),
+        "method": training.method, "data": args.data, "paddingFree": padding_free, "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "tokensPerSecond": round(tps), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -278,12 +290,15 @@ def main() -> int:
 
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).parameters())
     results = []
-    for name in args.configs.split(","):
+    names = args.configs.split(",")
+    for name in names:  # a typo fails now, not after the configs before it have run
+        config_env(name), CONFIGS[name.partition("+")[0]]
+    for name in names:
         cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
                "--model-dir", str(model_dir), "--n-params", str(n_params), "--profile", str(args.profile),
                "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
-        env = {**os.environ, **dict(e.split("=", 1) for e in args.env)}
+        env = {**os.environ, **dict(e.split("=", 1) for e in args.env), **config_env(name)}
         t0 = time.monotonic()
         # stderr streams (compile progress, warmup steps); stdout carries the result line
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -303,11 +318,11 @@ def main() -> int:
                 f.write(json.dumps(res) + "\n")
 
     base = {r["method"]: r for r in results if r["config"].startswith("baseline")}
-    print(f"\n{'config':<22}{'tok/s':>10}{'step s':>9}{'peak GB':>9}{'MFU':>7}{'vs base':>9}  (seq {args.seq}, data {args.data})")
+    print(f"\n{'config':<28}{'tok/s':>10}{'step s':>9}{'peak GB':>9}{'MFU':>7}{'vs base':>9}  (seq {args.seq}, data {args.data})")
     for r in results:
         ref = base.get(r["method"])
         ratio = f"{r['tokensPerSecond'] / ref['tokensPerSecond']:.2f}x" if ref else "-"
-        print(f"{r['config']:<22}{r['tokensPerSecond']:>10,}{r['stepSeconds']:>9.3f}{r['peakMemoryGB']:>9.1f}"
+        print(f"{r['config']:<28}{r['tokensPerSecond']:>10,}{r['stepSeconds']:>9.3f}{r['peakMemoryGB']:>9.1f}"
               f"{r['mfu'] * 100:>6.1f}%{ratio:>9}")
     return 0
 
