@@ -1,6 +1,7 @@
 """Padding-free attention: a micro-batch trains as one row of concatenated sequences. Opt-in for now
-(FINETUNE_ATTENTION=varlen on the trainer): its kernel is proven on an H100, its route through
-Unsloth's patched layers not yet (docs/benchmarks.md, "Padding-free attention").
+(FINETUNE_ATTENTION=varlen on the trainer): its kernel is proven on an H100; its route through
+Unsloth's patched, compiled layers is fixed and checked on CPU but not yet measured on a GPU
+(docs/benchmarks.md, "Padding-free attention").
 
 Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
 at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
@@ -9,9 +10,10 @@ included (Gemma 3's local layers), through torch's bundled FlashAttention-2 varl
 head dim 256 and grouped K/V heads as they are. No T x T mask exists anywhere, so packing costs nothing
 extra and padding shrinks to one short tail per micro-batch.
 
-How it is reached: the model keeps its attention implementation, and the registered function of that
+How it is reached: the model keeps its attention implementation, and the registry's entry for that
 name is wrapped so that a call carrying `ft_cu_seqlens` comes here and every other call goes where it
-went before. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
+went before. The `ft_*` keywords travel from the outermost call to the decoder stack only (hooks), so
+the loss never sees them. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
 "flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
 other name (measured: 6.8 s a step, and attention across the packed sequences). Mask building is
 skipped by handing the model an already-prepared, empty mask mapping. The trainer stops with an error
