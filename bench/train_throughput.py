@@ -47,6 +47,7 @@ CONFIGS = {
     "project-b4x-nogc": ("project", 4, False, False),
     "project-b8x": ("project", 8, "offload", False),
     "project-b8x-gcgpu": ("project", 8, "gpu", False),
+    "project-b8x-nogc": ("project", 8, False, False),  # ~65 GB on an 80 GB card
     "project-b16x": ("project", 16, "offload", False),
     "project-packed": ("project", 1, "offload", True),
     "project-b4x-packed": ("project", 4, "offload", True),
