@@ -12,11 +12,11 @@ extra and padding shrinks to one short tail per micro-batch.
 
 How it is reached: the model keeps its attention implementation, and the registry's entry for that
 name is wrapped so that a call carrying `ft_cu_seqlens` comes here and every other call goes where it
-went before. The `ft_*` keywords travel from the outermost call to the decoder stack only (hooks), so
-the loss never sees them. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
+went before. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
 "flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
-other name (measured: 6.8 s a step, and attention across the packed sequences). Mask building is
-skipped by handing the model an already-prepared, empty mask mapping. The trainer stops with an error
+other name (measured: 6.8 s a step, and attention across the packed sequences). The `ft_*` keywords
+travel from the outermost call to the decoder stack only (hooks), so the loss never sees them. Mask
+building is skipped by handing the model an already-prepared, empty mask mapping. The trainer stops with an error
 if its first padding-free step never reached this function, rather than train across sequences.
 
 Why at all: with Unsloth, Gemma 3 runs flex attention, whose block masks for packed rows are rebuilt
@@ -46,8 +46,8 @@ STATS = {"calls": 0}
 
 def _note_reached() -> None:
     # Inside a compiled region (Unsloth compiles each decoder layer) a plain `STATS["calls"] += 1`
-    # makes dynamo guard on the count's value and recompile every call (measured: a step that never
-    # finished); comptime counts once, at trace time, and leaves nothing in the graph.
+    # makes dynamo guard on the count's value and recompile every call (on the H100: a step not done
+    # 50 s after the first); comptime counts once, at trace time, and leaves nothing in the graph.
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime
 
