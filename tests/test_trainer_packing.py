@@ -194,6 +194,18 @@ def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
     assert float(padded.loss) == pytest.approx(loss_row_by_row(tiny_model("eager"), in_batch), rel=1e-4)
 
 
+def test_the_trainers_loader_and_route_score_and_train_padding_free_as_padded():
+    """tests/padding_free_check.py on CPU (the transformers backend, LoRA, PEFT's wrapper): the same
+    check the GPU test runs through Unsloth, so the check itself is proven before a GPU runs it."""
+    from tests import padding_free_check
+    from tests.trainer_fixtures import tiny_gemma
+
+    lengths = [60, 13, 70, 9]
+    result = padding_free_check.run(tiny_gemma(), "cpu", lengths, 96, timeout=300)
+    padding_free_check.assert_same(result, "transformers", lengths, logit_tolerance=1e-3)
+    assert result["probe"]["attn0"] == ["ft_cu_seqlens", "ft_max_seqlen"]  # the keywords reach attention
+
+
 def test_compiled_decoder_layers_take_the_route_without_recompiling():
     """Unsloth compiles each decoder layer: the route must trace, count as reached, and compile once
     per layer kind, not once per call (a Python counter read inside the graph made dynamo recompile
