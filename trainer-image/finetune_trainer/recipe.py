@@ -177,9 +177,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = model(**b.model_inputs(device), **extra_inputs, use_cache=False)
-                if padding_free and not varlen_attention.STATS["calls"]:  # never silently attend across rows
-                    raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
-                                       "unset FINETUNE_ATTENTION to train on padded batches")
+                if padding_free:
+                    varlen_attention.require_reached()
                 # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
                 loss = out.loss * (b.label_tokens / n_labels)
                 loss.backward()

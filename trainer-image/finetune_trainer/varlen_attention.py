@@ -16,8 +16,9 @@ went before. Renaming the implementation would not do: Unsloth's patched Gemma 3
 "flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
 other name (measured: 6.8 s a step, and attention across the packed sequences). The `ft_*` keywords
 travel from the outermost call to the decoder stack only (hooks), so the loss never sees them. Mask
-building is skipped by handing the model an already-prepared, empty mask mapping. The trainer stops with an error
-if its first padding-free step never reached this function, rather than train across sequences.
+building is skipped by handing the model an already-prepared, empty mask mapping. The trainer stops
+with an error if its first padding-free step never reached this function, rather than train across
+sequences.
 
 Why at all: with Unsloth, Gemma 3 runs flex attention, whose block masks for packed rows are rebuilt
 on the host every step (docs/benchmarks.md measured the GPU 8 % busy), and SDPA's packed route needs a
@@ -54,6 +55,13 @@ def _note_reached() -> None:
         comptime(lambda ctx: STATS.__setitem__("calls", STATS["calls"] + 1))
     else:
         STATS["calls"] += 1
+
+
+def require_reached() -> None:
+    """After a first padding-free forward: stop rather than train with attention across sequences."""
+    if not STATS["calls"]:
+        raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
+                           "unset FINETUNE_ATTENTION to train on padded batches")
 
 
 def requested() -> bool:
