@@ -136,8 +136,7 @@ def worker(args) -> dict:
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
     # With FINETUNE_ATTENTION=varlen (the lever "+varlen"), the project trains padding-free, as the trainer
     # then does: one [1, T] row per micro-batch on FlashAttention's varlen kernel.
-    varlen_inputs = varlen_attention.enable(model) if impl == "project" else None
-    padding_free, extra_inputs = varlen_inputs is not None, varlen_inputs or {}
+    padding_free = impl == "project" and varlen_attention.enable(model)
     batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project",
                       padding_free=padding_free)
     model.train()
@@ -146,7 +145,7 @@ def worker(args) -> dict:
     def step(m: int) -> int:
         b = batches.get(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**b.model_inputs(device), **extra_inputs, use_cache=False)
+            out = model(**b.model_inputs(device), use_cache=False)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

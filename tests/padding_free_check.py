@@ -38,9 +38,8 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
     for padding_free in (True, False):
         torch.manual_seed(0)  # the same LoRA initialisation for both
         model, backend = load_for_training(BaseModel(source=model_dir), training)
-        extra = varlen_attention.enable(model) if padding_free else {}
         if padding_free:
-            assert extra is not None, "varlen_attention.enable() declined the model"
+            assert varlen_attention.enable(model), "varlen_attention.enable() declined the model"
             _spy(model, probe)
         batch = Batches(rows, n, max_len, 0, 0, bucket=cuda, padding_free=padding_free).get(0)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
@@ -48,7 +47,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
         # the plain path).
         os.environ["UNSLOTH_RETURN_LOGITS"] = "1"
         with torch.no_grad(), autocast:
-            res = model(**batch.model_inputs(device), **extra, use_cache=False)
+            res = model(**batch.model_inputs(device), use_cache=False)
         logits = res.logits.float()
         probe.setdefault("callsScoring", varlen_attention.STATS["calls"])
         if padding_free:
@@ -61,7 +60,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
         del os.environ["UNSLOTH_RETURN_LOGITS"]
         model.train()
         with autocast:
-            train_loss = model(**batch.model_inputs(device), **extra, use_cache=False).loss
+            train_loss = model(**batch.model_inputs(device), use_cache=False).loss
         train_loss.backward()
         probe.setdefault("callsTraining", varlen_attention.STATS["calls"])
         grads = {name: p.grad.float().flatten().cpu() for name, p in model.named_parameters() if p.grad is not None}

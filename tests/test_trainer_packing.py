@@ -43,9 +43,23 @@ def opted_in(monkeypatch):
 def varlen_model(attn: str = "sdpa", dtype=torch.float32, device="cpu", head_dim=16):
     """The trainer's route: the model keeps its attention; enable() reroutes padding-free calls."""
     model = tiny_model(attn, dtype, device, head_dim)
-    extra = varlen_attention.enable(model)
-    assert extra is not None
-    return model, extra
+    assert varlen_attention.enable(model)
+    return model
+
+
+def decoder_mask(model, inputs: dict):
+    """The attention mask the decoder stack is handed when the model is called on `inputs`."""
+    seen = []
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+    handle = decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
 
 
 def make_rows(lengths=LENGTHS, seed=1):
@@ -135,10 +149,10 @@ def test_a_padding_free_batch_trains_as_its_rows_one_by_one(packing, attn):
     b = batches.get(0)
     in_batch = [rows[i] for i in batches.rows_of(0)]
     assert len(in_batch) > 1 and b.input_ids.shape[1] > b.tokens  # several sequences and a padded tail
-    model, extra = varlen_model(attn)
+    model = varlen_model(attn)
     calls = varlen_attention.STATS["calls"]
     with torch.no_grad():
-        out = model(**b.model_inputs("cpu"), **extra, use_cache=False)
+        out = model(**b.model_inputs("cpu"), use_cache=False)
     assert varlen_attention.STATS["calls"] == calls + 2  # both layers, the sliding one and the full one
     eager = tiny_model("eager")
     torch.testing.assert_close(out.logits[0, : b.tokens], logits_row_by_row(eager, in_batch), atol=1e-4, rtol=1e-4)
@@ -150,9 +164,9 @@ def test_the_padding_free_check_can_fail_one_long_sequence_scores_differently():
     b = Batches(rows, 4, 48, 0, 0, padding_free=True).get(0)
     inputs = b.model_inputs("cpu")
     inputs[varlen_attention.CU_SEQLENS] = torch.tensor([0, b.input_ids.shape[1]], dtype=torch.int32)
-    model, extra = varlen_model()
+    model = varlen_model()
     with torch.no_grad():
-        leaky = model(**inputs, **extra, use_cache=False).logits[0]
+        leaky = model(**inputs, use_cache=False).logits[0]
     in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
     first = len(in_batch[0]["input_ids"])
     reference = logits_row_by_row(tiny_model("eager"), in_batch)
@@ -176,11 +190,13 @@ def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     monkeypatch.delenv("FINETUNE_ATTENTION")
-    assert varlen_attention.enable(tiny_model("sdpa")) is None
+    assert varlen_attention.enable(tiny_model("sdpa")) is False
     monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
-    model, extra = varlen_model("sdpa")
+    model = varlen_model("sdpa")
     assert model.config._attn_implementation == "sdpa"  # the model keeps its attention for other calls
-    assert extra == {"attention_mask": {"sliding_attention": None, "full_attention": None}}
+    # A padding-free call hands the decoder an empty, already-prepared mask mapping (no mask is built).
+    flat = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)
+    assert decoder_mask(model, flat.model_inputs("cpu")) == {"sliding_attention": None, "full_attention": None}
     assert ALL_ATTENTION_FUNCTIONS["sdpa"]._finetune_varlen_router
     varlen_model("sdpa")  # enabling twice wraps once
     assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__, "_finetune_varlen_router", False)
@@ -216,7 +232,7 @@ def test_compiled_decoder_layers_take_the_route_without_recompiling():
     rows = make_rows()
     b = Batches(rows, 4, 48, 0, 0, padding_free=True).get(0)
     in_batch = [rows[i] for i in Batches(rows, 4, 48, 0, 0).rows_of(0)]
-    model, extra = varlen_model("sdpa")
+    model = varlen_model("sdpa")
     for layer in model.model.layers:
         layer.compile(backend="eager", dynamic=False)
     calls = varlen_attention.STATS["calls"]
@@ -224,7 +240,7 @@ def test_compiled_decoder_layers_take_the_route_without_recompiling():
     graphs, before = [], counters["stats"]["unique_graphs"]  # the counter lives as long as the process
     for _ in range(3):
         with torch.no_grad():
-            out = model(**b.model_inputs("cpu"), **extra, use_cache=False)
+            out = model(**b.model_inputs("cpu"), use_cache=False)
         torch.testing.assert_close(out.logits[0, : b.tokens], reference, atol=1e-4, rtol=1e-4)
         graphs.append(counters["stats"]["unique_graphs"] - before)
     torch._dynamo.reset()
@@ -246,11 +262,11 @@ def test_a_wrapper_set_on_the_shared_interface_still_routes_to_the_kernel(monkey
         return sdpa(*args, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
-    model, extra = varlen_model("sdpa")
+    model = varlen_model("sdpa")
     b = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)
     calls = varlen_attention.STATS["calls"]
     with torch.no_grad():
-        model(**b.model_inputs("cpu"), **extra, use_cache=False)
+        model(**b.model_inputs("cpu"), use_cache=False)
     assert varlen_attention.STATS["calls"] == calls + 2 and not reached
     with torch.no_grad():  # other calls still go through the wrapper that was there
         model(**Batches(make_rows(), 4, 48, 0, 0).get(0).model_inputs("cpu"), use_cache=False)
@@ -274,18 +290,19 @@ def test_the_loss_never_sees_the_padding_free_keywords_the_layers_do(peft):
 
     base.loss_function = loss_function
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) if peft else base
-    extra = varlen_attention.enable(model)
+    assert varlen_attention.enable(model)
     b = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)
     inputs = b.model_inputs("cpu")
     assert varlen_attention.CU_SEQLENS in inputs and varlen_attention.MAX_SEQLEN in inputs
     calls = varlen_attention.STATS["calls"]
     for _ in range(2):  # and again: nothing is left over from the call before
         with torch.no_grad():
-            model(**inputs, **extra, use_cache=False)
+            model(**inputs, use_cache=False)
     assert varlen_attention.STATS["calls"] == calls + 4
     assert len(seen) == 2 and not any(key.startswith("ft_") for keys in seen for key in keys), seen
-    with torch.no_grad():  # a call without them (generate, a padded batch) finds none held for it
-        model(**Batches(make_rows(), 4, 48, 0, 0).get(0).model_inputs("cpu"), use_cache=False)
+    # A call without them (generate, a padded batch) finds none held for it, and keeps its own mask.
+    padded = Batches(make_rows(), 4, 48, 0, 0).get(0).model_inputs("cpu")
+    assert torch.equal(decoder_mask(model, padded), padded["attention_mask"])
     assert varlen_attention.STATS["calls"] == calls + 4
 
 
@@ -300,9 +317,9 @@ def test_flash_varlen_matches_rows_one_by_one_in_loss_and_gradients(packing, hea
     in_batch = [rows[i] for i in Batches(rows, 8, 48, 0, 0, packing=packing).rows_of(0)]
     # flex_attention: the implementation Unsloth runs Gemma 3 on, and the one its patched layers (once
     # Unsloth is imported in this process, e.g. by test_trainer_gpu) still dispatch through the registry.
-    flash, extra = varlen_model("flex_attention", torch.bfloat16, "cuda", head_dim)
+    flash = varlen_model("flex_attention", torch.bfloat16, "cuda", head_dim)
     eager = tiny_model("eager", torch.bfloat16, "cuda", head_dim)
-    loss = flash(**b.model_inputs("cuda"), **extra, use_cache=False).loss
+    loss = flash(**b.model_inputs("cuda"), use_cache=False).loss
     loss.backward()
     total = 0.0
     for row in in_batch:

@@ -96,7 +96,7 @@ def plan_steps(training: TrainingSpec, per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, device, extra_inputs: dict | None = None) -> float | None:
+def evaluate(model, batches: Batches, device) -> float | None:
     """Mean loss per label token over the validation split."""
     if not batches.rows:
         return None
@@ -107,7 +107,7 @@ def evaluate(model, batches: Batches, device, extra_inputs: dict | None = None) 
         if b.label_tokens == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(**b.model_inputs(device), **(extra_inputs or {}), use_cache=False)
+            out = model(**b.model_inputs(device), use_cache=False)
         total += float(out.loss) * b.label_tokens
         count += b.label_tokens
     model.train()
@@ -129,8 +129,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         raise ConfigError("InvalidDataset", "the prepared train split is empty")
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
     # GPU, opted in: one padding-free row per micro-batch through FlashAttention's varlen kernel.
-    varlen_inputs = varlen_attention.enable(model) if device.type == "cuda" else None
-    padding_free, extra_inputs = varlen_inputs is not None, varlen_inputs or {}
+    padding_free = device.type == "cuda" and varlen_attention.enable(model)
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
                       bucket=bucket, padding_free=padding_free)
     if training.packing and backend == "unsloth" and not padding_free:
@@ -176,7 +175,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 if b.label_tokens == 0:
                     continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = model(**b.model_inputs(device), **extra_inputs, use_cache=False)
+                    out = model(**b.model_inputs(device), use_cache=False)
                 if padding_free:
                     varlen_attention.require_reached()
                 # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
@@ -215,7 +214,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
     eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
                                         training.seed, bucket=bucket, padding_free=padding_free),
-                         device, extra_inputs) if val_rows else None
+                         device) if val_rows else None
     model.save_pretrained(str(workdir.adapter))
     tail = losses[-10:]
     result = TrainResult(

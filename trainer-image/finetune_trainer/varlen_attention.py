@@ -15,10 +15,10 @@ name is wrapped so that a call carrying `ft_cu_seqlens` comes here and every oth
 went before. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
 "flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
 other name (measured: 6.8 s a step, and attention across the packed sequences). The `ft_*` keywords
-travel from the outermost call to the decoder stack only (hooks), so the loss never sees them. Mask
-building is skipped by handing the model an already-prepared, empty mask mapping. The trainer stops
-with an error if its first padding-free step never reached this function, rather than train across
-sequences.
+travel from the outermost call to the decoder stack only (hooks), so the loss never sees them, and
+with them the decoder is handed an already-prepared, empty mask mapping, so no mask is built. The
+trainer stops with an error if its first padding-free step never reached this function, rather than
+train across sequences.
 
 Why at all: with Unsloth, Gemma 3 runs flex attention, whose block masks for packed rows are rebuilt
 on the host every step (docs/benchmarks.md measured the GPU 8 % busy), and SDPA's packed route needs a
@@ -151,12 +151,13 @@ def routed(original):
     return attention
 
 
-def _past_the_loss(model, base) -> None:
-    """Hands `ft_*` keywords to the decoder stack only. A causal LM passes its extra keywords to its
-    loss as well as to its layers, and Unsloth's fused cross-entropy leaves its fast chunked kernel
-    for a slower general path on any keyword it does not know; so the outermost call (PEFT's wrapper,
-    whose own forward may call the causal LM's forward directly) drops them, and the decoder's call,
-    under it in the same forward, takes them back."""
+def _to_the_decoder(model, base, masks: dict) -> None:
+    """Hands `ft_*` keywords to the decoder stack only, with `masks` as its attention mask. A causal LM
+    passes its extra keywords to its loss as well as to its layers, and Unsloth's fused cross-entropy
+    leaves its fast chunked kernel for a slower general path on any keyword it does not know; so the
+    outermost call (PEFT's wrapper, whose own forward may call the causal LM's forward directly) drops
+    them, and the decoder's call, under it in the same forward, takes them back. Calls without them
+    (padded batches, generate) pass untouched."""
     if getattr(model, "_finetune_varlen_hooks", False):
         return
     decoder, held = base.get_decoder(), {}
@@ -168,7 +169,7 @@ def _past_the_loss(model, base) -> None:
         return args, kwargs
 
     def give(module, args, kwargs):
-        return args, {**kwargs, **held}
+        return (args, {**kwargs, **held, "attention_mask": masks}) if held else None
 
     def forget(module, args, kwargs, output):
         held.clear()
@@ -180,23 +181,22 @@ def _past_the_loss(model, base) -> None:
     model._finetune_varlen_hooks = True
 
 
-def enable(model) -> dict | None:
-    """Routes the model's padding-free calls here. Returns what every padding-free forward must also be
-    given (an empty, already-prepared mask mapping, so no T x T mask is built), or None where the model
-    cannot take it (then nothing is changed and batches stay padded)."""
+def enable(model) -> bool:
+    """Routes the model's padding-free calls (those given `Batch.model_inputs()` of a padding-free
+    batch) here. False where it was not asked for or the model cannot take it: then nothing is
+    changed and batches stay padded."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if not requested():
-        return None
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if getattr(config, "attn_logit_softcapping", None) or not layer_types:
         # Gemma 2 (softcapping: the flash op has none) and models that build their mask without a
         # per-layer-type mapping (a dense T x T mask for a packed row) keep padded batches.
-        return None
-    masks = {"attention_mask": {kind: None for kind in set(layer_types)}}
+        return False
     implementation = config._attn_implementation
     if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
         AttentionInterface.register(NAME, varlen_attention_forward)
@@ -206,6 +206,6 @@ def enable(model) -> dict | None:
         # the router goes where lookups look first; wrappers Unsloth adds later wrap the router.
         ALL_ATTENTION_FUNCTIONS[implementation] = routed(original)
     else:
-        return None
-    _past_the_loss(model, base)
-    return masks
+        return False
+    _to_the_decoder(model, base, {kind: None for kind in set(layer_types)})
+    return True
