@@ -36,15 +36,22 @@ class Batch:
     max_seqlen: int | None = None  # padding-free: the longest a sequence may be (fixed, so no recompiles)
 
     def model_inputs(self, device) -> dict:
-        out = {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device)}
+        def to(t: torch.Tensor) -> torch.Tensor:
+            # A copy from pageable memory waits for the GPU to finish all queued work first; from pinned
+            # memory it queues behind it, so the host goes on launching the step's kernels meanwhile.
+            if torch.device(device).type == "cuda":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        out = {"input_ids": to(self.input_ids), "labels": to(self.labels)}
         if self.attention_mask is not None:
-            out["attention_mask"] = self.attention_mask.to(device)
+            out["attention_mask"] = to(self.attention_mask)
         if self.position_ids is not None:
-            out["position_ids"] = self.position_ids.to(device)
+            out["position_ids"] = to(self.position_ids)
         if self.cu_seqlens is not None:
             from .varlen_attention import CU_SEQLENS, MAX_SEQLEN
 
-            cu = self.cu_seqlens.to(device)
+            cu = to(self.cu_seqlens)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the sequence count changes every step: one graph for all
             out[CU_SEQLENS], out[MAX_SEQLEN] = cu, self.max_seqlen
         return out
@@ -70,6 +77,7 @@ class Batches:
         self.units = self._pack(order) if packing else [[i] for i in sorted(order)]
         self.per_epoch = -(-len(self.units) // batch_size)
         self._epoch_cache: dict[int, list[list[list[int]]]] = {}
+        self._flat_tokens: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
 
     def _epoch(self, epoch: int) -> list[list[list[int]]]:
         if epoch not in self._epoch_cache:
@@ -113,51 +121,64 @@ class Batches:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        pos = torch.zeros((len(seqs), width), dtype=torch.long)
+        pos = torch.arange(width).repeat(len(seqs), 1)  # padding is its own "row" when packed
         for b, (s_ids, s_labels, s_pos) in enumerate(seqs):
             n = len(s_ids)
-            ids[b, :n] = torch.tensor(s_ids)
-            labels[b, :n] = torch.tensor(s_labels)
+            ids[b, :n] = s_ids
+            labels[b, :n] = s_labels
             mask[b, :n] = 1
-            pos[b, :n] = torch.tensor(s_pos)
-            pos[b, n:] = torch.arange(width - n)  # padding is its own "row" when packed
+            pos[b, :n] = s_pos
+            pos[b, n:] -= n
         tokens = int(mask.sum())
         label_tokens = int((labels[:, 1:] != IGNORE).sum())
         if self.packing:
             return Batch(ids, labels, None, pos, tokens, label_tokens)
         return Batch(ids, labels, mask, None, tokens, label_tokens)
 
-    def _sequence(self, unit: list[int]) -> tuple[list[int], list[int], list[int]]:
-        ids, labels, pos = [], [], []
-        for i in unit:
-            row = self.rows[i]
-            r_labels = list(row["labels"])
-            r_labels[0] = IGNORE  # a row's first token is never predicted from the previous row
-            ids += row["input_ids"]
-            labels += r_labels
-            pos += range(len(row["input_ids"]))
-        return ids, labels, pos
+    def _tokens(self):
+        """Every row's ids and labels as two flat tensors and where each row starts: a micro-batch is then
+        a few slices and one torch.cat, not Python lists of every token (at 131k tokens a step, the lists
+        took ~60 ms of host time each step, long enough for the GPU to run dry between steps)."""
+        if self._flat_tokens is None:
+            lengths = [len(row["input_ids"]) for row in self.rows]
+            starts = [0, *itertools.accumulate(lengths)]
+            ids = torch.tensor(list(itertools.chain.from_iterable(row["input_ids"] for row in self.rows)),
+                               dtype=torch.long)
+            labels = torch.tensor(list(itertools.chain.from_iterable(row["labels"] for row in self.rows)),
+                                  dtype=torch.long)
+            if len(labels) != len(ids):
+                raise ValueError("every row needs as many labels as input_ids")
+            # a row's first token is never predicted from the previous row
+            labels[[a for a, n in zip(starts, lengths) if n]] = IGNORE
+            self._flat_tokens = ids, labels, starts
+        return self._flat_tokens
+
+    def _sequence(self, unit: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unit's rows back to back: ids, labels, and position ids restarting at each row."""
+        ids, labels, starts = self._tokens()
+        spans = [(starts[i], starts[i + 1]) for i in unit]
+        lengths = torch.tensor([b - a for a, b in spans])
+        first = torch.cumsum(lengths, 0) - lengths  # where each row starts inside the unit
+        pos = torch.arange(int(lengths.sum())) - torch.repeat_interleave(first, lengths)
+        return (torch.cat([ids[a:b] for a, b in spans]), torch.cat([labels[a:b] for a, b in spans]), pos)
 
     def _flat(self, rows: list[int], units: int) -> Batch:
-        ids, labels, pos, starts = [], [], [], [0]
-        for i in rows:
-            s_ids, s_labels, s_pos = self._sequence([i])
-            ids += s_ids
-            labels += s_labels
-            pos += s_pos
-            starts.append(len(ids))
-        tokens, longest = len(ids), max(b - a for a, b in itertools.pairwise(starts))
+        ids, labels, pos = self._sequence(rows)
+        lengths = [len(self.rows[i]["input_ids"]) for i in rows]
+        starts = [0, *itertools.accumulate(lengths)]
+        tokens, longest = starts[-1], max(lengths)
         width = tokens
         if self.bucket:  # a few power-of-two totals, capped at what the micro-batch can hold
             cap = -(-units * self.max_len // MIN_BUCKET) * MIN_BUCKET
             width = max(tokens, min(cap, max(MIN_BUCKET, 1 << (tokens - 1).bit_length())))
         max_seqlen = max(self.max_len, longest)
-        while len(ids) < width:  # the tail: its own sequences, none longer than max_seqlen, no loss
-            n = min(width - len(ids), max_seqlen)
-            ids += [self.pad_id] * n
-            labels += [IGNORE] * n
-            pos += range(n)
-            starts.append(len(ids))
-        labels_t = torch.tensor([labels])
-        return Batch(torch.tensor([ids]), labels_t, None, torch.tensor([pos]), tokens,
-                     int((labels_t[:, 1:] != IGNORE).sum()), torch.tensor(starts, dtype=torch.int32), max_seqlen)
+        tail = []
+        while starts[-1] < width:  # the tail: its own sequences, none longer than max_seqlen, no loss
+            tail.append(min(width - starts[-1], max_seqlen))
+            starts.append(starts[-1] + tail[-1])
+        if tail:
+            ids = torch.cat([ids, torch.full((width - tokens,), self.pad_id, dtype=torch.long)])
+            labels = torch.cat([labels, torch.full((width - tokens,), IGNORE, dtype=torch.long)])
+            pos = torch.cat([pos, *(torch.arange(n) for n in tail)])
+        return Batch(ids[None], labels[None], None, pos[None], tokens, int((labels[1:] != IGNORE).sum()),
+                     torch.tensor(starts, dtype=torch.int32), max_seqlen)
