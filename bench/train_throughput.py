@@ -54,16 +54,25 @@ CONFIGS = {
     "baseline-qlora": ("hf", 1, "gpu", False),
     "project-qlora": ("project", 1, "offload", False),
 }
-# A config name may end in "+<lever>" (project-b4x+varlen): the same config with the lever's
-# environment, so one invocation measures a config with and without it against the same baseline.
+# A config name may end in "+<lever>"s (project-b4x+padded+fp32logits): the same config with the
+# levers' environment, so one invocation measures a config with and without them against the same
+# baseline. The trainer's defaults are on in every project config; most levers take one back.
 LEVERS = {
-    "varlen": {"FINETUNE_ATTENTION": "varlen"},  # padding-free batches on the varlen flash kernel
+    "padded": {"FINETUNE_ATTENTION": "padded"},  # padded rows on the model's attention, not padding-free
+    # Unsloth's fused LM-head loss as Unsloth sets it: fp32 logits (the trainer: bf16, as transformers'
+    # own loss reads them), in chunks of 512 rows (the trainer: 2048)
+    "fp32logits": {"UNSLOTH_LOGPROB_FP32_LOGITS": "1"},
+    "exacttarget": {"UNSLOTH_LOGPROB_FP32_LOGITS": "2"},  # bf16 logits, the target's one in fp32
+    "autorows": {"UNSLOTH_FUSED_LINEAR_MIN_ROWS": "0"},
+    "celtile64": {"UNSLOTH_FUSED_LINEAR_BWD_TILE_MB": "64"},  # with fp32logits: 64 MB logit tiles, not 256
 }
 
 
 def config_env(name: str) -> dict[str, str]:
-    _, _, lever = name.partition("+")
-    return LEVERS[lever] if lever else {}
+    env = {}
+    for lever in name.split("+")[1:]:
+        env.update(LEVERS[lever])
+    return env
 
 
 def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
@@ -134,18 +143,21 @@ def worker(args) -> dict:
     rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
-    # With FINETUNE_ATTENTION=varlen (the lever "+varlen"), the project trains padding-free, as the trainer
-    # then does: one [1, T] row per micro-batch on FlashAttention's varlen kernel.
+    # The project trains padding-free, as the trainer does (the lever "+padded" opts out): one [1, T]
+    # row per micro-batch on FlashAttention's varlen kernel.
     padding_free = impl == "project" and varlen_attention.enable(model)
     batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project",
                       padding_free=padding_free)
     model.train()
     torch.cuda.reset_peak_memory_stats()
 
+    losses = []
+
     def step(m: int) -> int:
         b = batches.get(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(**b.model_inputs(device), use_cache=False)
+        losses.append(out.loss.detach())  # read after the timing: a lever must not change the numbers
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,10 +181,12 @@ def worker(args) -> dict:
     torch.cuda.synchronize()
     warm_s = time.monotonic() - t_compile
     tokens, t0 = 0, time.monotonic()
+    losses.clear()
     for m in timed:
         tokens += step(m)
     torch.cuda.synchronize()
     seconds = time.monotonic() - t0
+    loss = torch.stack(losses).float().mean().item()
     tps = tokens / seconds
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
@@ -187,7 +201,7 @@ def worker(args) -> dict:
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
         "method": training.method, "data": args.data, "paddingFree": padding_free, "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
-        "tokensPerSecond": round(tps), "stepSeconds": round(seconds / args.steps, 4),
+        "tokensPerSecond": round(tps), "meanLoss": round(loss, 4), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
         "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
@@ -217,6 +231,15 @@ def profile_steps(step, first: int, n: int, step_seconds: float, args) -> float:
         for m in range(first, first + n):
             step(m)
         torch.cuda.synchronize()
+    if args.trace and args.out:  # the timeline, for where the GPU waits on the host (chrome://tracing)
+        import gzip
+        import shutil
+
+        raw = Path(args.out).with_name(f"trace-{args.config}.json".replace("+", "."))
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
     # Kernels only (device-side events): CPU ops also carry their kernels' time and would count twice.
     events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")] or \
         [e for e in prof.key_averages() if e.self_cpu_time_total == 0]
@@ -236,7 +259,7 @@ def profile_steps(step, first: int, n: int, step_seconds: float, args) -> float:
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
-        Path(args.out).with_name(f"profile-{args.config}{'+' + args.label if args.label else ''}.txt").write_text(text)
+        Path(args.out).with_name(f"profile-{args.config}{'+' + args.label if args.label else ''}.txt".replace("+", ".")).write_text(text)
     return round(total_us / 1e6 / n / step_seconds, 3)
 
 
@@ -274,6 +297,7 @@ def main() -> int:
     p.add_argument("--tokenizer-dir", default=None)
     p.add_argument("--out", default=None, help="append results as JSON lines here")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per config")
+    p.add_argument("--trace", action="store_true", help="with --profile: also write the profiled steps' trace")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the workers (a lever such as UNSLOTH_FLEX_TUNED_BACKWARD=1)")
     p.add_argument("--label", default="", help="suffix for the config names in the results (names the lever)")
@@ -297,6 +321,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
                "--model-dir", str(model_dir), "--n-params", str(n_params), "--profile", str(args.profile),
+               *(["--trace"] if args.trace else []),
                "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
         env = {**os.environ, **dict(e.split("=", 1) for e in args.env), **config_env(name)}
         t0 = time.monotonic()

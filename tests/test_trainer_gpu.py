@@ -21,14 +21,19 @@ def _cuda() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("method,attention", [("lora", "model"), ("qlora", "model"), ("lora", "varlen")])
+@pytest.mark.parametrize("method,attention", [("lora", "default"), ("qlora", "default"), ("qlora", "varlen"),
+                                              ("lora", "padded")])
 def test_finetune_run_with_unsloth(method, attention, s3, tmp_path, monkeypatch):
-    """varlen: padding-free batches on FlashAttention's varlen kernel (FINETUNE_ATTENTION=varlen)."""
+    """By default 16-bit LoRA trains padding-free on FlashAttention's varlen kernel and QLoRA on padded
+    batches; FINETUNE_ATTENTION=varlen / padded switches either way."""
     from finetune_trainer import varlen_attention
 
     for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FINETUNE_ATTENTION", attention)
+    if attention == "default":
+        monkeypatch.delenv("FINETUNE_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("FINETUNE_ATTENTION", attention)
     calls = varlen_attention.STATS["calls"]
     bucket = s3.make_bucket(f"gpu-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": f"tiny-{method}"},
@@ -47,7 +52,8 @@ def test_finetune_run_with_unsloth(method, attention, s3, tmp_path, monkeypatch)
     losses = [json.loads(line)["loss"] for line in (workdir / "train-log.jsonl").read_text().splitlines()]
     assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 1.0, losses
     assert metrics["parity"]["f16"]["top1Agreement"] >= 0.99
-    assert (varlen_attention.STATS["calls"] > calls) == (attention == "varlen")
+    padding_free = attention == "varlen" or (attention == "default" and method == "lora")
+    assert (varlen_attention.STATS["calls"] > calls) == padding_free
 
 
 def test_unsloth_padding_free_batches_score_as_padded_ones():

@@ -36,8 +36,8 @@ def tiny_model(attn: str, dtype=torch.float32, device="cpu", head_dim=16):
 
 
 @pytest.fixture(autouse=True)
-def opted_in(monkeypatch):
-    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
+def default_attention(monkeypatch):
+    monkeypatch.delenv("FINETUNE_ATTENTION", raising=False)  # the trainer's default: padding-free
 
 
 def varlen_model(attn: str = "sdpa", dtype=torch.float32, device="cpu", head_dim=16):
@@ -186,12 +186,20 @@ def test_without_cu_seqlens_each_right_padded_row_is_one_sequence():
     torch.testing.assert_close(real, logits_row_by_row(tiny_model("eager"), in_batch), atol=1e-4, rtol=1e-4)
 
 
-def test_enable_reroutes_only_padding_free_calls_and_is_opt_in(monkeypatch):
+def test_padding_free_is_on_for_16_bit_lora_off_for_quantized_models_and_can_be_switched(monkeypatch):
+    assert varlen_attention.requested() and not varlen_attention.requested(quantized=True)
+    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
+    assert varlen_attention.requested(quantized=True)
+    monkeypatch.setenv("FINETUNE_ATTENTION", "padded")
+    assert not varlen_attention.requested()
+
+
+def test_enable_reroutes_only_padding_free_calls_and_can_be_switched_off(monkeypatch):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    monkeypatch.delenv("FINETUNE_ATTENTION")
+    monkeypatch.setenv("FINETUNE_ATTENTION", "padded")
     assert varlen_attention.enable(tiny_model("sdpa")) is False
-    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
+    monkeypatch.delenv("FINETUNE_ATTENTION")  # the default
     model = varlen_model("sdpa")
     assert model.config._attn_implementation == "sdpa"  # the model keeps its attention for other calls
     # A padding-free call hands the decoder an empty, already-prepared mask mapping (no mask is built).

@@ -128,7 +128,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if not rows:
         raise ConfigError("InvalidDataset", "the prepared train split is empty")
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
-    # GPU, opted in: one padding-free row per micro-batch through FlashAttention's varlen kernel.
+    # GPU: one padding-free row per micro-batch through FlashAttention's varlen kernel, where the model
+    # takes it (FINETUNE_ATTENTION=padded opts out).
     padding_free = device.type == "cuda" and varlen_attention.enable(model)
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
                       bucket=bucket, padding_free=padding_free)

@@ -1,7 +1,7 @@
-"""Padding-free attention: a micro-batch trains as one row of concatenated sequences. Opt-in for now
-(FINETUNE_ATTENTION=varlen on the trainer): its kernel is proven on an H100; its route through
-Unsloth's patched, compiled layers is fixed and checked on CPU but not yet measured on a GPU
-(docs/benchmarks.md, "Padding-free attention").
+"""Padding-free attention: a micro-batch trains as one row of concatenated sequences. The trainer's
+default on GPU for 16-bit LoRA, where an H100 proved it scores and trains as padded batches do and
+measured it faster (docs/benchmarks.md, "Padding-free attention"); QLoRA opts in with
+FINETUNE_ATTENTION=varlen until its 4-bit layers have run it on a GPU; `padded` switches it off.
 
 Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
 at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
@@ -61,11 +61,15 @@ def require_reached() -> None:
     """After a first padding-free forward: stop rather than train with attention across sequences."""
     if not STATS["calls"]:
         raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
-                           "unset FINETUNE_ATTENTION to train on padded batches")
+                           "set FINETUNE_ATTENTION=padded to train on padded batches")
 
 
-def requested() -> bool:
-    return os.environ.get("FINETUNE_ATTENTION", "model").strip().lower() == "varlen"
+def requested(quantized: bool = False) -> bool:
+    """FINETUNE_ATTENTION: `varlen` on, `padded` off (padded rows on the model's own attention), unset:
+    on for 16-bit LoRA, whose route through Unsloth's layers is proven on an H100, and off for QLoRA,
+    whose 4-bit layers have not been run padding-free on a GPU yet."""
+    choice = os.environ.get("FINETUNE_ATTENTION", "").strip().lower()
+    return choice == "varlen" or (choice != "padded" and not quantized)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -183,14 +187,15 @@ def _to_the_decoder(model, base, masks: dict) -> None:
 
 def enable(model) -> bool:
     """Routes the model's padding-free calls (those given `Batch.model_inputs()` of a padding-free
-    batch) here. False where it was not asked for or the model cannot take it: then nothing is
-    changed and batches stay padded."""
+    batch) here. False where it is switched off (requested()) or the model cannot take it: then
+    nothing is changed and batches stay padded."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if not requested():
-        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not requested(quantized=getattr(base, "hf_quantizer", None) is not None
+                     or bool(getattr(base, "is_loaded_in_4bit", False))):
+        return False
     config = base.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if getattr(config, "attn_logit_softcapping", None) or not layer_types:
