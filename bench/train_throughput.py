@@ -55,10 +55,13 @@ CONFIGS = {
     "project-qlora": ("project", 1, "offload", False),
 }
 # A config name may end in "+<lever>"s (project-b4x+padded+fp32logits): the same config with the
-# levers' environment, so one invocation measures a config with and without them against the same
-# baseline. The trainer's defaults are on in every project config; most levers take one back.
+# levers' spec fields or environment, so one invocation measures a config with and without them
+# against the same baseline. The trainer's defaults are on in every project config; most levers take
+# one back.
+SPEC_LEVERS = {
+    "padded": {"padding_free": "off"},  # padded rows on the model's own attention
+}
 LEVERS = {
-    "padded": {"FINETUNE_ATTENTION": "padded"},  # padded rows on the model's attention, not padding-free
     # Unsloth's fused LM-head loss as Unsloth sets it: fp32 logits (the trainer: bf16, as transformers'
     # own loss reads them), in chunks of 512 rows (the trainer: 2048)
     "fp32logits": {"UNSLOTH_LOGPROB_FP32_LOGITS": "1"},
@@ -71,8 +74,13 @@ LEVERS = {
 def config_env(name: str) -> dict[str, str]:
     env = {}
     for lever in name.split("+")[1:]:
-        env.update(LEVERS[lever])
+        if lever not in SPEC_LEVERS:
+            env.update(LEVERS[lever])  # an unknown lever fails here, before any config runs
     return env
+
+
+def config_spec(name: str) -> dict[str, str]:
+    return {k: v for lever in name.split("+")[1:] for k, v in SPEC_LEVERS.get(lever, {}).items()}
 
 
 def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
@@ -123,7 +131,8 @@ def worker(args) -> dict:
     from finetune_trainer.batching import Batches
 
     training = TrainingSpec(method="qlora" if qlora else "lora", max_seq_length=args.seq, batch_size=batch,
-                            gradient_checkpointing=bool(gc), packing=packing, lora=LoraSpec(r=16, alpha=16))
+                            gradient_checkpointing=bool(gc), packing=packing, lora=LoraSpec(r=16, alpha=16),
+                            **config_spec(args.config))
     t_load = time.monotonic()
     if impl == "project":
         from finetune_trainer.model_loading import BaseModel, load_for_training
@@ -143,9 +152,9 @@ def worker(args) -> dict:
     rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
-    # The project trains padding-free, as the trainer does (the lever "+padded" opts out): one [1, T]
-    # row per micro-batch on FlashAttention's varlen kernel.
-    padding_free = impl == "project" and varlen_attention.enable(model)
+    # The project trains padding-free, as the trainer does (the lever "+padded" switches it off): one
+    # [1, T] row per micro-batch on FlashAttention's varlen kernel.
+    padding_free = impl == "project" and varlen_attention.enable(model, training.padding_free)
     batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=packing, bucket=impl == "project",
                       padding_free=padding_free)
     model.train()
@@ -199,7 +208,8 @@ def worker(args) -> dict:
     return {
         "config": args.config + (f"+{args.label}" if args.label else ""), "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
-        "method": training.method, "data": args.data, "paddingFree": padding_free, "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
+        "method": training.method, "data": args.data, "paddingFree": padding_free,
+        "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "tokensPerSecond": round(tps), "meanLoss": round(loss, 4), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),

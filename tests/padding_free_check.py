@@ -39,7 +39,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
         torch.manual_seed(0)  # the same LoRA initialisation for both
         model, backend = load_for_training(BaseModel(source=model_dir), training)
         if padding_free:
-            assert varlen_attention.enable(model), "varlen_attention.enable() declined the model"
+            assert varlen_attention.enable(model, "on"), "varlen_attention.enable() declined the model"
             _spy(model, probe)
         batch = Batches(rows, n, max_len, 0, 0, bucket=cuda, padding_free=padding_free).get(0)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
@@ -95,12 +95,11 @@ def _spy(model, probe: dict) -> None:
 
 
 def run(model_dir, device: str, lengths: list[int], max_len: int, timeout: int = 600) -> dict:
-    """Runs the check in its own process (FINETUNE_ATTENTION=varlen) and returns its result."""
+    """Runs the check in its own process and returns its result."""
     import subprocess
 
-    env = {**os.environ, "FINETUNE_ATTENTION": "varlen"}
     proc = subprocess.run([sys.executable, __file__, str(model_dir), device, ",".join(map(str, lengths)), str(max_len)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-5000:]
     return json.loads(line[len("RESULT "):])

@@ -21,26 +21,22 @@ def _cuda() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("method,attention", [("lora", "default"), ("qlora", "default"), ("qlora", "varlen"),
-                                              ("lora", "padded")])
-def test_finetune_run_with_unsloth(method, attention, s3, tmp_path, monkeypatch):
-    """By default 16-bit LoRA trains padding-free on FlashAttention's varlen kernel and QLoRA on padded
-    batches; FINETUNE_ATTENTION=varlen / padded switches either way."""
+@pytest.mark.parametrize("method,padding_free", [("lora", "auto"), ("qlora", "auto"), ("qlora", "on"),
+                                                 ("lora", "off")])
+def test_finetune_run_with_unsloth(method, padding_free, s3, tmp_path, monkeypatch):
+    """paddingFree auto: 16-bit LoRA trains padding-free on FlashAttention's varlen kernel, QLoRA on
+    padded batches; on / off switch either way."""
     from finetune_trainer import varlen_attention
 
     for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
-    if attention == "default":
-        monkeypatch.delenv("FINETUNE_ATTENTION", raising=False)
-    else:
-        monkeypatch.setenv("FINETUNE_ATTENTION", attention)
     calls = varlen_attention.STATS["calls"]
     bucket = s3.make_bucket(f"gpu-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": f"tiny-{method}"},
            "spec": {"baseModel": {"uri": str(tiny_gemma())},
                     "dataset": {"source": str(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 8)), "validationSplit": 0.1},
                     "training": {"method": method, "maxSteps": 20, "batchSize": 4, "learningRate": 5e-3,
-                                 "maxSeqLength": 64, "checkpointEverySteps": 10},
+                                 "maxSeqLength": 64, "checkpointEverySteps": 10, "paddingFree": padding_free},
                     "export": {"gguf": ["f16", "q8_0"], "paritySamples": 3},
                     "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}},
                     "resources": {"gpus": 1}}}
@@ -52,8 +48,7 @@ def test_finetune_run_with_unsloth(method, attention, s3, tmp_path, monkeypatch)
     losses = [json.loads(line)["loss"] for line in (workdir / "train-log.jsonl").read_text().splitlines()]
     assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 1.0, losses
     assert metrics["parity"]["f16"]["top1Agreement"] >= 0.99
-    padding_free = attention == "varlen" or (attention == "default" and method == "lora")
-    assert (varlen_attention.STATS["calls"] > calls) == padding_free
+    assert (varlen_attention.STATS["calls"] > calls) == (padding_free == "on" or (padding_free, method) == ("auto", "lora"))
 
 
 def test_unsloth_padding_free_batches_score_as_padded_ones():

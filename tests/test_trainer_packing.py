@@ -15,6 +15,7 @@ import itertools
 import pytest
 import torch
 
+from finetune_api.spec import TrainingSpec
 from finetune_trainer import varlen_attention
 from finetune_trainer.batching import IGNORE, Batches
 
@@ -33,11 +34,6 @@ def tiny_model(attn: str, dtype=torch.float32, device="cpu", head_dim=16):
                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
                               pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation=attn)
     return Gemma3ForCausalLM(config).eval().to(device=device, dtype=dtype)
-
-
-@pytest.fixture(autouse=True)
-def default_attention(monkeypatch):
-    monkeypatch.delenv("FINETUNE_ATTENTION", raising=False)  # the trainer's default: padding-free
 
 
 def varlen_model(attn: str = "sdpa", dtype=torch.float32, device="cpu", head_dim=16):
@@ -186,21 +182,18 @@ def test_without_cu_seqlens_each_right_padded_row_is_one_sequence():
     torch.testing.assert_close(real, logits_row_by_row(tiny_model("eager"), in_batch), atol=1e-4, rtol=1e-4)
 
 
-def test_padding_free_is_on_for_16_bit_lora_off_for_quantized_models_and_can_be_switched(monkeypatch):
-    assert varlen_attention.requested() and not varlen_attention.requested(quantized=True)
-    monkeypatch.setenv("FINETUNE_ATTENTION", "varlen")
-    assert varlen_attention.requested(quantized=True)
-    monkeypatch.setenv("FINETUNE_ATTENTION", "padded")
-    assert not varlen_attention.requested()
+def test_padding_free_auto_is_on_for_16_bit_models_and_off_for_quantized_ones():
+    wanted = varlen_attention.wanted
+    assert wanted("auto", quantized=False) and not wanted("auto", quantized=True)
+    assert wanted("on", quantized=True) and not wanted("off", quantized=False)
+    assert TrainingSpec().padding_free == "auto"
 
 
-def test_enable_reroutes_only_padding_free_calls_and_can_be_switched_off(monkeypatch):
+def test_enable_reroutes_only_padding_free_calls_and_can_be_switched_off():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    monkeypatch.setenv("FINETUNE_ATTENTION", "padded")
-    assert varlen_attention.enable(tiny_model("sdpa")) is False
-    monkeypatch.delenv("FINETUNE_ATTENTION")  # the default
-    model = varlen_model("sdpa")
+    assert varlen_attention.enable(tiny_model("sdpa"), "off") is False
+    model = varlen_model("sdpa")  # auto
     assert model.config._attn_implementation == "sdpa"  # the model keeps its attention for other calls
     # A padding-free call hands the decoder an empty, already-prepared mask mapping (no mask is built).
     flat = Batches(make_rows(), 4, 48, 0, 0, padding_free=True).get(0)

@@ -134,9 +134,17 @@ class TrainingSpec(ApiModel):
         "linear", description="Learning-rate schedule after warmup.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     seed: int = Field(3407, ge=0, le=2**31 - 1, description="Seed for shuffling, LoRA init and dropout.")
-    packing: bool = Field(False, description="Pack several rows into each sequence (no padding waste; each row still "
-                          "attends only to itself). Measured slower than padding with Unsloth on an H100 "
-                          "(host-bound steps, see docs/benchmarks.md): leave it off on GPU for now.")
+    packing: bool = Field(False, description="Pack several rows into each sequence of up to maxSeqLength tokens (each "
+                          "row still attends only to itself). Padding-free micro-batches (paddingFree) waste "
+                          "no padding without it; on padded rows with Unsloth it was measured slower than "
+                          "padding (host-bound steps, docs/benchmarks.md).")
+    padding_free: Literal["auto", "on", "off"] = Field(
+        "auto", description=(
+            "On GPU, lay each micro-batch out as one row of its sequences back to back, attended by "
+            "FlashAttention's varlen kernel: no padding, no attention across sequences, scores as padded "
+            "rows do (checked on an H100) and measured faster. auto: on for 16-bit LoRA, off for QLoRA "
+            "until its 4-bit layers have run it on a GPU. Models it cannot serve (Gemma 2's logit "
+            "softcapping) stay padded. No effect on CPU."))
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the assistant's tokens only, not on the prompt.")
     chat_template: Literal["auto", "gemma3", "chatml", "llama3"] = Field(

@@ -6,9 +6,8 @@ With packing, rows are concatenated into sequences of up to max_seq_length; posi
 row and the attention mask is left out, which makes transformers build a block-diagonal causal mask
 (no attention across rows).
 
-Padding-free (CUDA, opted in with FINETUNE_ATTENTION=varlen; see varlen_attention): a micro-batch is one
-[1, T] row, every sequence back to back with `cu_seqlens` marking where each starts; only a tail pads T
-to a bucket. Packing then only decides how many rows a micro-batch holds (up to batch_size x
+Padding-free (CUDA, training.paddingFree; see varlen_attention): a micro-batch is one [1, T] row, every
+sequence back to back with `cu_seqlens` marking where each starts; only a tail pads T to a bucket. Packing then only decides how many rows a micro-batch holds (up to batch_size x
 max_seq_length tokens).
 """
 
@@ -149,7 +148,7 @@ class Batches:
             if len(labels) != len(ids):
                 raise ValueError("every row needs as many labels as input_ids")
             # a row's first token is never predicted from the previous row
-            labels[[a for a, n in zip(starts, lengths) if n]] = IGNORE
+            labels[[a for a, n in zip(starts[:-1], lengths, strict=True) if n]] = IGNORE
             self._flat_tokens = ids, labels, starts
         return self._flat_tokens
 

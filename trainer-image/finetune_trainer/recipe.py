@@ -128,9 +128,9 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if not rows:
         raise ConfigError("InvalidDataset", "the prepared train split is empty")
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
-    # GPU: one padding-free row per micro-batch through FlashAttention's varlen kernel, where the model
-    # takes it (FINETUNE_ATTENTION=padded opts out).
-    padding_free = device.type == "cuda" and varlen_attention.enable(model)
+    # GPU: one padding-free row per micro-batch through FlashAttention's varlen kernel, where the
+    # model takes it and training.paddingFree wants it.
+    padding_free = device.type == "cuda" and varlen_attention.enable(model, training.padding_free)
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
                       bucket=bucket, padding_free=padding_free)
     if training.packing and backend == "unsloth" and not padding_free:

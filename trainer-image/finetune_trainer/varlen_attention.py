@@ -1,7 +1,7 @@
 """Padding-free attention: a micro-batch trains as one row of concatenated sequences. The trainer's
-default on GPU for 16-bit LoRA, where an H100 proved it scores and trains as padded batches do and
-measured it faster (docs/benchmarks.md, "Padding-free attention"); QLoRA opts in with
-FINETUNE_ATTENTION=varlen until its 4-bit layers have run it on a GPU; `padded` switches it off.
+default on GPU for 16-bit LoRA (`training.paddingFree: auto`), where an H100 proved it scores and
+trains as padded batches do and measured it faster (docs/benchmarks.md, "Padding-free attention");
+QLoRA takes it with `on` until its 4-bit layers have run it on a GPU; `off` keeps padded rows.
 
 Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
 at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
@@ -31,7 +31,6 @@ against, and fine for the small batches CPU training sees.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -61,15 +60,13 @@ def require_reached() -> None:
     """After a first padding-free forward: stop rather than train with attention across sequences."""
     if not STATS["calls"]:
         raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
-                           "set FINETUNE_ATTENTION=padded to train on padded batches")
+                           "set training.paddingFree: off to train on padded batches")
 
 
-def requested(quantized: bool = False) -> bool:
-    """FINETUNE_ATTENTION: `varlen` on, `padded` off (padded rows on the model's own attention), unset:
-    on for 16-bit LoRA, whose route through Unsloth's layers is proven on an H100, and off for QLoRA,
-    whose 4-bit layers have not been run padding-free on a GPU yet."""
-    choice = os.environ.get("FINETUNE_ATTENTION", "").strip().lower()
-    return choice == "varlen" or (choice != "padded" and not quantized)
+def wanted(setting: str, quantized: bool) -> bool:
+    """`training.paddingFree`: on, off, or auto: on for 16-bit LoRA, whose route through Unsloth's
+    layers is proven on an H100, off for quantized models, not yet run padding-free on a GPU."""
+    return setting == "on" or (setting == "auto" and not quantized)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -185,16 +182,16 @@ def _to_the_decoder(model, base, masks: dict) -> None:
     model._finetune_varlen_hooks = True
 
 
-def enable(model) -> bool:
+def enable(model, setting: str = "auto") -> bool:
     """Routes the model's padding-free calls (those given `Batch.model_inputs()` of a padding-free
-    batch) here. False where it is switched off (requested()) or the model cannot take it: then
-    nothing is changed and batches stay padded."""
+    batch) here. False where `setting` (training.paddingFree) leaves it off or the model cannot take
+    it: then nothing is changed and batches stay padded."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not requested(quantized=getattr(base, "hf_quantizer", None) is not None
-                     or bool(getattr(base, "is_loaded_in_4bit", False))):
+    quantized = getattr(base, "hf_quantizer", None) is not None or bool(getattr(base, "is_loaded_in_4bit", False))
+    if not wanted(setting, quantized):
         return False
     config = base.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
