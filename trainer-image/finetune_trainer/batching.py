@@ -7,8 +7,8 @@ row and the attention mask is left out, which makes transformers build a block-d
 (no attention across rows).
 
 Padding-free (CUDA, training.paddingFree; see varlen_attention): a micro-batch is one [1, T] row, every
-sequence back to back with `cu_seqlens` marking where each starts; only a tail pads T to a bucket. Packing then only decides how many rows a micro-batch holds (up to batch_size x
-max_seq_length tokens).
+sequence back to back with `cu_seqlens` marking where each starts; only a tail pads T to a bucket.
+Packing then only decides how many rows a micro-batch holds (up to batch_size x max_seq_length tokens).
 """
 
 from __future__ import annotations
