@@ -83,6 +83,16 @@ def config_spec(name: str) -> dict[str, str]:
     return {k: v for lever in name.split("+")[1:] for k, v in SPEC_LEVERS.get(lever, {}).items()}
 
 
+def run_name(args) -> str:
+    """The config as the results name it: with its levers, and the --label if any."""
+    return args.config + (f"+{args.label}" if args.label else "")
+
+
+def beside_results(args, kind: str, suffix: str) -> Path:
+    # '.' for '+' in file names: the GPU machine's tool brings no file back whose name has a '+'.
+    return Path(args.out).with_name(f"{kind}-{run_name(args)}{suffix}".replace("+", "."))
+
+
 def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -206,7 +216,7 @@ def worker(args) -> dict:
         except Exception as exc:  # noqa: BLE001 - the timed result must survive a profiler problem
             print(f"profile failed: {exc!r}", flush=True)
     return {
-        "config": args.config + (f"+{args.label}" if args.label else ""), "backend": backend, "gpu": name,
+        "config": run_name(args), "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
         "method": training.method, "data": args.data, "paddingFree": padding_free,
         "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
@@ -245,7 +255,7 @@ def profile_steps(step, first: int, n: int, step_seconds: float, args) -> float:
         import gzip
         import shutil
 
-        raw = Path(args.out).with_name(f"trace-{args.config}.json".replace("+", "."))
+        raw = beside_results(args, "trace", ".json")
         prof.export_chrome_trace(str(raw))
         with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -269,7 +279,7 @@ def profile_steps(step, first: int, n: int, step_seconds: float, args) -> float:
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
-        Path(args.out).with_name(f"profile-{args.config}{'+' + args.label if args.label else ''}.txt".replace("+", ".")).write_text(text)
+        beside_results(args, "profile", ".txt").write_text(text)
     return round(total_us / 1e6 / n / step_seconds, 3)
 
 
