@@ -18,6 +18,7 @@ import torch
 from finetune_api.spec import TrainingSpec
 from finetune_trainer import varlen_attention
 from finetune_trainer.batching import IGNORE, Batches
+from finetune_trainer.errors import ConfigError
 
 LENGTHS = [13, 21, 7, 30, 5, 18, 26, 9]
 
@@ -182,11 +183,19 @@ def test_without_cu_seqlens_each_right_padded_row_is_one_sequence():
     torch.testing.assert_close(real, logits_row_by_row(tiny_model("eager"), in_batch), atol=1e-4, rtol=1e-4)
 
 
-def test_padding_free_auto_is_on_for_16_bit_models_and_off_for_quantized_ones():
-    wanted = varlen_attention.wanted
-    assert wanted("auto", quantized=False) and not wanted("auto", quantized=True)
-    assert wanted("on", quantized=True) and not wanted("off", quantized=False)
+def test_a_model_padding_free_cannot_serve_stays_padded_under_auto_and_fails_under_on():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
     assert TrainingSpec().padding_free == "auto"
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            attn_implementation="sdpa"))
+    assert gemma2.config.attn_logit_softcapping  # what the flash kernel has no parameter for
+    assert varlen_attention.enable(gemma2, "auto") is False
+    assert not hasattr(gemma2, "_finetune_varlen_hooks")  # left as it was: padded batches
+    with pytest.raises(ConfigError, match=r"training\.paddingFree is on, but its attention softcaps logits") as err:
+        varlen_attention.enable(gemma2, "on")
+    assert err.value.reason == "PaddingFreeUnsupported"
 
 
 def test_enable_reroutes_only_padding_free_calls_and_can_be_switched_off():

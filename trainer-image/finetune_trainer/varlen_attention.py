@@ -1,7 +1,7 @@
 """Padding-free attention: a micro-batch trains as one row of concatenated sequences. The trainer's
-default on GPU for 16-bit LoRA (`training.paddingFree: auto`), where an H100 proved it scores and
-trains as padded batches do and measured it faster (docs/benchmarks.md, "Padding-free attention");
-QLoRA takes it with `on` until its 4-bit layers have run it on a GPU; `off` keeps padded rows.
+default on GPU (`training.paddingFree: auto`), where an H100 proved it scores and trains as padded
+batches do, ran whole 16-bit LoRA and 4-bit QLoRA runs on it, and measured it faster
+(docs/benchmarks.md, "Padding-free attention"); `off` keeps padded rows.
 
 Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
 at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
@@ -35,6 +35,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 NAME = "finetune_varlen"
 # Extra model(...) keyword arguments; transformers hands them to the attention function untouched.
 CU_SEQLENS = "ft_cu_seqlens"
@@ -63,10 +65,14 @@ def require_reached() -> None:
                            "set training.paddingFree: off to train on padded batches")
 
 
-def wanted(setting: str, quantized: bool) -> bool:
-    """`training.paddingFree`: on, off, or auto: on for 16-bit LoRA, whose route through Unsloth's
-    layers is proven on an H100, off for quantized models, not yet run padding-free on a GPU."""
-    return setting == "on" or (setting == "auto" and not quantized)
+def unservable(config) -> str | None:
+    """Why a model (its text config) cannot train padding-free, or None if it can."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention softcaps logits (Gemma 2), which the flash kernel cannot"
+    if not getattr(config, "layer_types", None):
+        # Without a per-layer-type mask mapping the decoder builds a dense T x T mask for the packed row.
+        return f"{type(config).__name__} builds its attention mask without per-layer types"
+    return None
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -184,21 +190,17 @@ def _to_the_decoder(model, base, masks: dict) -> None:
 
 def enable(model, setting: str = "auto") -> bool:
     """Routes the model's padding-free calls (those given `Batch.model_inputs()` of a padding-free
-    batch) here. False where `setting` (training.paddingFree) leaves it off or the model cannot take
-    it: then nothing is changed and batches stay padded."""
+    batch) here. False where `setting` (training.paddingFree) is off, or is auto and the model cannot
+    take it: then nothing is changed and batches stay padded. `on` for such a model is a ConfigError."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if setting == "off":
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantized = getattr(base, "hf_quantizer", None) is not None or bool(getattr(base, "is_loaded_in_4bit", False))
-    if not wanted(setting, quantized):
-        return False
     config = base.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None)
-    if getattr(config, "attn_logit_softcapping", None) or not layer_types:
-        # Gemma 2 (softcapping: the flash op has none) and models that build their mask without a
-        # per-layer-type mapping (a dense T x T mask for a packed row) keep padded batches.
-        return False
+    if reason := unservable(config):
+        return _declined(setting, reason)
     implementation = config._attn_implementation
     if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
         AttentionInterface.register(NAME, varlen_attention_forward)
@@ -208,6 +210,14 @@ def enable(model, setting: str = "auto") -> bool:
         # the router goes where lookups look first; wrappers Unsloth adds later wrap the router.
         ALL_ATTENTION_FUNCTIONS[implementation] = routed(original)
     else:
-        return False
-    _to_the_decoder(model, base, {kind: None for kind in set(layer_types)})
+        return _declined(setting, f"its attention implementation {implementation!r} is no registered function")
+    _to_the_decoder(model, base, {kind: None for kind in set(config.layer_types)})
     return True
+
+
+def _declined(setting: str, reason: str) -> bool:
+    """auto falls back to padded batches; on, asked for explicitly, stops the run with the reason."""
+    if setting == "on":
+        raise ConfigError("PaddingFreeUnsupported", f"training.paddingFree is on, but {reason}; "
+                          "set it to auto or off to train on padded batches")
+    return False
