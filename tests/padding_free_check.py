@@ -2,7 +2,7 @@
 Unsloth on a GPU (its patched, compiled Gemma 3 layers), transformers on CPU. Run as a script, one
 process per check, because importing Unsloth patches transformers for the rest of a process:
 
-    python tests/padding_free_check.py MODEL_DIR cuda 600,130,700,90 1024
+    python tests/padding_free_check.py MODEL_DIR cuda 600,130,700,90 1024 [lora|qlora]
 
 Loads the model twice (same seed, same LoRA initialisation): once with varlen_attention enabled and
 the batch laid out as one [1, T] row, once padded on the model's own attention. Prints one line,
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 
-def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
+def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: str = "lora") -> dict:
     from finetune_api.spec import TrainingSpec
     from finetune_trainer import varlen_attention
     from finetune_trainer.batching import Batches
@@ -32,7 +32,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int) -> dict:
     rows = [{"input_ids": (ids := torch.randint(3, 262144, (n,), generator=g).tolist()), "labels": ids}
             for n in lengths]
     n = len(rows)
-    training = TrainingSpec(max_seq_length=max_len, batch_size=n)
+    training = TrainingSpec(max_seq_length=max_len, batch_size=n, method=method)
     cuda = device == "cuda"
     out, probe = {}, {}
     for padding_free in (True, False):
@@ -94,12 +94,12 @@ def _spy(model, probe: dict) -> None:
     probe["attention"] = model.get_base_model().config._attn_implementation
 
 
-def run(model_dir, device: str, lengths: list[int], max_len: int, timeout: int = 600) -> dict:
+def run(model_dir, device: str, lengths: list[int], max_len: int, method: str = "lora", timeout: int = 600) -> dict:
     """Runs the check in its own process and returns its result."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, __file__, str(model_dir), device, ",".join(map(str, lengths)), str(max_len)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, __file__, str(model_dir), device, ",".join(map(str, lengths)), str(max_len),
+                           method], capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-5000:]
     return json.loads(line[len("RESULT "):])
@@ -119,5 +119,5 @@ def assert_same(result: dict, backend: str, lengths: list[int], logit_tolerance:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4]))
+    result = main(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4]), *sys.argv[5:6])
     print("RESULT " + json.dumps(result), flush=True)

@@ -51,11 +51,13 @@ def test_finetune_run_with_unsloth(method, padding_free, s3, tmp_path, monkeypat
     assert (varlen_attention.STATS["calls"] > calls) == (padding_free == "auto")
 
 
-def test_unsloth_padding_free_batches_score_as_padded_ones():
-    """The padding-free layout through Unsloth's patched, compiled Gemma 3: one [1, T] row of sequences
-    on the varlen flash kernel scores and trains (fused loss, LoRA gradients) as the same rows padded on
-    the model's own attention. Rows longer than the sliding window (512), so the local layers' window
-    is exercised too. Its own process: importing Unsloth patches transformers for everything after it."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_unsloth_padding_free_batches_score_as_padded_ones(method):
+    """The padding-free layout through Unsloth's patched, compiled Gemma 3 (16-bit or 4-bit): one [1, T]
+    row of sequences on the varlen flash kernel scores and trains (fused loss, LoRA gradients) as the
+    same rows padded on the model's own attention. Rows longer than the sliding window (512), so the
+    local layers' window is exercised too. Its own process: importing Unsloth patches transformers for
+    everything after it."""
     lengths = [600, 130, 700, 90]
-    result = padding_free_check.run(tiny_gemma(), "cuda", lengths, 1024)
+    result = padding_free_check.run(tiny_gemma(), "cuda", lengths, 1024, method)
     padding_free_check.assert_same(result, "unsloth", lengths, logit_tolerance=0.1)  # bf16 noise
