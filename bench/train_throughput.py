@@ -71,6 +71,14 @@ LEVERS = {
 }
 
 
+def config_base(name: str) -> str:
+    """The config a name with levers is built on (project-b4x+padded → project-b4x); unknown ones fail."""
+    base = name.partition("+")[0]
+    if base not in CONFIGS:
+        raise KeyError(f"no config {base!r}; known: {', '.join(CONFIGS)}")
+    return base
+
+
 def config_env(name: str) -> dict[str, str]:
     env = {}
     for lever in name.split("+")[1:]:
@@ -128,8 +136,9 @@ def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0) -> list[dict]:
 def worker(args) -> dict:
     import torch
 
-    impl, mult, gc, packing = CONFIGS[args.config.partition("+")[0]]
-    qlora = args.config.partition("+")[0].endswith("qlora")
+    base = config_base(args.config)
+    impl, mult, gc, packing = CONFIGS[base]
+    qlora = base.endswith("qlora")
     batch = args.batch * mult
     if impl == "project":
         os.environ["FINETUNE_BACKEND"] = "unsloth"
@@ -336,7 +345,7 @@ def main() -> int:
     results = []
     names = args.configs.split(",")
     for name in names:  # a typo fails now, not after the configs before it have run
-        config_env(name), CONFIGS[name.partition("+")[0]]
+        config_base(name), config_env(name)
     for name in names:
         cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
