@@ -49,10 +49,12 @@ CONFIGS = {
     "project-b8x-gcgpu": ("project", 8, "gpu", False),
     "project-b8x-nogc": ("project", 8, False, False),  # ~65 GB on an 80 GB card
     "project-b16x": ("project", 16, "offload", False),
+    "project-b16x-nogc": ("project", 16, False, False),  # seq 512: as many tokens a step as b4x at 2048
     "project-packed": ("project", 1, "offload", True),
     "project-b4x-packed": ("project", 4, "offload", True),
     "baseline-qlora": ("hf", 1, "gpu", False),
     "project-qlora": ("project", 1, "offload", False),
+    "project-b4x-qlora": ("project", 4, "offload", False),
 }
 # A config name may end in "+<lever>"s (project-b4x+padded+fp32logits): the same config with the
 # levers' spec fields or environment, so one invocation measures a config with and without them
