@@ -1,7 +1,7 @@
 """Padding-free attention: a micro-batch trains as one row of concatenated sequences. The trainer's
 default on GPU (`training.paddingFree: auto`): on an H100 it scored and trained as padded batches do
-through Unsloth's 16-bit layers, whole 16-bit LoRA and 4-bit QLoRA runs passed on it, and it measured
-faster (docs/benchmarks.md, "Padding-free attention"); `off` keeps padded rows.
+through Unsloth's 16-bit and 4-bit layers alike, whole 16-bit LoRA and 4-bit QLoRA runs passed on it,
+and it measured faster (docs/benchmarks.md, "Padding-free attention"); `off` keeps padded rows.
 
 Laid out padding-free, a micro-batch is `[1, T]`: its sequences back to back, position ids restarting
 at each, and `cu_seqlens` marking where each begins (batching.Batches with padding_free=True). This
