@@ -125,7 +125,10 @@ class TrainingSpec(ApiModel):
     epochs: float | None = Field(None, gt=0, le=100, description="Passes over the data.")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Micro-batch size per GPU.")
+    batch_size: int = Field(8, ge=1, le=1024, description=(
+        "Micro-batch size per GPU. Tokens per step are what keep a GPU busy: for Gemma 3 270M on an "
+        "H100, ~65k a step (batchSize x maxSeqLength: 32 x 2048, 128 x 512) measured 1.7x the rate "
+        "of 8 x 2048 and 1.9x that of 32 x 512 (docs/benchmarks.md)."))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024,
                                              description="Micro-batches per optimizer step.")
     max_seq_length: int = Field(1024, ge=16, le=131072, description="Tokens per sequence; longer rows are truncated (and counted).")
