@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +82,10 @@ def config_base(name: str) -> str:
     return base
 
 
-def config_env(name: str) -> dict[str, str]:
-    env = {}
+def config_env(name: str, extra: Sequence[str] = ()) -> dict[str, str]:
+    """The environment a config's worker runs with: --env's KEY=VALUEs, then its levers' (what the
+    results record is what the worker was given)."""
+    env = dict(e.split("=", 1) for e in extra)
     for lever in name.split("+")[1:]:
         if lever not in SPEC_LEVERS:
             env.update(LEVERS[lever])  # an unknown lever fails here, before any config runs
@@ -230,7 +233,7 @@ def worker(args) -> dict:
         "config": run_name(args), "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
         "method": training.method, "data": args.data, "paddingFree": padding_free,
-        "env": {**dict(e.split("=", 1) for e in args.env), **config_env(args.config)},
+        "env": config_env(args.config, args.env),
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "tokensPerSecond": round(tps), "meanLoss": round(loss, 4), "stepSeconds": round(seconds / args.steps, 4),
         "peakMemoryGB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -354,7 +357,7 @@ def main() -> int:
                "--model-dir", str(model_dir), "--n-params", str(n_params), "--profile", str(args.profile),
                *(["--trace"] if args.trace else []),
                "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
-        env = {**os.environ, **dict(e.split("=", 1) for e in args.env), **config_env(name)}
+        env = {**os.environ, **config_env(name, args.env)}
         t0 = time.monotonic()
         # stderr streams (compile progress, warmup steps); stdout carries the result line
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
