@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${FTO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
-PY312=${PY312:-$(ls /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -1)}
+PY312=${PY312:-$(ls /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | sed -n 1p)}
 PY312=${PY312:-python3.12}
 PKGS=(unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19
   bitsandbytes==0.50.2 cut_cross_entropy==25.1.1 torchao==0.18.0 msgspec==0.22.0 tyro==1.0.17
@@ -17,7 +17,7 @@ PKGS=(unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 dill
 SITE=.gpu/site
 rm -rf "$SITE" && mkdir -p "$SITE" .gpu/wheels
 for p in "${PKGS[@]}"; do
-  ls .gpu/wheels | grep -qi "^${p%%==*}-${p##*==}" 2>/dev/null ||
+  ls .gpu/wheels | grep -i "^${p%%==*}-${p##*==}" >/dev/null 2>&1 ||
     "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
       --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels "$p"

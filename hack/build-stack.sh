@@ -99,6 +99,8 @@ KWOK_BIN=$BIN/kwok-$KWOK_VERSION
 HELM_BIN=$BIN/helm-$HELM_VERSION
 VERS
 "$BIN/k8s-$K8S_VERSION/kube-apiserver" --version
-"$BIN/etcd-$ETCD_VERSION/etcd" --version | head -1
-"$BIN/kwok-$KWOK_VERSION/kwok" --version 2>&1 | head -1
+# sed, not head: head exits after one line, the writer dies of SIGPIPE, and pipefail fails the
+# build with 141 whenever the writer had not finished first.
+"$BIN/etcd-$ETCD_VERSION/etcd" --version | sed -n 1p
+"$BIN/kwok-$KWOK_VERSION/kwok" --version 2>&1 | sed -n 1p
 "$BIN/helm-$HELM_VERSION/helm" version --short
