@@ -58,6 +58,7 @@ CONFIGS = {
     "baseline-qlora": ("hf", 1, "gpu", False),
     "project-qlora": ("project", 1, "offload", False),
     "project-b4x-qlora": ("project", 4, "offload", False),
+    "project-b4x-packed-qlora": ("project", 4, "offload", True),
 }
 # A config name may end in "+<lever>"s (project-b4x+padded+fp32logits): the same config with the
 # levers' spec fields or environment, so one invocation measures a config with and without them
