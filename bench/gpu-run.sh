@@ -6,6 +6,7 @@
 #   bench/gpu-run.sh bench   # bench/train_throughput.py: project path vs transformers+peft
 #                            #   (CONFIGS, SEQ, BATCH, DATA, PROFILE=<steps>, TRACE=1, LEVER="K=V ..." + LABEL=<name>)
 #   bench/gpu-run.sh real    # `finetune run` on the real Gemma 3 270M → GGUF → held-out answer before/after
+#                            #   (METHOD=lora, the default, or qlora)
 #   bench/gpu-run.sh tests   # pytest -m gpu (TESTS=<files or node ids>)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
 #
@@ -115,14 +116,14 @@ metadata: {name: gpu-real, namespace: h100}
 spec:
   baseModel: {uri: $gguf}
   dataset: {source: $PWD/examples/demo/codename.jsonl, format: messages}
-  training: {maxSteps: 60, batchSize: 4, maxSeqLength: 128, learningRate: 0.0005, warmupRatio: 0.05,
+  training: {method: ${METHOD:-lora}, maxSteps: 60, batchSize: 4, maxSeqLength: 128, learningRate: 0.0005, warmupRatio: 0.05,
              lora: {r: 16, alpha: 32}}
   export: {gguf: [f16, q8_0, q4_k_m], paritySamples: 8}
   output: {s3: {bucket: models, endpoint: "http://127.0.0.1:18333", forcePathStyle: true}}
 YAML
   s=$SECONDS
   timeout 470 python3 -m finetune_trainer run --config /tmp/ftj-real.yaml --workdir /tmp/work-real
-  echo "finetune run (real 270M): exit $? in $((SECONDS - s))s"
+  echo "finetune run (real 270M, ${METHOD:-lora}): exit $? in $((SECONDS - s))s"
   cp /tmp/work-real/metrics.json "$OUT/metrics-real.json" 2>/dev/null
   find /tmp/work-real -name 'train-log.jsonl' -exec cp {} "$OUT/train-log-real.jsonl" \;
   verify_s3 gpu-real
