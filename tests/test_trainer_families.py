@@ -1,7 +1,8 @@
-"""`finetune run` on model families beyond Gemma 3 (the product's next targets), on CPU against a real
-local S3: a tiny random Llama and a tiny random Gemma 2, each with the Gemma 3 SentencePiece tokenizer
-(the converter reads any SentencePiece vocabulary), trained, exported to f16 and q8_0 GGUF for
-llama.cpp's architecture of that family, checked for parity and uploaded."""
+"""`finetune run` on model families beyond Gemma 3 (the product's next targets), against a real local
+S3, on CPU and, where CUDA exists, through Unsloth: a tiny random Llama and a tiny random Gemma 2,
+each with the Gemma 3 SentencePiece tokenizer (the converter reads any SentencePiece vocabulary),
+trained, exported to f16 and q8_0 GGUF of llama.cpp's architecture for that family, checked for
+parity and uploaded."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def build_model(family: str, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypatch):
+def run_family(family: str, s3, tmp_path: Path, monkeypatch, gpus: int) -> dict:
+    """`finetune run` on the family's tiny model; checks what holds on every device, returns the metrics."""
     from gguf import GGUFReader
 
     for k, v in trainer_env(s3, tmp_path / "termination-log").items():
@@ -54,7 +55,7 @@ def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypa
                     "training": {"maxSteps": 12, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 64},
                     "export": {"gguf": ["f16", "q8_0"], "paritySamples": 4},
                     "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}},
-                    "resources": {"gpus": 0}}}
+                    "resources": {"gpus": gpus}}}
     rc, _, workdir = run_job(job, tmp_path)
     assert rc == 0
 
@@ -69,3 +70,35 @@ def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypa
         assert reader.fields[f"{FAMILIES[family][3]}.block_count"].contents() == SHAPE["num_hidden_layers"]
     uploaded = {o["Key"].rsplit("/", 1)[-1] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert {f"tiny-{family}-f16.gguf", f"tiny-{family}-q8_0.gguf", "manifest.json"} <= uploaded
+    return metrics
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypatch):
+    assert run_family(family, s3, tmp_path, monkeypatch, gpus=0)["backend"] == "transformers"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Seen on an H100 (Unsloth 2026.10.9, torch 2.11): Gemma 2 fails its first backward with an
+# InductorError (an AssertionError in post_grad's decompose_triton_kernel_wrapper_functional) while
+# compiling the backward of Unsloth's block-compiled Gemma2DecoderLayer. UNSLOTH_BLOCK_COMPILE=0 may
+# avoid it; not yet tried on a GPU. Strict: the day it passes, this fails and the mark must go.
+GEMMA2_ON_UNSLOTH = pytest.mark.xfail(strict=True, reason="Inductor fails compiling Unsloth's Gemma 2 block backward")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=GEMMA2_ON_UNSLOTH)])
+def test_a_family_trains_with_unsloth(family, s3, tmp_path, monkeypatch):
+    """The same on a GPU, through Unsloth, on padded batches: padding-free serves neither family (Llama's
+    config has no per-layer attention types, Gemma 2 softcaps its attention logits)."""
+    from finetune_trainer import varlen_attention
+
+    calls = varlen_attention.STATS["calls"]
+    assert run_family(family, s3, tmp_path, monkeypatch, gpus=1)["backend"] == "unsloth"
+    assert varlen_attention.STATS["calls"] == calls
