@@ -152,7 +152,7 @@ tests)
   xz -dc .gpu/weed.xz >/tmp/bin/weed && chmod +x /tmp/bin/weed && export PATH=/tmp/bin:$PATH
   # One pytest process per file: importing Unsloth patches transformers for the rest of a process.
   deadline=$((SECONDS + ${TESTS_TIMEOUT:-540}))
-  for tests in $(printf '%s\n' ${TESTS:-tests/test_trainer_gpu.py tests/test_trainer_packing.py} | awk -F:: '{f[$1] = f[$1] "," $0} END {for (k in f) print substr(f[k], 2)}'); do
+  for tests in $(printf '%s\n' ${TESTS:-tests/test_trainer_gpu.py tests/test_trainer_packing.py tests/test_trainer_families.py} | awk -F:: '{f[$1] = f[$1] "," $0} END {for (k in f) print substr(f[k], 2)}'); do
     timeout $((deadline - SECONDS)) python3 -m pytest -m gpu ${tests//,/ } -v --tb=short -rfE -p no:cacheprovider \
       -o addopts="" 2>&1 | tee -a "$OUT/pytest.log" | grep -E "PASSED|FAILED|ERROR|^E |PROBE|passed|failed" | tail -40
   done
