@@ -101,6 +101,23 @@ def test_invalid_spec_and_missing_config(run, bucket, tmp_path, monkeypatch):
     assert main(["run", "--config", str(tmp_path / "absent.yaml")]) == 42
 
 
+def test_a_compilation_failure_fails_at_once_with_its_reason(run, bucket, monkeypatch):
+    """torch.compile failing (as Inductor did on Gemma 2 under Unsloth on an H100) repeats on every try:
+    reason CompileFailed, exit 42 (no retry), Inductor's own message kept."""
+    from torch._inductor.exc import InductorError
+
+    from finetune_trainer import recipe
+
+    def fails(*args, **kwargs):
+        raise InductorError(AssertionError("graph node count changed"), None)
+
+    monkeypatch.setattr(recipe, "train", fails)
+    code, term, _ = run(bucket)
+    assert code == 42 and term["reason"] == "CompileFailed"
+    assert term["message"].startswith("torch.compile failed compiling the model (InductorError: AssertionError: "
+                                      "graph node count changed)")
+
+
 def test_a_dataset_server_that_keeps_failing_is_transient(run, bucket, monkeypatch):
     from finetune_trainer.data import sources
 

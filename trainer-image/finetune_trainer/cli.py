@@ -353,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             return _fail("OutOfMemory", f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
                          contract.EXIT_CONFIG_ERROR)
+        if any(c.__name__ == "BackendCompilerFailed" for c in type(exc).__mro__):  # Inductor's own failures too
+            # Deterministic for a model in this image (Gemma 2 under Unsloth is one: docs/benchmarks.md):
+            # a retry would only spend another GPU start compiling to the same failure.
+            log.exception("compilation failed")
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            return _fail("CompileFailed", f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
+                         "it fails the same way on every try, so the run is not retried", contract.EXIT_CONFIG_ERROR)
         log.exception("unexpected failure")
         return _fail("InternalError", f"{type(exc).__name__}: {exc}", 1)
     if result is not None:
