@@ -7,13 +7,19 @@ parity and uploaded."""
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.trainer_fixtures import ALPACA_ROWS, gemma_tokenizer_dir, run_job, trainer_env, write_jsonl
+from tests.trainer_fixtures import (
+    ALPACA_ROWS,
+    cuda_available,
+    run_job,
+    save_with_gemma_tokenizer,
+    trainer_env,
+    write_jsonl,
+)
 
 # family: (transformers config and model class names, config fields, llama.cpp's architecture name)
 SHAPE = dict(vocab_size=262144, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -33,11 +39,7 @@ def build_model(family: str, out: Path) -> Path:
     config_cls, model_cls, extra, _ = FAMILIES[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**SHAPE, **extra)
-    getattr(transformers, model_cls)(config).to(torch.bfloat16).save_pretrained(str(out))
-    for f in gemma_tokenizer_dir().iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            shutil.copyfile(f, out / f.name)
-    return out
+    return save_with_gemma_tokenizer(getattr(transformers, model_cls)(config).to(torch.bfloat16), out)
 
 
 def run_family(family: str, s3, tmp_path: Path, monkeypatch, gpus: int) -> dict:
@@ -64,10 +66,11 @@ def run_family(family: str, s3, tmp_path: Path, monkeypatch, gpus: int) -> dict:
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["parity"]["f16"]["top1Agreement"] >= 0.95, metrics["parity"]
     assert metrics["parity"]["q8_0"]["top1Agreement"] >= 0.8, metrics["parity"]
+    arch = FAMILIES[family][3]
     for quant in ("f16", "q8_0"):
         reader = GGUFReader(str(workdir / "gguf" / f"tiny-{family}-{quant}.gguf"))
-        assert reader.fields["general.architecture"].contents() == FAMILIES[family][3]
-        assert reader.fields[f"{FAMILIES[family][3]}.block_count"].contents() == SHAPE["num_hidden_layers"]
+        assert reader.fields["general.architecture"].contents() == arch
+        assert reader.fields[f"{arch}.block_count"].contents() == SHAPE["num_hidden_layers"]
     uploaded = {o["Key"].rsplit("/", 1)[-1] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert {f"tiny-{family}-f16.gguf", f"tiny-{family}-q8_0.gguf", "manifest.json"} <= uploaded
     return metrics
@@ -78,12 +81,6 @@ def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypa
     assert run_family(family, s3, tmp_path, monkeypatch, gpus=0)["backend"] == "transformers"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 # Seen on an H100 (Unsloth 2026.10.9, torch 2.11): Gemma 2 fails its first backward with an
 # InductorError (an AssertionError in post_grad's decompose_triton_kernel_wrapper_functional) while
 # compiling the backward of Unsloth's block-compiled Gemma2DecoderLayer. UNSLOTH_BLOCK_COMPILE=0 may
@@ -92,7 +89,7 @@ GEMMA2_ON_UNSLOTH = pytest.mark.xfail(strict=True, reason="Inductor fails compil
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=GEMMA2_ON_UNSLOTH)])
 def test_a_family_trains_with_unsloth(family, s3, tmp_path, monkeypatch):
     """The same on a GPU, through Unsloth, on padded batches: padding-free serves neither family (Llama's

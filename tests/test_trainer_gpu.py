@@ -9,16 +9,9 @@ import uuid
 import pytest
 
 from tests import padding_free_check
-from tests.trainer_fixtures import ALPACA_ROWS, run_job, tiny_gemma, trainer_env, write_jsonl
+from tests.trainer_fixtures import ALPACA_ROWS, cuda_available, run_job, tiny_gemma, trainer_env, write_jsonl
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("method,padding_free", [("lora", "auto"), ("qlora", "auto"), ("lora", "off"),

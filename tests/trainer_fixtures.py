@@ -81,7 +81,6 @@ def _build_tiny(out: Path) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tok_dir = gemma_tokenizer_dir()
     config = Gemma3TextConfig(
         vocab_size=262144, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
@@ -89,11 +88,22 @@ def _build_tiny(out: Path) -> None:
         tie_word_embeddings=True, dtype="bfloat16",
     )
     torch.manual_seed(1234)
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    save_with_gemma_tokenizer(Gemma3ForCausalLM(config).to(torch.bfloat16), out)
+
+
+def save_with_gemma_tokenizer(model, out: Path) -> Path:
+    """A model folder from_pretrained loads: the model's config and weights, the Gemma 3 tokenizer's files."""
     model.save_pretrained(str(out))
-    for f in tok_dir.iterdir():
+    for f in gemma_tokenizer_dir().iterdir():
         if f.is_file() and not f.name.startswith("."):
             shutil.copyfile(f, out / f.name)
+    return out
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def tiny_gemma() -> Path:
