@@ -1,8 +1,8 @@
 """pytest plugin: the real local stack (hack/devstack) as lazy fixtures.
 
 Nothing starts until a test asks for it: a test that uses no fixture below never builds or starts a
-binary. Session fixtures start once and are stopped at the end of the session; a failing test that
-used them gets the tails of every component's log appended to its report.
+binary. Session fixtures start once and are stopped at the end of the session; a failing test gets
+the log tails of the components it used (the cluster's, the S3 server's or both) appended to its report.
 
     cluster     LocalCluster (etcd, kube-apiserver, controller-manager, scheduler, kwok) + pod runner
     kubeconfig  path of the admin kubeconfig
@@ -32,8 +32,9 @@ except ImportError:  # not installed into the venv: use the checkout's copy
 
 from devstack.procs import wait_until
 
-STACK_FIXTURES = {"cluster", "kubeconfig", "kube", "pod_runner", "namespace", "s3", "bucket"}
-_running: list = []  # started components, for log tails in failure reports
+CLUSTER_FIXTURES = frozenset({"cluster", "kubeconfig", "kube", "pod_runner", "namespace"})
+S3_FIXTURES = frozenset({"s3", "bucket"})
+_running: dict = {}  # started component -> the fixtures that reach it, for log tails in failure reports
 
 
 @pytest.fixture(scope="session")
@@ -42,15 +43,16 @@ def _stack():
     runner = None
     try:
         cluster.start()
-        _running.append(cluster)
+        _running[cluster] = CLUSTER_FIXTURES
         runner = devstack.LocalPodRunner(cluster.kubeconfig).start()
-        _running.append(runner)
+        _running[runner] = CLUSTER_FIXTURES
         yield cluster, runner
     finally:
         if runner:
             runner.stop()
         cluster.stop()
-        _running[:] = [c for c in _running if c not in (cluster, runner)]
+        _running.pop(cluster, None)
+        _running.pop(runner, None)
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +96,11 @@ def s3():
     server = devstack.S3Server()
     try:
         server.start()
-        _running.append(server)
+        _running[server] = S3_FIXTURES
         yield server
     finally:
         server.stop()
-        if server in _running:
-            _running.remove(server)
+        _running.pop(server, None)
 
 
 @pytest.fixture
@@ -111,5 +112,9 @@ def bucket(s3) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and _running and STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
-        report.sections.append(("devstack component logs", "\n".join(c.log_tails() for c in _running)))
+    if not report.failed:
+        return
+    used = set(getattr(item, "fixturenames", ()))
+    tails = [c.log_tails() for c, reached_by in _running.items() if reached_by & used]
+    if tails:
+        report.sections.append(("devstack component logs", "\n".join(tails)))
