@@ -66,7 +66,7 @@ class S3Server:
         argv = [str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
                 # Every bucket takes a volume of its own. Left at 0, the limit follows free disk (28 volumes
-                # with 29 GB free), fewer than one test session makes buckets: the next bucket's first
+                # with 29 GB free), fewer than the buckets one test session makes: the next bucket's first
                 # write then fails with InternalError. Volumes are not preallocated, so 1000 costs nothing.
                 "-volume.max=1000",
                 f"-filer.localSocket={self.dir / 'filer.sock'}", f"-s3.localSocket={self.dir / 's3.sock'}",
