@@ -7,7 +7,6 @@ parity and uploaded."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -42,14 +41,13 @@ def build_model(family: str, out: Path) -> Path:
     return save_with_gemma_tokenizer(getattr(transformers, model_cls)(config).to(torch.bfloat16), out)
 
 
-def run_family(family: str, s3, tmp_path: Path, monkeypatch, gpus: int) -> dict:
+def run_family(family: str, s3, bucket: str, tmp_path: Path, monkeypatch, gpus: int) -> dict:
     """`finetune run` on the family's tiny model; checks what holds on every device, returns the metrics."""
     from gguf import GGUFReader
 
     for k, v in trainer_env(s3, tmp_path / "termination-log").items():
         monkeypatch.setenv(k, v)
     model = build_model(family, tmp_path / family)
-    bucket = s3.make_bucket(f"family-{uuid.uuid4().hex[:10]}")
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
            "metadata": {"name": f"tiny-{family}", "namespace": "team-a"},
@@ -77,8 +75,8 @@ def run_family(family: str, s3, tmp_path: Path, monkeypatch, gpus: int) -> dict:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_family_trains_exports_and_keeps_parity(family, s3, tmp_path, monkeypatch):
-    assert run_family(family, s3, tmp_path, monkeypatch, gpus=0)["backend"] == "transformers"
+def test_a_family_trains_exports_and_keeps_parity(family, s3, bucket, tmp_path, monkeypatch):
+    assert run_family(family, s3, bucket, tmp_path, monkeypatch, gpus=0)["backend"] == "transformers"
 
 
 # Seen on an H100 (Unsloth 2026.10.9, torch 2.11): Gemma 2 fails its first backward with an
@@ -91,11 +89,11 @@ GEMMA2_ON_UNSLOTH = pytest.mark.xfail(strict=True, reason="Inductor fails compil
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=GEMMA2_ON_UNSLOTH)])
-def test_a_family_trains_with_unsloth(family, s3, tmp_path, monkeypatch):
+def test_a_family_trains_with_unsloth(family, s3, bucket, tmp_path, monkeypatch):
     """The same on a GPU, through Unsloth, on padded batches: padding-free serves neither family (Llama's
     config has no per-layer attention types, Gemma 2 softcaps its attention logits)."""
     from finetune_trainer import varlen_attention
 
     calls = varlen_attention.STATS["calls"]
-    assert run_family(family, s3, tmp_path, monkeypatch, gpus=1)["backend"] == "unsloth"
+    assert run_family(family, s3, bucket, tmp_path, monkeypatch, gpus=1)["backend"] == "unsloth"
     assert varlen_attention.STATS["calls"] == calls

@@ -4,7 +4,6 @@ tiny Gemma 3, through export and parity. Skipped where there is no CUDA device."
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -16,7 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="
 
 @pytest.mark.parametrize("method,padding_free", [("lora", "auto"), ("qlora", "auto"), ("lora", "off"),
                                                  ("qlora", "off")])
-def test_finetune_run_with_unsloth(method, padding_free, s3, tmp_path, monkeypatch):
+def test_finetune_run_with_unsloth(method, padding_free, s3, bucket, tmp_path, monkeypatch):
     """paddingFree auto: 16-bit LoRA and 4-bit QLoRA train padding-free on FlashAttention's varlen
     kernel; off: on padded batches."""
     from finetune_trainer import varlen_attention
@@ -24,7 +23,6 @@ def test_finetune_run_with_unsloth(method, padding_free, s3, tmp_path, monkeypat
     for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
     calls = varlen_attention.STATS["calls"]
-    bucket = s3.make_bucket(f"gpu-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": f"tiny-{method}"},
            "spec": {"baseModel": {"uri": str(tiny_gemma())},
                     "dataset": {"source": str(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 8)), "validationSplit": 0.1},

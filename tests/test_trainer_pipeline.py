@@ -229,8 +229,7 @@ def preempt(step):
     raise Preempted(f"preempted at step {step}")
 
 
-def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_count(env, s3, tmp_path):
-    bucket = s3.make_bucket(f"resume-{uuid.uuid4().hex[:10]}")
+def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_count(env, s3, bucket, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job_manifest(

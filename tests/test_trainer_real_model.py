@@ -4,7 +4,6 @@ on CPU, export q8_0, check parity and that the GGUF's vocabulary is the original
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,11 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
-def test_fine_tune_the_real_270m_from_its_gguf_and_export_q8_0(s3, tmp_path, monkeypatch):
+def test_fine_tune_the_real_270m_from_its_gguf_and_export_q8_0(s3, bucket, tmp_path, monkeypatch):
     import llama_cpp
 
     for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)
-    bucket = s3.make_bucket(f"real-{uuid.uuid4().hex[:10]}")
     job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "gemma-270m"},
            "spec": {"baseModel": {"uri": str(real_gguf())},
                     "dataset": {"source": str(EXAMPLES / "alpaca-mini.jsonl"), "validationSplit": 0.2},
