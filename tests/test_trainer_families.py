@@ -79,19 +79,25 @@ def test_a_family_trains_exports_and_keeps_parity(family, s3, bucket, tmp_path, 
     assert run_family(family, s3, bucket, tmp_path, monkeypatch, gpus=0)["backend"] == "transformers"
 
 
-# Seen on an H100 (Unsloth 2026.10.9, torch 2.11): Gemma 2 fails its first backward with an
-# InductorError (an AssertionError in post_grad's decompose_triton_kernel_wrapper_functional) while
-# compiling the backward of Unsloth's block-compiled Gemma2DecoderLayer. UNSLOTH_BLOCK_COMPILE=0 may
-# avoid it; not yet tried on a GPU. Strict: the day it passes, this fails and the mark must go.
-GEMMA2_ON_UNSLOTH = pytest.mark.xfail(strict=True, reason="Inductor fails compiling Unsloth's Gemma 2 block backward")
+def test_the_unsloth_switches_a_family_needs_follow_its_config(tmp_path):
+    """model_loading reads the model_type from the folder's config and sets that family's Unsloth
+    switches before Unsloth loads it: Gemma 2 trains without the block compile (see the GPU test)."""
+    from finetune_trainer.model_loading import UNSLOTH_FAMILY_ENV, BaseModel, model_type
+
+    assert model_type(BaseModel(str(build_model("gemma2", tmp_path / "gemma2")))) == "gemma2"
+    assert model_type(BaseModel(str(build_model("llama", tmp_path / "llama")))) == "llama"
+    assert model_type(BaseModel(str(tmp_path / "nowhere"))) is None  # from_pretrained then says why
+    assert UNSLOTH_FAMILY_ENV["gemma2"] == {"UNSLOTH_BLOCK_COMPILE": "0"} and "llama" not in UNSLOTH_FAMILY_ENV
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=GEMMA2_ON_UNSLOTH)])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_a_family_trains_with_unsloth(family, s3, bucket, tmp_path, monkeypatch):
     """The same on a GPU, through Unsloth, on padded batches: padding-free serves neither family (Llama's
-    config has no per-layer attention types, Gemma 2 softcaps its attention logits)."""
+    config has no per-layer attention types, Gemma 2 softcaps its attention logits). Gemma 2 trains
+    without Unsloth's block compile (model_loading.UNSLOTH_FAMILY_ENV: with it, Inductor failed
+    compiling the block's backward)."""
     from finetune_trainer import varlen_attention
 
     calls = varlen_attention.STATS["calls"]

@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 
 ENV_BACKEND = "FINETUNE_BACKEND"  # auto (default), unsloth or transformers
 READY = ".complete"  # marker written last into a materialized base-model folder
+# Unsloth switches a model family needs, by config model_type; set before Unsloth loads the model,
+# unless the trainer's environment sets them already.
+UNSLOTH_FAMILY_ENV = {
+    # On an H100, Inductor failed compiling the backward of Unsloth's block-compiled Gemma 2 decoder
+    # layer (an AssertionError in a post-grad pass); without that compile Unsloth's own kernels run it.
+    "gemma2": {"UNSLOTH_BLOCK_COMPILE": "0"},
+}
 
 
 @dataclass(frozen=True)
@@ -165,11 +172,25 @@ def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoin
     return model, name
 
 
+def model_type(base: BaseModel) -> str | None:
+    """The config's model_type ("gemma3_text", "llama", …), or None where no config can be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base.source, revision=base.revision, token=hf_token(),
+                                            local_files_only=hub_offline())
+    except (OSError, ValueError):
+        return None  # from_pretrained below says why, with the error mapped to a reason
+    return getattr(config.get_text_config(decoder=True), "model_type", None)
+
+
 def _load_unsloth(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import torch
     from unsloth import FastLanguageModel
 
+    for key, value in UNSLOTH_FAMILY_ENV.get(model_type(base), {}).items():
+        os.environ.setdefault(key, value)  # read while the model trains too, so it stays set
     model, _ = FastLanguageModel.from_pretrained(
         model_name=base.source, max_seq_length=training.max_seq_length, dtype=torch.bfloat16,
         load_in_4bit=training.method == "qlora", full_finetuning=False, token=hf_token(),
