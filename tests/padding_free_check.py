@@ -71,7 +71,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: 
     names = sorted(out["flat"]["grads"])
     flat, padded = (torch.cat([out[k]["grads"][name] for name in names]) for k in ("flat", "padded"))
     return {
-        "calls": varlen_attention.STATS["calls"], "probe": probe,
+        "calls": varlen_attention.STATS["calls"], "lent": varlen_attention.STATS["lent"], "probe": probe,
         "diffs": [float((a - b).abs().max()) for a, b in zip(out["flat"]["rows"], out["padded"]["rows"], strict=True)],
         "lengths": [len(r) for r in out["flat"]["rows"]],
         "gradTensors": [len(names), len(out["padded"]["grads"])],
@@ -81,12 +81,16 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: 
 
 
 def _spy(model, probe: dict) -> None:
-    """Notes which `ft_*` keywords reach the decoder, its first layer and that layer's attention."""
+    """Notes which padding-free keywords (ours, `ft_*`, or Unsloth's) reach the decoder, its first layer
+    and that layer's attention."""
+    from finetune_trainer import varlen_attention
+
     decoder = model.get_base_model().get_decoder()
 
     def spy(name):
         def hook(module, args, kwargs):
-            probe.setdefault(name, sorted(k for k in kwargs if k.startswith("ft_")))
+            probe.setdefault(name, sorted(k for k in kwargs
+                                          if k.startswith("ft_") or k == varlen_attention.UNSLOTH_LENGTHS))
         return hook
 
     for name, module in (("decoder", decoder), ("layer0", decoder.layers[0]), ("attn0", decoder.layers[0].self_attn)):

@@ -92,14 +92,28 @@ def test_the_unsloth_switches_a_family_needs_follow_its_config(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_a_family_trains_with_unsloth(family, s3, bucket, tmp_path, monkeypatch):
-    """The same on a GPU, through Unsloth, on padded batches: padding-free serves neither family (Llama's
-    config has no per-layer attention types, Gemma 2 softcaps its attention logits). Gemma 2 trains
-    without Unsloth's block compile (model_loading.UNSLOTH_FAMILY_ENV: with it, Inductor failed
-    compiling the block's backward)."""
+@pytest.mark.parametrize("family,padding_free", [("llama", True), ("gemma2", False)])
+def test_a_family_trains_with_unsloth(family, padding_free, s3, bucket, tmp_path, monkeypatch):
+    """The same on a GPU, through Unsloth. Llama trains padding-free (`auto`) through Unsloth's own packed
+    attention; Gemma 2 on padded batches (its attention softcaps logits), without Unsloth's block compile
+    (model_loading.UNSLOTH_FAMILY_ENV: with it, Inductor failed compiling the block's backward)."""
     from finetune_trainer import varlen_attention
 
     calls = varlen_attention.STATS["calls"]
     assert run_family(family, s3, bucket, tmp_path, monkeypatch, gpus=1)["backend"] == "unsloth"
-    assert varlen_attention.STATS["calls"] == calls
+    assert (varlen_attention.STATS["calls"] > calls) == padding_free
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+def test_unsloth_padding_free_llama_batches_score_as_padded_ones(tmp_path):
+    """Llama under Unsloth, one [1, T] row of sequences handed over as `packed_seq_lengths`, against the
+    same rows padded: logits, fused loss and every LoRA gradient (tests/padding_free_check.py, its own
+    process)."""
+    from tests import padding_free_check
+
+    lengths = [600, 130, 700, 90]
+    result = padding_free_check.run(build_model("llama", tmp_path / "llama"), "cuda", lengths, 1024)
+    padding_free_check.assert_same(result, "unsloth", lengths, logit_tolerance=0.1)  # bf16 noise
+    assert result["probe"]["attn0"] == ["packed_seq_lengths"]  # Unsloth's keyword, none of ours
+    assert result["lent"] > 0  # Unsloth ran the packed row on the lent varlen kernel, not per sequence

@@ -316,6 +316,76 @@ def test_the_loss_never_sees_the_padding_free_keywords_the_layers_do(peft):
     assert varlen_attention.STATS["calls"] == calls + 4
 
 
+def test_unsloths_own_decoder_is_handed_the_lengths_under_its_name(monkeypatch):
+    """Unsloth's fast decoder (Llama & co.) takes packed rows itself: it reads `packed_seq_lengths` and
+    never consults the attention registry. Unsloth needs a GPU, so a stand-in takes its place here:
+    transformers' Llama forward, installed the way Unsloth installs its own and recorded. What is
+    checked is the trainer's side: the route is chosen for it alone, the lengths arrive under Unsloth's
+    name in host memory with none of our keywords, and reaching attention is counted."""
+    import functools
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, attn_implementation="sdpa")
+    assert varlen_attention.enable(LlamaForCausalLM(config), "auto") is False  # on transformers: no layer types
+    seen, original = [], LlamaModel.forward
+
+    def fast_forward(self, *args, **kwargs):
+        seen.append(dict(kwargs))
+        return original(self, *args, **kwargs)
+
+    @functools.wraps(fast_forward)  # as on the H100: the class held a wrapper around Unsloth's forward
+    def wrapped(self, *args, **kwargs):
+        return fast_forward(self, *args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "unsloth.models.llama", types.SimpleNamespace(LlamaModel_fast_forward=fast_forward))
+    monkeypatch.setattr(LlamaModel, "forward", wrapped)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert varlen_attention.enable(model, "auto")
+    rows = make_rows()
+    b = Batches(rows, 4, 48, 0, 0, padding_free=True).get(0)
+    calls = varlen_attention.STATS["calls"]
+    with torch.no_grad():
+        model(**b.model_inputs("cpu"), use_cache=False)
+    lengths = seen[-1][varlen_attention.UNSLOTH_LENGTHS]
+    assert lengths.device.type == "cpu" and lengths.tolist() == torch.diff(b.cu_seqlens).tolist()
+    assert sum(lengths.tolist()) == b.input_ids.shape[1]  # the padded tail too, as sequences of its own
+    assert not any(key.startswith("ft_") for key in seen[-1]), sorted(seen[-1])
+    assert varlen_attention.STATS["calls"] == calls + 1  # the first layer's attention got them
+    with torch.no_grad():  # a padded batch: nothing handed over, nothing counted
+        model(**Batches(rows, 4, 48, 0, 0).get(0).model_inputs("cpu"), use_cache=False)
+    assert varlen_attention.UNSLOTH_LENGTHS not in seen[-1]
+    assert varlen_attention.STATS["calls"] == calls + 1
+
+
+def test_unsloth_is_lent_the_varlen_kernel_only_where_it_has_none(monkeypatch):
+    """Unsloth on torch 2.11 finds no varlen_attn it can use (it wants torch 2.12's enable_gqa) and runs
+    packed rows one SDPA call per sequence; the trainer lends it the flash kernel under that contract,
+    and leaves a kernel Unsloth found itself alone. (The kernel runs on CUDA only: the Llama check in
+    tests/test_trainer_families.py counts Unsloth's calls to it on a GPU.)"""
+    import sys
+    import types
+
+    without = types.SimpleNamespace(_TORCH_VARLEN_ATTN=None)
+    monkeypatch.setitem(sys.modules, "unsloth.utils.attention_dispatch", without)
+    assert varlen_attention.lend_unsloth_the_kernel()
+    assert without._TORCH_VARLEN_ATTN is varlen_attention.unsloth_varlen_attn
+    assert not varlen_attention.lend_unsloth_the_kernel()  # once
+
+    def its_own(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    with_one = types.SimpleNamespace(_TORCH_VARLEN_ATTN=its_own)
+    monkeypatch.setitem(sys.modules, "unsloth.utils.attention_dispatch", with_one)
+    assert not varlen_attention.lend_unsloth_the_kernel() and with_one._TORCH_VARLEN_ATTN is its_own
+    monkeypatch.setitem(sys.modules, "unsloth.utils.attention_dispatch", types.SimpleNamespace())
+    assert not varlen_attention.lend_unsloth_the_kernel()  # a Unsloth without that switch: nothing to lend to
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("packing", [False, True])

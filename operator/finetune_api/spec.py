@@ -145,11 +145,11 @@ class TrainingSpec(ApiModel):
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description=(
             "On GPU, lay each micro-batch out as one row of its sequences back to back, attended by "
-            "FlashAttention's varlen kernel: no padding, no attention across sequences, scores as padded "
-            "rows do (checked on an H100) and measured faster. auto: on wherever the model can take it, "
-            "16-bit LoRA and 4-bit QLoRA alike; models it cannot serve (Gemma 2's logit softcapping) "
-            "stay padded. on: the same, but such a model fails the run instead. off: padded rows. No "
-            "effect on CPU."))
+            "FlashAttention's varlen kernel (Gemma 3 through the trainer's route, Llama through "
+            "Unsloth's): no padding, no attention across sequences, scores as padded rows do (checked on "
+            "an H100) and measured faster on rows of mixed lengths. auto: on wherever the model can take it, 16-bit LoRA and "
+            "4-bit QLoRA alike; models it cannot serve (Gemma 2's logit softcapping) stay padded. on: the "
+            "same, but such a model fails the run instead. off: padded rows. No effect on CPU."))
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on the assistant's tokens only, not on the prompt.")
     chat_template: Literal["auto", "gemma3", "chatml", "llama3"] = Field(

@@ -48,11 +48,12 @@ class Batch:
         if self.position_ids is not None:
             out["position_ids"] = to(self.position_ids)
         if self.cu_seqlens is not None:
-            from .varlen_attention import CU_SEQLENS, MAX_SEQLEN
+            from .varlen_attention import CU_SEQLENS, MAX_SEQLEN, SEQ_LENGTHS
 
             cu = to(self.cu_seqlens)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the sequence count changes every step: one graph for all
             out[CU_SEQLENS], out[MAX_SEQLEN] = cu, self.max_seqlen
+            out[SEQ_LENGTHS] = self.cu_seqlens[1:] - self.cu_seqlens[:-1]  # stays in host memory
         return out
 
 

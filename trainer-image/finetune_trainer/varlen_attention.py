@@ -26,11 +26,22 @@ dense T x T mask.
 
 Off CUDA the same contract runs on SDPA with an explicit mask: the reference the tests hold the layout
 against, and fine for the small batches CPU training sees.
+
+Models on Unsloth's own fast decoder (Llama; Unsloth gives Mistral, Qwen 2/3 and others the same
+forward, unchecked here) never consult the registry: their attention reads sequence boundaries from
+Unsloth's `packed_seq_lengths` keyword and goes through Unsloth's own attention dispatch. For those
+the padding-free batch's lengths go in under that name instead, and the same reach check counts
+attention calls that received them. On torch 2.11 that dispatch finds no varlen kernel it can use and
+runs one SDPA call per sequence, so it is lent the flash kernel (lend_unsloth_the_kernel). On an H100 a
+Llama scored and trained so as padded (tests/test_trainer_families.py), 3.3x as fast on rows of mixed
+lengths (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +52,27 @@ NAME = "finetune_varlen"
 # Extra model(...) keyword arguments; transformers hands them to the attention function untouched.
 CU_SEQLENS = "ft_cu_seqlens"
 MAX_SEQLEN = "ft_max_seqlen"
+SEQ_LENGTHS = "ft_seq_lengths"  # the same boundaries as lengths, in host memory (what Unsloth's route takes)
+UNSLOTH_LENGTHS = "packed_seq_lengths"  # Unsloth's name for them
 # Calls that reached the kernel, or compiled graphs that will (the trainer checks its first step got
 # here, not a silent fallback).
-STATS = {"calls": 0}
+# "lent": calls Unsloth made to the kernel lent to it (lend_unsloth_the_kernel).
+STATS = {"calls": 0, "lent": 0}
+# One function per count, made once: a closure made per call inside a compiled region recompiled it
+# (7 graphs where 2 do, tests/test_trainer_packing.py).
+_INCREMENTS = {key: (lambda ctx, key=key: STATS.__setitem__(key, STATS[key] + 1)) for key in STATS}
 
 
-def _note_reached() -> None:
+def _count(key: str) -> None:
     # Inside a compiled region (Unsloth compiles each decoder layer) a plain `STATS["calls"] += 1`
     # makes dynamo guard on the count's value and recompile every call (on the H100: a step not done
     # 50 s after the first); comptime counts once, at trace time, and leaves nothing in the graph.
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime
 
-        comptime(lambda ctx: STATS.__setitem__("calls", STATS["calls"] + 1))
+        comptime(_INCREMENTS[key])
     else:
-        STATS["calls"] += 1
+        STATS[key] += 1
 
 
 def require_reached() -> None:
@@ -65,11 +82,12 @@ def require_reached() -> None:
                            "set training.paddingFree: off to train on padded batches")
 
 
-def unservable(config) -> str | None:
-    """Why a model (its text config) cannot train padding-free, or None if it can."""
+def unservable(config, unsloth_packs: bool = False) -> str | None:
+    """Why a model (its text config) cannot train padding-free, or None if it can. `unsloth_packs`: it
+    runs on Unsloth's fast decoder, which builds no mask for packed rows (see unsloth_packs())."""
     if getattr(config, "attn_logit_softcapping", None):
         return "its attention softcaps logits (Gemma 2), which the flash kernel cannot"
-    if not getattr(config, "layer_types", None):
+    if not unsloth_packs and not getattr(config, "layer_types", None):
         # Without a per-layer-type mask mapping the decoder builds a dense T x T mask for the packed row.
         return f"{type(config).__name__} builds its attention mask without per-layer types"
     return None
@@ -97,7 +115,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              for x in (query, key, value))
     elif rows != 1:
         raise ValueError(f"{CU_SEQLENS} needs one packed row, got a batch of {rows}")
-    _note_reached()
+    _count("calls")
     if query.is_cuda:
         # Unsloth hands Gemma 3's q/k/v over in fp32 (its norms upcast); SDPA under autocast would run
         # them in the autocast dtype, and so does the flash kernel here (it takes fp16/bf16 only).
@@ -170,9 +188,10 @@ def _to_the_decoder(model, base, masks: dict) -> None:
     decoder, held = base.get_decoder(), {}
 
     def take(module, args, kwargs):
-        if any(key in kwargs for key in (CU_SEQLENS, MAX_SEQLEN)):
+        if any(key in kwargs for key in (CU_SEQLENS, MAX_SEQLEN, SEQ_LENGTHS)):
             held.clear()
             held.update({key: kwargs.pop(key) for key in (CU_SEQLENS, MAX_SEQLEN) if key in kwargs})
+            kwargs.pop(SEQ_LENGTHS, None)  # the kernel reads cu_seqlens, already on the device
         return args, kwargs
 
     def give(module, args, kwargs):
@@ -188,6 +207,64 @@ def _to_the_decoder(model, base, masks: dict) -> None:
     model._finetune_varlen_hooks = True
 
 
+def unsloth_packs(decoder) -> bool:
+    """Whether the decoder stack is Unsloth's own fast forward, which takes packed rows itself: given
+    `packed_seq_lengths` (host int32 lengths of a [1, T] row), its attention keeps each sequence to
+    itself and no mask is built. Unwrapped: on the H100 the class's forward was a functools.wraps
+    wrapper around Unsloth's."""
+    fast = getattr(sys.modules.get("unsloth.models.llama"), "LlamaModel_fast_forward", None)
+    forward = getattr(type(decoder), "forward", None)
+    return fast is not None and forward is not None and inspect.unwrap(forward) is fast
+
+
+def unsloth_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *, scale=None,
+                        window_size=(-1, -1), enable_gqa: bool = False, **_):
+    """torch.nn.attention.varlen.varlen_attn as torch 2.12 spells it ((T, H, D) tensors, grouped K/V
+    heads with enable_gqa), on the bundled flash kernel, which takes grouped heads as they are."""
+    _count("lent")
+    left, right = window_size
+    return torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, right == 0, False, scale=scale,
+        window_size_left=left, window_size_right=right)[0]
+
+
+def lend_unsloth_the_kernel() -> bool:
+    """Unsloth 2026.10 sends packed rows to torch's varlen_attn only where it takes `enable_gqa` (torch
+    2.12); on torch 2.11 it runs one SDPA call per sequence instead. On an H100, a Llama step on rows of
+    mixed lengths then spent 30 % of its time on those launches and the copies and fills around them
+    (the GPU 70 % busy). The kernel it would call is lent under that contract. True if lent now."""
+    dispatch = sys.modules.get("unsloth.utils.attention_dispatch")
+    if dispatch is None or not hasattr(dispatch, "_TORCH_VARLEN_ATTN") or dispatch._TORCH_VARLEN_ATTN is not None:
+        return False
+    dispatch._TORCH_VARLEN_ATTN = unsloth_varlen_attn
+    return True
+
+
+def _to_unsloth(model, decoder) -> None:
+    """Unsloth's route: the outermost call swaps a padding-free batch's `ft_*` keywords for
+    `packed_seq_lengths`, which Unsloth carries down to every attention call (and its loss, which masks
+    labels across boundaries with them); the first layer's attention counts the calls that got them."""
+    if getattr(model, "_finetune_varlen_hooks", False):
+        return
+
+    def swap(module, args, kwargs):
+        if SEQ_LENGTHS not in kwargs:
+            return None
+        for key in (CU_SEQLENS, MAX_SEQLEN):
+            kwargs.pop(key, None)
+        # Host lengths: Unsloth stages them in one pinned copy; device ones cost a sync every step.
+        kwargs[UNSLOTH_LENGTHS] = kwargs.pop(SEQ_LENGTHS)
+        return args, kwargs
+
+    def reached(module, args, kwargs):
+        if kwargs.get(UNSLOTH_LENGTHS) is not None:
+            _count("calls")
+
+    model.register_forward_pre_hook(swap, with_kwargs=True)
+    decoder.layers[0].self_attn.register_forward_pre_hook(reached, with_kwargs=True)
+    model._finetune_varlen_hooks = True
+
+
 def enable(model, setting: str = "auto") -> bool:
     """Routes the model's padding-free calls (those given `Batch.model_inputs()` of a padding-free
     batch) here. False where `setting` (training.paddingFree) is off, or is auto and the model cannot
@@ -199,8 +276,13 @@ def enable(model, setting: str = "auto") -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config(decoder=True)
-    if reason := unservable(config):
+    packs = unsloth_packs(base.get_decoder())
+    if reason := unservable(config, packs):
         return _declined(setting, reason)
+    if packs:
+        lend_unsloth_the_kernel()
+        _to_unsloth(model, base.get_decoder())
+        return True
     implementation = config._attn_implementation
     if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
         AttentionInterface.register(NAME, varlen_attention_forward)
