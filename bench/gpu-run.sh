@@ -4,7 +4,7 @@
 #
 #   bench/gpu-run.sh proof   # `finetune run` (Unsloth LoRA bf16 and QLoRA 4-bit) → GGUF → parity → S3
 #   bench/gpu-run.sh bench   # bench/train_throughput.py: project path vs transformers+peft
-#                            #   (CONFIGS, SEQ, BATCH, DATA, PROFILE=<steps>, TRACE=1, LEVER="K=V ..." + LABEL=<name>)
+#                            #   (CONFIGS, SEQ, BATCH, DATA, SHAPE, PROFILE=<steps>, TRACE=1, LEVER="K=V ..." + LABEL=<name>)
 #   bench/gpu-run.sh real    # `finetune run` on the real Gemma 3 270M → GGUF → held-out answer before/after
 #                            #   (METHOD=lora, the default, or qlora)
 #   bench/gpu-run.sh tests   # pytest -m gpu (TESTS=<files or node ids>)
@@ -98,7 +98,8 @@ YAML
   verify_s3 gpu-lora gpu-qlora
   ;;
 bench)
-  timeout "${BENCH_TIMEOUT:-560}" python3 bench/train_throughput.py --model-dir $model_dir --out "$OUT/bench.jsonl" \
+  [[ -z ${SHAPE:-} ]] || model_dir=/tmp/$SHAPE-random  # another random-init shape (train_throughput.SHAPES)
+  timeout "${BENCH_TIMEOUT:-560}" python3 bench/train_throughput.py --shape "${SHAPE:-gemma3-270m}" --model-dir $model_dir --out "$OUT/bench.jsonl" \
     --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --batch "${BATCH:-8}" --steps 15 --warmup 4 \
     --data "${DATA:-full}" --profile "${PROFILE:-0}" ${TRACE:+--trace} --label "${LABEL:-}" $(for kv in ${LEVER:-}; do echo "--env=$kv"; done)
   ;;

@@ -7,7 +7,8 @@ against a plain transformers + PEFT baseline, same model shape, sequence length 
 Each config runs in its own process (Unsloth patches transformers at import; the baseline must not
 see that, and peak memory must be per config). Prints per config: tokens/s (non-padding tokens),
 step time, peak GPU memory, MFU = 6·N·tokens/s over the GPU's dense bf16 peak, and the ratio to the
-baseline measured in the same invocation. Random-init Gemma 3 270M (the shape is what matters).
+baseline measured in the same invocation. Random-init Gemma 3 270M (the shape is what matters), or
+with `--shape llama-3.2-1b` a random-init model of Llama 3.2 1B's shape.
 
 Data modes: `full` feeds full-length random sequences (no padding: pure kernel throughput);
 `real` feeds rows with an instruction-tuning length distribution (lognormal, median ~250 tokens),
@@ -34,6 +35,17 @@ GEMMA3_270M = dict(
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, tie_word_embeddings=True,
     bos_token_id=2, eos_token_id=1, pad_token_id=0,
 )
+# Llama 3.2 1B's shape (RoPE scaling left out: it changes no kernel's cost).
+LLAMA32_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, max_position_embeddings=8192, rope_theta=500_000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+# name: (transformers config class, model class, fields)
+SHAPES = {
+    "gemma3-270m": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_270M),
+    "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA32_1B),
+}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 # name: (implementation, micro-batch multiplier, gradient checkpointing, packing). Checkpointing:
@@ -109,24 +121,38 @@ def beside_results(args, kind: str, suffix: str) -> Path:
     return Path(args.out).with_name(f"{kind}-{run_name(args)}{suffix}".replace("+", "."))
 
 
-def make_model_dir(path: Path, tokenizer_dir: Path | None) -> Path:
+def make_model_dir(path: Path, tokenizer_dir: Path | None, shape: str = "gemma3-270m") -> Path:
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    import transformers
 
     if (path / "config.json").exists():
         return path
+    config_cls, model_cls, fields = SHAPES[shape]
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M)).to(torch.bfloat16)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**fields)).to(torch.bfloat16)
     model.save_pretrained(path)
     if tokenizer_dir:  # as files: llama.cpp's converter needs the SentencePiece tokenizer.model itself
         import shutil
 
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, path / f.name)
+    elif shape != "gemma3-270m":
+        save_stub_tokenizer(path)
     return path
 
 
-def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0) -> list[dict]:
+def save_stub_tokenizer(path: Path) -> None:
+    """A four-token tokenizer: Unsloth's Llama loader loads one with the model, and the bench feeds
+    token ids, so any tokenizer with the config's special tokens will do."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), pad_token="<pad>",
+                            eos_token="</s>", bos_token="<s>", unk_token="<unk>").save_pretrained(path)
+
+
+def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0, vocab: int = GEMMA3_270M["vocab_size"]) -> list[dict]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -136,7 +162,7 @@ def synthetic_rows(n: int, seq: int, mode: str, seed: int = 0) -> list[dict]:
         lengths = np.clip(rng.lognormal(mean=np.log(250), sigma=0.8, size=n).astype(int), 32, seq)
     rows = []
     for length in lengths:
-        ids = rng.integers(3, GEMMA3_270M["vocab_size"], size=int(length)).tolist()
+        ids = rng.integers(3, vocab, size=int(length)).tolist()
         rows.append({"input_ids": ids, "labels": ids})
     return rows
 
@@ -176,7 +202,8 @@ def worker(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     if qlora:  # 4-bit weights count as half-bytes in numel(); use the model shape's real count
         n_params = args.n_params or n_params
-    rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data)
+    rows = synthetic_rows(max(batch * (args.steps + args.warmup) * 3, 64), args.seq, args.data,
+                          vocab=SHAPES[args.shape][2]["vocab_size"])
     # The project pads to power-of-two widths on CUDA, as the trainer does (one compile per bucket);
     # the baseline pads to the longest row of each micro-batch, as transformers' collators do.
     # The project trains padding-free, as the trainer does (the lever "+padded" switches it off): one
@@ -233,7 +260,7 @@ def worker(args) -> dict:
         except Exception as exc:  # noqa: BLE001 - the timed result must survive a profiler problem
             print(f"profile failed: {exc!r}", flush=True)
     return {
-        "config": run_name(args), "backend": backend, "gpu": name,
+        "config": run_name(args), "shape": args.shape, "backend": backend, "gpu": name,
         "seq": args.seq, "microBatch": batch, "gradientCheckpointing": gc, "packing": packing,
         "method": training.method, "data": args.data, "paddingFree": padding_free,
         "env": config_env(args.config, args.env),
@@ -243,6 +270,7 @@ def worker(args) -> dict:
         "mfu": round(6 * n_params * tps / peak, 4), "params": n_params,
         "loadSeconds": round(load_s, 1), "warmupSeconds": round(warm_s, 1), "steps": args.steps,
         "widths": sorted(first_of_width), "varlenCalls": varlen_attention.STATS["calls"],
+        "lentKernelCalls": varlen_attention.STATS["lent"],
         **({"gpuBusy": busy} if busy is not None else {}),
     }
 
@@ -330,7 +358,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--data", choices=["full", "real"], default="full")
-    p.add_argument("--model-dir", default="/tmp/gemma3-270m-random")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="gemma3-270m", help="the random-init model's shape")
+    p.add_argument("--model-dir", default=None, help="where the random-init model is kept (default /tmp/<shape>-random)")
     p.add_argument("--tokenizer-dir", default=None)
     p.add_argument("--out", default=None, help="append results as JSON lines here")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per config")
@@ -345,7 +374,8 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
-    model_dir = make_model_dir(Path(args.model_dir), Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    model_dir = make_model_dir(Path(args.model_dir or f"/tmp/{args.shape}-random"),
+                               Path(args.tokenizer_dir) if args.tokenizer_dir else None, args.shape)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -357,7 +387,8 @@ def main() -> int:
     for name in names:
         cmd = [sys.executable, __file__, "--config", name, "--seq", str(args.seq), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
-               "--model-dir", str(model_dir), "--n-params", str(n_params), "--profile", str(args.profile),
+               "--shape", args.shape, "--model-dir", str(model_dir), "--n-params", str(n_params),
+               "--profile", str(args.profile),
                *(["--trace"] if args.trace else []),
                "--label", args.label] + [f"--env={e}" for e in args.env] + (["--out", args.out] if args.out else [])
         env = {**os.environ, **config_env(name, args.env)}
