@@ -82,12 +82,12 @@ def require_reached() -> None:
                            "set training.paddingFree: off to train on padded batches")
 
 
-def unservable(config, unsloth_packs: bool = False) -> str | None:
-    """Why a model (its text config) cannot train padding-free, or None if it can. `unsloth_packs`: it
-    runs on Unsloth's fast decoder, which builds no mask for packed rows (see unsloth_packs())."""
+def unservable(config, on_unsloth_decoder: bool = False) -> str | None:
+    """Why a model (its text config) cannot train padding-free, or None if it can. `on_unsloth_decoder`:
+    it runs on Unsloth's fast decoder, which builds no mask for packed rows (see unsloth_packs())."""
     if getattr(config, "attn_logit_softcapping", None):
         return "its attention softcaps logits (Gemma 2), which the flash kernel cannot"
-    if not unsloth_packs and not getattr(config, "layer_types", None):
+    if not on_unsloth_decoder and not getattr(config, "layer_types", None):
         # Without a per-layer-type mask mapping the decoder builds a dense T x T mask for the packed row.
         return f"{type(config).__name__} builds its attention mask without per-layer types"
     return None
@@ -276,12 +276,13 @@ def enable(model, setting: str = "auto") -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config(decoder=True)
-    packs = unsloth_packs(base.get_decoder())
-    if reason := unservable(config, packs):
+    decoder = base.get_decoder()
+    on_unsloth_decoder = unsloth_packs(decoder)
+    if reason := unservable(config, on_unsloth_decoder):
         return _declined(setting, reason)
-    if packs:
+    if on_unsloth_decoder:
         lend_unsloth_the_kernel()
-        _to_unsloth(model, base.get_decoder())
+        _to_unsloth(model, decoder)
         return True
     implementation = config._attn_implementation
     if implementation in ("eager", None):  # eager is no registered function to wrap: take its place
