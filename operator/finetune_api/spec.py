@@ -50,7 +50,7 @@ LOCAL_PATH = r"^/\S*$"
 DATASET_SOURCE = (r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|https?://[^/@\s?#]+(/\S*)?|/\S+|"
                   r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*)$")
 # System folders are never a dataset, a model or task data, whatever the operator allows.
-SYSTEM_PATHS = r"^/(etc|proc|sys|dev|run|var/run|var/lib/kubelet|root|boot|bin|sbin|lib|lib32|lib64|usr|host)(/|$)"
+SYSTEM_PATHS = r"^/(etc|proc|sys|dev|run|var/run|var/lib/kubelet|boot|bin|sbin|lib|lib32|lib64|usr|host)(/|$)"
 DOT_SEGMENT = r"(^|/)[.]{1,2}(/|$)"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"  # a Secret's or ConfigMap's data key
 SET = {"x-kubernetes-list-type": "set"}  # the apiserver rejects duplicates (uniqueItems is not allowed)
@@ -74,7 +74,7 @@ def local_path_rule(field: str, path: str) -> Rule:
            f"(!self.{field}.matches('{SYSTEM_PATHS}') && !self.{field}.matches('{DOT_SEGMENT}') && "
            f"!self.{field}.contains('//'))")
     return Rule(cel, f"{path}: a local path must be absolute, without '.', '..' or empty segments, and not a "
-                     "system folder (/etc, /proc, /sys, /dev, /run, /var/run, /root, /usr, …)",
+                     "system folder (/etc, /proc, /sys, /dev, /run, /var/run, /usr, …)",
                 lambda s: safe_local_path(getattr(s, to_snake(field))), field_path=f".{field}")
 
 
