@@ -144,15 +144,15 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     except ValueError as exc:  # pydantic's ValidationError included
         message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         _refuse(body, status, patch, Reason.INVALID_SPEC, message, logger)
-    problems = policy.violations(spec, CONFIG)
-    if problems:
-        _refuse(body, status, patch, Reason.POLICY_DENIED, "; ".join(problems), logger)
-
     wanted = builders.spec_hash(raw_spec)
     run = int(status.get("run") or 0)
     if run and status.get("specHash") == wanted and status.get("jobName"):
+        # The run in hand (a resume, a suspend toggle): it was checked when it started.
         _apply_in_place(body, spec, status, patch, logger)
         return
+    problems = policy.violations(spec, CONFIG)
+    if problems:
+        _refuse(body, status, patch, Reason.POLICY_DENIED, "; ".join(problems), logger)
     missing = missing_references(spec, namespace)
     if missing:
         _not_started(body, status, patch, Observation(Phase.PENDING, *missing), logger)
