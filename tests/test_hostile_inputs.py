@@ -129,7 +129,6 @@ ADMISSION: list[tuple[str, Callable[[dict], None], str]] = [
     ("toleration unknown field", at("resources.tolerations", [{"key": "a", "tolerateAll": True}]), "tolerateAll"),
     ("too many tolerations", at("resources.tolerations", [{"key": f"k{i}"} for i in range(17)]),
      "spec.resources.tolerations"),
-    ("node selector bad key", at("resources.nodeSelector", {"bad key!": "x"}), "spec.resources.nodeSelector"),
     ("node selector long value", at("resources.nodeSelector", {"a": "v" * 64}), "spec.resources.nodeSelector"),
     ("gpu resource traversal", at("resources.gpuResourceName", "../../x"), "spec.resources.gpuResourceName"),
     ("cpu not a quantity", at("resources.cpu", "1.2.3"), "spec.resources.cpu"),
@@ -241,6 +240,7 @@ OPERATOR: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("affinity with a bad operator", at("resources.affinity", {"nodeAffinity": {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
             {"key": "a", "operator": "Near", "values": ["a"]}]}]}}}), "JobRejected", "operator"),
+    ("node selector with a bad key", at("resources.nodeSelector", {"bad key!": "x"}), "JobRejected", "nodeSelector"),
     # what only the operator's defaults can tell
     ("no bucket anywhere", at("output", {}), "InvalidSpec", "spec.output.s3.bucket"),
 ]
