@@ -283,7 +283,8 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     if obs.phase is Phase.FAILED and obs.reason == Reason.POD_NOT_STARTING and job is not None:
         _delete_job(meta["namespace"], job["metadata"]["name"])  # it would wait for ever
     metrics.STATUS_WRITE_WAIT.inc(STATUS_WRITES.acquire())
-    kube.patch_finetunejob_status(meta["namespace"], meta["name"], update)
+    if not kube.patch_finetunejob_status(meta["namespace"], meta["name"], update, status["jobName"]):
+        return  # judged on a view of a run that is no longer the object's
     if update.get("phase"):
         metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()
         if obs.phase.finished and update.get("completionTime"):

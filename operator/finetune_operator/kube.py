@@ -82,8 +82,20 @@ def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     return read_or_none(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
 
-def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any], job_name: str) -> bool:
+    """Writes what was derived from run `job_name`, only if that run is still the object's (a JSON Patch
+    whose first operation tests /status/jobName): a view of the object read before ensure_run started
+    another run, or stopped this one, can never write over it. False when the run moved on."""
+    ops = [{"op": "test", "path": "/status/jobName", "value": job_name}]
+    ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in status.items()]
+    try:
+        custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, ops,
+                                                       _content_type="application/json-patch+json")
+        return True
+    except ApiException as exc:
+        if exc.status in (404, 422):  # gone, or the test failed: another run owns the status now
+            return False
+        raise
 
 
 def dry_run_create_job(namespace: str, body: dict[str, Any]) -> str | None:
