@@ -172,13 +172,14 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
         _refuse(body, status, patch, Reason.JOB_REJECTED,
                 f"the apiserver rejected the training Job built from spec.resources/spec.runPolicy: {rejected}",
                 logger)
+    # The Role first: the apiserver lets the operator bind only a Role that exists (its escalation check).
+    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
     if not spec.resources.service_account_name:
         # Only an account the operator created gets its Role: it never grants rights to one it did not make.
         kube.create_if_absent(kube.core().create_namespaced_service_account, namespace,
                               builders.build_service_account(owner))
         kube.create_if_absent(kube.rbac().create_namespaced_role_binding, namespace,
                               builders.build_role_binding(owner, service_account))
-    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
     run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
     kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
                           builders.build_config_map(run_config, owner))
