@@ -243,3 +243,11 @@ def test_median_rule_stops_a_trial_worse_than_the_completed_median():
     assert st.should_stop(spec, early, [*done, early]) is None  # before minSteps
     assert st.should_stop(spec, bad, [done[0], bad]) is None  # fewer than minTrials completed
     assert st.should_stop(sweep_spec(), bad, [*done, bad]) is None  # no earlyStopping
+
+
+def test_a_trial_waiting_for_a_missing_secret_is_not_finished():
+    spec = sweep_spec()
+    child = st.build_trial(sweep_object(spec), 0, {}, False) | {"status": {
+        "phase": "Failed", "reason": "SecretNotFound", "message": "spec.output.s3.credentialsSecretRef: Secret 's3'"}}
+    rec = st.record_from_child(child, spec)
+    assert rec.state == TrialState.RUNNING and "Secret 's3'" in rec.message

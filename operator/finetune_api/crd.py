@@ -18,7 +18,16 @@ from typing import Any, Literal
 import yaml
 
 from . import (
-    GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, SWEEP_KIND, SWEEP_PLURAL, SWEEP_SHORT_NAMES, SWEEP_SINGULAR, VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    SWEEP_SHORT_NAMES,
+    SWEEP_SINGULAR,
+    VERSION,
 )
 from .spec import FinetuneJobSpec
 from .status import FinetuneJobStatus

@@ -84,7 +84,8 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
     try:
         spec = FinetuneSweepSpec.model_validate(sweep.get("spec") or {})
     except ValidationError as exc:
-        _write_status(sweep, {"phase": SweepPhase.FAILED, "reason": "InvalidSpec", "message": _format_error(exc)})
+        _write_status(sweep, {"phase": SweepPhase.FAILED, "reason": "InvalidSpec", "message": _format_error(exc),
+                              "observedGeneration": generation})
         return
 
     seen = {row["number"]: {int(s): v for s, v in (row.get("losses") or {}).items()}

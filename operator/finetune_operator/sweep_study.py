@@ -38,6 +38,9 @@ SWEEP_LABEL = "finetune.dev/sweep"
 TRIAL_LABEL = "finetune.dev/trial"
 PARAMS_ANNOTATION = "finetune.dev/trial-parameters"
 PRUNED_ANNOTATION = "finetune.dev/pruned"  # the early-stopping verdict, kept on the trial itself
+# A FinetuneJob Failed for one of these recovers by itself once the object appears (the operator
+# retries), so its trial is still waiting, not finished.
+WAITING_REASONS = {"SecretNotFound", "ConfigMapNotFound", "ServiceAccountNotFound"}
 MAX_LOSS_POINTS = 50  # per trial in the sweep's status: enough for the median rule, bounded in size
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,6 +109,8 @@ def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
             record.message = f"succeeded without a number at status.{spec.objective.metric}"
         else:
             record.state = TrialState.COMPLETE
+    elif status.get("phase") == Phase.FAILED and status.get("reason") in WAITING_REASONS:
+        record.message = f"waiting: {status.get('message') or status.get('reason')}"[:1024]
     elif status.get("phase") == Phase.FAILED:
         record.state = TrialState.FAILED
         record.message = f"{status.get('reason') or 'Failed'}: {status.get('message') or ''}".rstrip(": ")[:1024]
