@@ -251,3 +251,17 @@ def test_a_trial_waiting_for_a_missing_secret_is_not_finished():
         "phase": "Failed", "reason": "SecretNotFound", "message": "spec.output.s3.credentialsSecretRef: Secret 's3'"}}
     rec = st.record_from_child(child, spec)
     assert rec.state == TrialState.RUNNING and "Secret 's3'" in rec.message
+
+
+def test_a_trial_deleted_by_hand_stays_recorded_and_its_number_is_never_reused():
+    spec = sweep_spec(maxTrials=4, parallelism=2)
+    sweep = sweep_object(spec)
+    t0 = succeeded(st.build_trial(sweep, 0, {"training.lora.r": 8}, False), 0.4)
+    t1 = st.build_trial(sweep, 1, {"training.lora.r": 16}, False)
+    rows = st.sweep_status(spec, [st.record_from_child(c, spec) for c in (t0, t1)], False, 4)["trials"]
+    rows = json.loads(json.dumps(rows))
+    records = st.gather(spec, [], rows)  # both FinetuneJobs deleted
+    assert [(r.number, r.state, r.value) for r in records] == [(0, "Complete", 0.4), (1, "Failed", None)]
+    assert "deleted" in records[1].message
+    assert st.next_numbers(spec, records, False) == [2, 3]
+    assert st.best(spec, records).name == "s-t0"

@@ -88,10 +88,7 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
                               "observedGeneration": generation})
         return
 
-    seen = {row["number"]: {int(s): v for s, v in (row.get("losses") or {}).items()}
-            for row in status.get("trials") or []}
-    children = {int(c["metadata"]["labels"][study.TRIAL_LABEL]): c for c in list_trials(namespace, sweep)}
-    records = [study.record_from_child(c, spec, seen.get(k)) for k, c in sorted(children.items())]
+    records = study.gather(spec, list_trials(namespace, sweep), status.get("trials") or [])
 
     template_suspend = spec.template.run_policy.suspend
     for rec in records:

@@ -117,6 +117,25 @@ def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
     return record
 
 
+def gather(spec: FinetuneSweepSpec, children: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[TrialRecord]:
+    """Records of every trial: from its FinetuneJob where it exists, else from the sweep's own
+    status (a trial deleted by hand, or a draw that failed validation), so that no number is reused."""
+    seen = {row["number"]: {int(s): v for s, v in (row.get("losses") or {}).items()} for row in rows}
+    records = {int(c["metadata"]["labels"][TRIAL_LABEL]): c for c in children}
+    out = [record_from_child(c, spec, seen.get(k)) for k, c in records.items()]
+    for row in rows:
+        if row["number"] in records:
+            continue
+        state = row.get("state") or TrialState.FAILED
+        gone = state == TrialState.RUNNING
+        out.append(TrialRecord(
+            number=row["number"], name=row["name"], params=row.get("parameters") or {},
+            state=TrialState.FAILED if gone else state, phase=row.get("phase"), value=row.get("objective"),
+            message="its FinetuneJob was deleted before it finished" if gone else row.get("message"),
+            losses=seen[row["number"]]))
+    return sorted(out, key=lambda r: r.number)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
