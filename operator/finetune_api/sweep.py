@@ -190,7 +190,7 @@ class Parameter(ApiModel):
              lambda p: TUNABLE[p.path].kind in ("int", "float") or p.choice is not None),
         *(r for r in map(_bound_rule, TUNABLE.values()) if r is not None),
     )
-    path: TunablePath = Field(description=(  # type: ignore[valid-type]
+    path: TunablePath = Field(max_length=128, description=(  # type: ignore[valid-type]
         "Field of the template to set, camelCase and dot-separated as in the FinetuneJob spec, e.g. "
         "training.learningRate, training.lora.r, training.epochs. Scalar fields of baseModel, dataset, "
         "training and export may be tuned."))
