@@ -182,6 +182,7 @@ def test_random_sweep_picks_the_best_trial_and_survives_an_operator_kill(
         assert (row["name"], row["state"], row["parameters"]) == (child["metadata"]["name"], "Complete", params)
         assert row["objective"] == pytest.approx(losses[row["name"]])
 
+    assert len(set(losses.values())) > 1  # the learning rates made a difference, so choosing means something
     best = status["bestTrial"]
     assert best["name"] == min(losses, key=losses.get)
     assert best["value"] == pytest.approx(min(losses.values()))
