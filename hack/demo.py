@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from devstack import LocalCluster, LocalPodRunner, S3Server  # noqa: E402
 from devstack.binaries import ensure as ensure_binaries  # noqa: E402
+from finetune_trainer.paths import cache_dir  # noqa: E402
 
 NS = "demo"
 OPERATOR_NS = "finetune-system"
@@ -67,6 +68,8 @@ def install_chart(helm: str, kubeconfig: Path, s3: S3Server) -> None:
        "--set", f"watchNamespaces={{{NS}}}",
        "--set", f"s3.endpoint={s3.endpoint}", "--set", f"s3.bucket={BUCKET}",
        "--set", "s3.credentialsSecretName=s3-credentials",
+       # the base model is read from the project's cache: the dev stand-in for a mounted volume
+       "--set-json", f'security.localPathRoots=["{cache_dir()}/"]',
        # training pods go to the node whose pods the local runner executes
        "--set-json", 'trainer.nodeSelector={"finetune.dev/local-runner":"true"}',
        "--set", "trainer.progressIntervalSeconds=2")

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
 VENV_BIN = Path(sys.executable).parent
+
+
+def _dev_policy_env() -> dict[str, str]:
+    """What a cluster admin would allow for this dev stack: its S3 (SeaweedFS on loopback, the stand-in
+    for an in-cluster store) and the folders tests keep models and data in (the stand-in for volumes)."""
+    from finetune_trainer.paths import cache_dir
+
+    return {"FINETUNE_EGRESS_ALLOWED_HOSTS": "127.0.0.1",
+            "FINETUNE_LOCAL_PATH_ROOTS": f"/data/,/models/,/mnt/,{cache_dir()}/,{tempfile.gettempdir()}/"}
+
+
+DEV_POLICY_ENV = _dev_policy_env()
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -56,7 +69,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_WATCH_NAMESPACES": self.namespace,
                "FINETUNE_METRICS_PORT": "0", "FINETUNE_LIVENESS_ENDPOINT": "off",
                "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test", "FINETUNE_PROGRESS_INTERVAL": "1",
-               "PYTHONUNBUFFERED": "1",
+               "PYTHONUNBUFFERED": "1", **DEV_POLICY_ENV,
                "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **self.extra_env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([str(VENV_BIN / "finetune-operator")], env=env, stdout=log,

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "finetune-operator"
 HEALTH_LUA = ROOT / "argocd" / "resource_customizations" / "finetune.dev" / "FinetuneJob" / "health.lua"
 SWEEP_HEALTH_LUA = ROOT / "argocd" / "resource_customizations" / "finetune.dev" / "FinetuneSweep" / "health.lua"
-# Offline rendering needs a cluster version: go-installed helm builds default to 1.20 (the release
-# builds stamp the current one), which the chart's kubeVersion (>= 1.29) refuses.
+# The cluster version the offline renders and lint assume (the chart sets no kubeVersion gate, so a
+# render without it works too: test_renders_without_a_kube_version).
 KUBE_VERSION = "1.36.3"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 CRD_NAME = "finetunejobs.finetune.dev"
@@ -192,8 +192,15 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     ({"image": {"pullPolicy": "Sometimes"}}, "value must be one of"),
     ({"metrics": {"port": 8081}}, "/metrics/port"),
     ({"s3": {"endpoint": "minio:9000"}}, "does not match pattern"),
+    ({"s3": {"endpoint": "http://ak:sk@minio:9000"}}, "does not match pattern"),
+    ({"s3": {"credentialsSecretName": "x/../y"}}, "does not match pattern"),
+    ({"security": {"egress": {"allowedHosts": ["http://minio:9000"]}}}, "does not match pattern"),
+    ({"security": {"localPathRoots": ["relative/"]}}, "does not match pattern"),
+    ({"security": {"allowedTolerations": [{"operator": "Exists"}]}}, "missing property 'key'"),
 ], ids=["unknown-top-level", "unknown-nested", "unknown-deep", "int-as-string", "bool-as-string",
-        "list-as-string", "bad-namespace", "bad-enum", "port-clash-with-health", "endpoint-without-scheme"])
+        "list-as-string", "bad-namespace", "bad-enum", "port-clash-with-health", "endpoint-without-scheme",
+        "endpoint-with-credentials", "unanchored-secret-name", "allowed-host-url", "relative-path-root",
+        "tolerate-everything"])
 def test_schema_rejects(helm: str, tmp_path: Path, values: dict[str, Any], message: str) -> None:
     argv = [helm, "template", "fto", str(CHART), "--kube-version", KUBE_VERSION, *values_args(tmp_path, values)]
     proc = run(argv, check=False)
@@ -283,6 +290,11 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
         "kueue": {"queueName": "gpu-queue"},
         "watchNamespaces": ["ml", "research"],
         "metrics": {"port": 9090},
+        "security": {"egress": {"allowHttp": True, "allowedHosts": ["minio.storage.svc:9000", "10.0.0.7"]},
+                     "localPathRoots": ["/models/"], "allowedImages": ["registry.example/ml/"],
+                     "allowedGpuResources": ["amd.com/gpu"], "allowedPriorityClasses": ["batch-low"],
+                     "allowedTolerations": [{"key": "spot", "operator": "Exists"}],
+                     "allowServiceAccountOverride": True},
     }
     env = env_of(one(render(helm, tmp_path, values), "Deployment"))
     for key in [k for k in os.environ if k.startswith("FINETUNE_")]:
@@ -302,15 +314,37 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
     assert cfg.metrics_port == 9090
     assert env["FINETUNE_DEFAULT_S3_BUCKET"] == "models"
     assert env["FINETUNE_DEFAULT_S3_CREDENTIALS_SECRET"] == "s3-credentials"
+    assert cfg.egress_allow_http is True
+    assert cfg.egress_allowed_hosts == ("minio.storage.svc:9000", "10.0.0.7")
+    assert cfg.local_path_roots == ("/models/",) and cfg.allowed_images == ("registry.example/ml/",)
+    assert cfg.allowed_gpu_resources == ("amd.com/gpu",) and cfg.allowed_priority_classes == ("batch-low",)
+    assert cfg.allowed_tolerations == [{"key": "spot", "operator": "Exists"}]
+    assert cfg.allow_service_account_override is True
 
-    defaults = env_of(one(render(helm, tmp_path), "Deployment"))
+
+def test_security_defaults_allow_nothing_beyond_the_admins_own_settings(helm: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_operator.config import OperatorConfig
+
+    env = env_of(one(render(helm, tmp_path), "Deployment"))
     for key in [k for k in os.environ if k.startswith("FINETUNE_")]:
         monkeypatch.delenv(key)
-    for key, value in defaults.items():
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     cfg = OperatorConfig.from_env()
+    assert not cfg.egress_allow_http and cfg.egress_allowed_hosts == ()
+    assert cfg.local_path_roots == ("/data/", "/models/", "/mnt/")
+    assert cfg.allowed_images == cfg.allowed_gpu_resources == cfg.allowed_priority_classes == ()
+    assert cfg.allowed_tolerations == [] and not cfg.allow_service_account_override
     assert cfg.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert cfg.watch_namespaces == () and cfg.default_queue_name is None and cfg.default_s3_endpoint is None
+
+
+def test_renders_without_a_kube_version(helm: str) -> None:
+    """`helm template` with no cluster and no --kube-version renders (no kubeVersion gate in Chart.yaml)."""
+    proc = run([helm, "template", "fto", str(CHART)])
+    kinds = {d["kind"] for d in yaml.safe_load_all(proc.stdout) if d}
+    assert {"Deployment", "CustomResourceDefinition", "ClusterRole"} <= kinds
 
 
 @pytest.mark.parametrize("crd_name", [CRD_NAME, SWEEP_CRD_NAME])
@@ -720,3 +754,12 @@ def test_argocd_example_finetunejobs_pass_server_side_dry_run(kubeconfig: Path, 
         obj["metadata"]["namespace"] = namespace
         out = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", stdin=json.dumps(obj)).stdout
         assert "created (server dry run)" in out, out
+
+
+@pytest.mark.parametrize("values", [{"fullnameOverride": "f" * 70}, {"nameOverride": "n" * 40}])
+def test_every_name_fits_63_characters(helm: str, tmp_path: Path, values: dict[str, Any]) -> None:
+    values = {**values, "watchNamespaces": ["ml"], "argocd": {"healthCheck": {"enabled": True}},
+              "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}}
+    for doc in render(helm, tmp_path, values, release="r" * 30):
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+        assert not doc["metadata"]["name"].endswith("-"), doc["metadata"]["name"]

@@ -70,11 +70,12 @@ def test_finetunejob_to_gguf_in_s3(operator, k8s, kubeconfig, namespace, s3, buc
     client = s3.client()
     arts = {a["name"]: a for a in status["artifacts"]}
     assert any(a.get("quantization") == "q8_0" for a in arts.values())
+    uid = k8s.get("ftj", "spine")["metadata"]["uid"]
     for art in arts.values():
-        assert art["uri"].startswith(f"s3://{bucket}/finetune/{namespace}/spine/run-1/")
+        assert art["uri"].startswith(f"s3://{bucket}/finetune/{namespace}/spine/{uid}/run-1/")
         body = client.get_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])["Body"].read()
         assert len(body) == art["sizeBytes"] and hashlib.sha256(body).hexdigest() == art["sha256"], art["name"]
-    manifest_doc = json.loads(client.get_object(Bucket=bucket, Key=f"finetune/{namespace}/spine/run-1/manifest.json")
+    manifest_doc = json.loads(client.get_object(Bucket=bucket, Key=f"finetune/{namespace}/spine/{uid}/run-1/manifest.json")
                               ["Body"].read())
     assert {a["name"] for a in manifest_doc["artifacts"]} <= set(arts) | {"manifest.json"}
 
@@ -226,7 +227,7 @@ def test_s3_outage_during_upload_is_ridden_out(operator, k8s, namespace, inputs,
         assert status["phase"] == "Succeeded", status
         client = private.client()
         manifest_doc = json.loads(client.get_object(
-            Bucket=bucket, Key=f"finetune/{namespace}/outage/run-1/manifest.json")["Body"].read())
+            Bucket=bucket, Key=status["outputUri"].split(f"s3://{bucket}/", 1)[1] + "manifest.json")["Body"].read())
         for art in manifest_doc["artifacts"]:
             if art["name"] == "manifest.json":
                 continue
@@ -237,3 +238,43 @@ def test_s3_outage_during_upload_is_ridden_out(operator, k8s, namespace, inputs,
         assert "StorageUnavailable), retrying in" in pod_runner.log_path(namespace, pod).read_text()
     finally:
         private.stop()
+
+
+def test_ssrf_by_a_name_resolving_inside_is_refused_where_the_trainer_connects(
+        crd, kubeconfig, namespace, k8s, s3, bucket, inputs, pod_runner, tmp_path):
+    """The operator allows plain http (as an admin may) and cannot tell that 0x7f.1 is 127.0.0.1; the
+    trainer, checking the address its resolver returns, refuses it: Failed EgressDenied, nothing fetched."""
+    import http.server
+    import threading
+
+    from operator_fixtures import OperatorProcess
+
+    hits = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"instruction": "AccessKeyId", "output": "AKIA-secret"}\n')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    s3_port = s3.endpoint.rsplit(":", 1)[1].rstrip("/")
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "op.log", {
+        "FINETUNE_EGRESS_ALLOW_HTTP": "true", "FINETUNE_EGRESS_ALLOWED_HOSTS": f"127.0.0.1:{s3_port}"}).start()
+    try:
+        doc = manifest("ssrf", inputs, s3, bucket)
+        doc["spec"]["dataset"] = {"source": f"http://0x7f.1:{server.server_address[1]}/latest/meta-data/iam.jsonl"}
+        assert k8s.apply(doc).returncode == 0
+        wait_for(lambda: k8s.status("ssrf").get("phase") == "Failed", 300, "Failed")
+        status = k8s.status("ssrf")
+        assert status["reason"] == "EgressDenied" and "127.0.0.1" in status["message"], status
+        assert hits == []
+        assert not status.get("artifacts")
+    finally:
+        op.stop()
+        server.shutdown()

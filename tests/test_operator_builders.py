@@ -10,10 +10,11 @@ from pydantic import ValidationError
 from finetune_api import RunConfig
 from finetune_api import contract as c
 from finetune_api.spec import FinetuneJobSpec
+from finetune_api.status import Phase
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import format_validation_error
-from finetune_operator.lifecycle import observe, status_update
+from finetune_operator.lifecycle import Observation, completion_reported, observe, status_update, transition
 
 OWNER = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
          "metadata": {"name": "demo", "namespace": "team-a", "uid": "uid-1", "generation": 3}}
@@ -92,7 +93,8 @@ def test_dataset_configmap_is_mounted_and_named_in_env():
 def test_run_config_resolves_defaults_and_run_prefix():
     spec = builders.resolve_spec(copy.deepcopy(SPEC), CFG)
     rc = builders.build_run_config(spec, OWNER, run=4)
-    assert rc.output_uri == "s3://models/finetune/team-a/demo/run-4/"
+    # keyed by uid: a re-created FinetuneJob of the same name never meets the deleted one's checkpoints
+    assert rc.output_uri == "s3://models/finetune/team-a/demo/uid-1/run-4/"
     assert rc.spec.training.learning_rate == 2e-4 and rc.spec.export.gguf == ["q4_k_m"]
     cm = builders.build_config_map(rc, OWNER)
     assert cm["metadata"]["name"] == "demo-r4-config"
@@ -162,10 +164,11 @@ def test_suspended_and_queued():
 
 
 def test_status_update_is_idempotent_and_sets_conditions():
-    obs = observe(job_with([("Complete", "", "")]), [], None, 1, False)
+    obs = observe(job_with([("Complete", "", "")]), [], None, 1, False, reported=True)
     first = status_update({}, obs, generation=3, now="2026-01-01T00:00:00Z")
     conds = {cond["type"]: cond for cond in first["conditions"]}
     assert conds["Succeeded"]["status"] == "True" and conds["Failed"]["status"] == "False"
+    assert conds["Finished"]["status"] == "True"
     assert conds["Succeeded"]["observedGeneration"] == 3
     assert first["phase"] == "Succeeded" and first["completionTime"] == "2026-01-01T00:00:00Z"
     assert status_update(first, obs, generation=3, now="2026-01-02T00:00:00Z") == {}
@@ -216,3 +219,41 @@ def test_gpu_hours_of_a_run():
     assert gpu_hours("2026-01-01T00:00:00Z", "2026-01-01T01:30:00Z", 2) == 3.0
     assert gpu_hours("2026-01-01T00:00:00Z", "2026-01-01T01:30:00Z", 0) == 0.0  # CPU runs cost no GPU time
     assert gpu_hours(None, "2026-01-01T01:30:00Z", 1) == 0.0
+
+
+def test_a_completed_job_without_the_trainers_report_is_not_success():
+    """A node that completes pods without running the trainer must not make a run Succeeded."""
+    complete = job_with([("Complete", "", "")])
+    obs = observe(complete, [], None, 1, False)
+    assert (obs.phase, obs.reason) == ("Failed", "NoCompletionReport")
+    conds = {c["type"]: c for c in status_update({}, obs, 1)["conditions"]}
+    assert conds["Succeeded"]["status"] == "False" and conds["Finished"]["status"] == "True"
+
+
+def test_completion_report_is_the_manifest_of_this_run():
+    manifest = {"kind": "manifest", "name": "manifest.json"}
+    assert completion_reported({"progress": {"run": 2}, "artifacts": [manifest]}, 2)
+    assert not completion_reported({"progress": {"run": 1}, "artifacts": [manifest]}, 2)  # a stale run's
+    assert not completion_reported({"progress": {"run": 2}, "artifacts": [{"kind": "gguf"}]}, 2)
+    assert not completion_reported({}, 2)
+
+
+def waiting_pod(reason, message=""):
+    return {"metadata": {"name": "p"}, "status": {"containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]}}
+
+
+@pytest.mark.parametrize("reason, phase", [("ImagePullBackOff", "Pending"), ("ErrImagePull", "Pending"),
+                                           ("CreateContainerConfigError", "Pending"),
+                                           ("InvalidImageName", "Failed"), ("ErrImageNeverPull", "Failed")])
+def test_a_pod_that_cannot_start_shows_in_the_status(reason, phase):
+    obs = observe(job_with(active=1), [waiting_pod(reason, "pull access denied")], None, 1, False)
+    assert (obs.phase, obs.reason) == (phase, "PodNotStarting")
+    assert reason in obs.message and "pull access denied" in obs.message
+    assert observe(job_with(active=1), [waiting_pod("ContainerCreating")], None, 1, False).reason == "PodPending"
+
+
+def test_transition_is_phase_reason_or_message():
+    obs = Observation(Phase.PENDING, "SecretNotFound", "spec.x: Secret 's' not found")
+    assert transition({}, obs)
+    assert not transition({"phase": "Pending", "reason": "SecretNotFound", "message": obs.message}, obs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 import kubernetes
 import pytest
@@ -39,14 +40,36 @@ def jobs(k8s, name):
     return (k8s.get("jobs", selector=f"{c.LABEL_JOB}={name}") or {}).get("items", [])
 
 
+def trainer_api(kubeconfig, namespace, name):
+    """A client that authenticates as the job's trainer ServiceAccount (impersonation)."""
+    trainer = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    trainer.configuration.api_key_prefix = {}
+    trainer.default_headers["Impersonate-User"] = f"system:serviceaccount:{namespace}:{name}-trainer"
+    return kubernetes.client.CustomObjectsApi(trainer)
+
+
+def completion_report(run: int, output_uri: str) -> list[dict]:
+    """The trainer's last patch, as Reporter.finish sends it: progress, metrics and the artifacts."""
+    artifact = {"name": "manifest.json", "kind": "manifest", "uri": output_uri + "manifest.json",
+                "sizeBytes": 2, "sha256": "0" * 64}
+    return c.progress_patch(run, progress={"run": run, "stage": "Uploading", "percent": 100, "message": "done"},
+                            metrics={"trainLoss": 1.0}, artifacts=[artifact])
+
+
 def test_run_succeeds_with_conditions_events_and_kubectl_wait(operator, k8s, kubeconfig, namespace):
-    assert k8s.apply(ftj("ok")).returncode == 0
+    assert k8s.apply(ftj("ok", runPolicy={"suspend": True})).returncode == 0
     job = wait_for(lambda: k8s.get("job", "ok-r1"), 60, "Job ok-r1")
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FinetuneJob"
     cm = k8s.get("configmap", "ok-r1-config")
-    assert "outputUri: s3://models/finetune/" + namespace + "/ok/run-1/" in cm["data"]["run.yaml"]
+    uid = k8s.get("ftj", "ok")["metadata"]["uid"]
+    assert f"outputUri: s3://models/finetune/{namespace}/ok/{uid}/run-1/" in cm["data"]["run.yaml"]
     assert k8s.get("serviceaccount", "ok-trainer") and k8s.get("role", "ok-trainer")
-    # kwok completes the pod; the real Job controller marks the Job Complete.
+    # The trainer's completion report, then kwok runs the pod and the real Job controller completes it.
+    api = trainer_api(kubeconfig, namespace, "ok")
+    output = k8s.status("ok")["outputUri"]
+    wait_for(lambda: _patch(api, namespace, "ok", completion_report(1, output)), 30, "trainer's Role bound")
+    kubectl(kubeconfig, "patch", "ftj", "ok", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
     done = kubectl(kubeconfig, "wait", "-n", namespace, "--for=condition=Succeeded", "--timeout=90s", "ftj/ok",
                    check=False)
     assert done.returncode == 0, done.stderr
@@ -56,15 +79,26 @@ def test_run_succeeds_with_conditions_events_and_kubectl_wait(operator, k8s, kub
     reasons = {e["reason"] for e in wait_for(lambda: k8s.events("ok"), 30, "events")}
     assert {"JobCreated", "Succeeded"} <= reasons
     assert len(jobs(k8s, "ok")) == 1
+    assert kubectl(kubeconfig, "wait", "-n", namespace, "--for=condition=Finished", "ftj/ok",
+                   "--timeout=5s").returncode == 0
+
+
+def test_a_job_completed_without_the_trainers_report_is_a_failure(operator, k8s, kubeconfig, namespace):
+    """kwok completes pods without running anything, as a broken node or image would: no lie of success."""
+    k8s.apply(ftj("hollow"))
+    wait_for(lambda: k8s.status("hollow").get("phase") == "Failed", 90, "Failed")
+    status = k8s.status("hollow")
+    assert status["reason"] == "NoCompletionReport" and "manifest" in status["message"]
+    assert k8s.condition("hollow", "Succeeded")["status"] == "False"
+    done = kubectl(kubeconfig, "wait", "-n", namespace, "--for=condition=Finished", "--timeout=5s", "ftj/hollow",
+                   check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_trainer_progress_moves_the_phase_with_only_its_own_rbac(operator, k8s, kubeconfig, namespace):
     k8s.apply(ftj("prog", NOWHERE))
     wait_for(lambda: k8s.status("prog").get("run") == 1, 60, "run 1")
-    trainer = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-    trainer.configuration.api_key_prefix = {}
-    trainer.default_headers["Impersonate-User"] = f"system:serviceaccount:{namespace}:prog-trainer"
-    api = kubernetes.client.CustomObjectsApi(trainer)
+    api = trainer_api(kubeconfig, namespace, "prog")
     report = {"run": 1, "stage": "Training", "step": 3, "totalSteps": 10, "percent": 30, "loss": 2.5}
     wait_for(lambda: _patch(api, namespace, "prog", c.progress_patch(1, progress=report)), 30,
              "trainer's Role bound")
@@ -92,13 +126,14 @@ def _patch(api, namespace, name, ops):
         _return_http_data_only=True)
 
 
-def test_missing_secret_fails_then_recovers_when_created(operator, k8s, namespace):
+def test_missing_secret_waits_then_recovers_when_created(operator, k8s, namespace):
     spec = ftj("sec", NOWHERE)
     spec["spec"]["output"]["s3"]["credentialsSecretRef"] = {"name": "s3-creds"}
     k8s.apply(spec)
     wait_for(lambda: k8s.status("sec").get("reason") == "SecretNotFound", 60, "SecretNotFound")
     status = k8s.status("sec")
-    assert status["phase"] == "Failed"
+    assert status["phase"] == "Pending"  # a waiting state, not a failure that later heals
+    assert k8s.condition("sec", "Finished")["status"] == "False"
     assert "spec.output.s3.credentialsSecretRef" in status["message"] and "s3-creds" in status["message"]
     assert not jobs(k8s, "sec")
     k8s.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
@@ -154,10 +189,48 @@ def test_spec_edit_starts_a_new_run_and_keeps_history(operator, k8s, kubeconfig,
     wait_for(lambda: k8s.get("job", "edit-r2"), 60, "Job r2")
     wait_for(lambda: k8s.get("job", "edit-r1") is None, 60, "old Job removed")
     status = k8s.status("edit")
-    assert status["run"] == 2 and status["outputUri"].endswith("/edit/run-2/")
+    uid = k8s.get("ftj", "edit")["metadata"]["uid"]
+    assert status["run"] == 2 and status["outputUri"].endswith(f"/edit/{uid}/run-2/")
     assert [h["run"] for h in status["history"]] == [1]
     assert "learningRate: 1.0e-05" in k8s.get("configmap", "edit-r2-config")["data"]["run.yaml"]
     assert status["observedGeneration"] == k8s.get("ftj", "edit")["metadata"]["generation"]
+
+
+def test_an_edit_that_cannot_start_stops_the_old_run_and_says_so(operator, k8s, kubeconfig, namespace):
+    """Generation 2 names a missing Secret: run 1 is stopped and kept in history, the status speaks for
+    generation 2 only (no Succeeded claimed for it, no flapping), one Event; the Secret's arrival starts run 2."""
+    k8s.apply(ftj("wait", NOWHERE))
+    wait_for(lambda: k8s.get("job", "wait-r1"), 60, "Job r1")
+    kubectl(kubeconfig, "patch", "ftj", "wait", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"output":{"s3":{"credentialsSecretRef":{"name":"late"}}}}}')
+    wait_for(lambda: k8s.status("wait").get("reason") == "SecretNotFound", 60, "SecretNotFound")
+    wait_for(lambda: k8s.get("job", "wait-r1") is None, 60, "run 1 stopped")
+    generation = k8s.get("ftj", "wait")["metadata"]["generation"]
+    seen = set()
+    for _ in range(8):  # across the operator's retries the phase must hold still
+        status = k8s.status("wait")
+        seen.add((status["phase"], status["reason"]))
+        time.sleep(1)
+    assert seen == {("Pending", "SecretNotFound")}
+    assert [h["run"] for h in status["history"]] == [1] and not status.get("jobName")
+    for cond in status["conditions"]:
+        assert cond["observedGeneration"] == generation, cond
+    assert k8s.condition("wait", "Succeeded")["status"] == "False"
+    assert len([e for e in k8s.events("wait") if e["reason"] == "SecretNotFound"]) == 1
+    k8s.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"},
+               "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
+    wait_for(lambda: k8s.get("job", "wait-r2"), 90, "run 2 once the Secret exists")
+    assert k8s.status("wait")["run"] == 2
+
+
+def test_recreated_with_the_same_name_it_never_meets_the_old_ones_checkpoints(operator, k8s, kubeconfig, namespace):
+    k8s.apply(ftj("again", NOWHERE))
+    first = wait_for(lambda: k8s.status("again").get("outputUri"), 60, "outputUri")
+    kubectl(kubeconfig, "delete", "ftj", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+    k8s.apply(ftj("again", NOWHERE))
+    second = wait_for(lambda: k8s.status("again").get("outputUri"), 60, "outputUri of the new object")
+    assert first != second and k8s.get("ftj", "again")["metadata"]["uid"] in second
+    assert first.rsplit("/", 3)[0] == second.rsplit("/", 3)[0]  # same <prefix>/<ns>/<name>/, another uid
 
 
 def test_restart_at_any_point_never_duplicates(operator, k8s, namespace):

@@ -186,7 +186,9 @@ def test_random_sweep_picks_the_best_trial_and_survives_an_operator_kill(
     best = status["bestTrial"]
     assert best["name"] == min(losses, key=losses.get)
     assert best["value"] == pytest.approx(min(losses.values()))
-    assert best["outputUri"] == f"s3://{bucket}/finetune/{namespace}/{best['name']}/run-1/"
+    best_child = next(c for c in children if c["metadata"]["name"] == best["name"])
+    assert best["outputUri"] == best_child["status"]["outputUri"]
+    assert best["outputUri"].startswith(f"s3://{bucket}/finetune/{namespace}/{best['name']}/")
     gguf = [u for u in best["artifacts"] if u.endswith(".gguf")]
     assert gguf and all(u.startswith(best["outputUri"]) for u in best["artifacts"])
     head = s3.client().head_object(Bucket=bucket, Key=gguf[0].split(f"s3://{bucket}/", 1)[1])

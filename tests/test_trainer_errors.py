@@ -157,3 +157,67 @@ def test_s3_failures_are_classified(monkeypatch):
     with pytest.raises(ConfigError) as err:
         S3Store(S3Spec(bucket="models", endpoint="http://127.0.0.1:9"), request_attempts=1).check_access("s3://models/")
     assert err.value.reason == "MissingCredentials"
+
+
+def test_an_unknown_eval_task_fails_before_any_work(run, bucket, tmp_path):
+    code, term, _ = run(bucket, spec={"evaluation": {"tasks": ["no_such_task_xyz"]}})
+    assert code == 42 and term["reason"] == "UnknownTask"
+    assert "spec.evaluation.tasks" in term["message"] and "no_such_task_xyz" in term["message"]
+    assert not (tmp_path / "work" / "dataset").exists()  # before the data, long before the GPU hours
+
+
+def test_lora_targets_the_model_lacks_fail_before_any_work(run, bucket, tmp_path):
+    code, term, _ = run(bucket, spec={"training": {"lora": {"targetModules": ["q_proj", "qkv_proj"]}}})
+    assert code == 42 and term["reason"] == "InvalidSpec"
+    assert "spec.training.lora.targetModules" in term["message"] and "qkv_proj" in term["message"]
+    assert "q_proj" in term["message"].split("projections:")[1]  # it says what the model has
+    assert not (tmp_path / "work" / "dataset").exists()
+
+
+def test_the_operators_egress_rule_refuses_a_name_resolving_inside(tmp_path, monkeypatch, s3, bucket):
+    """With the operator's egress rule in its run config, a dataset URL whose host the operator could
+    not judge (0x7f.1) is refused where it resolves, to 127.0.0.1: nothing is fetched."""
+    import yaml
+
+    from finetune_api import RunConfig, RunRef
+    from finetune_api.egress import EgressPolicy
+    from finetune_api.spec import FinetuneJobSpec
+    from finetune_trainer import egress_guard
+    from finetune_trainer.paths import cache_dir
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    term = tmp_path / "termination-log"
+    for k, v in trainer_env(s3, term).items():
+        monkeypatch.setenv(k, v)
+    s3_port = s3.endpoint.rsplit(":", 1)[1].rstrip("/")
+    spec = FinetuneJobSpec.model_validate({
+        "baseModel": {"uri": str(tiny_gemma())},
+        "dataset": {"source": f"http://0x7f.1:{server.server_address[1]}/latest/meta-data/creds.jsonl"},
+        "training": {"maxSteps": 1, "batchSize": 2, "maxSeqLength": 32},
+        "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True}}})
+    egress = EgressPolicy(allow_http=True, allowed_hosts=[f"127.0.0.1:{s3_port}"],
+                          local_path_roots=[f"{cache_dir()}/", f"{tmp_path}/"])
+    config = tmp_path / "run.yaml"
+    config.write_text(RunConfig.build(spec, RunRef(name="ssrf"), egress).to_yaml())
+    assert yaml.safe_load(config.read_text())["egress"]["allowHttp"] is True
+    try:
+        code = main(["run", "--config", str(config), "--workdir", str(tmp_path / "work")])
+    finally:
+        egress_guard.uninstall()
+        egress_guard.last_denial = None
+        server.shutdown()
+    doc = json.loads(term.read_text())
+    assert code == 42 and doc["reason"] == "EgressDenied", doc
+    assert "127.0.0.1" in doc["message"] and hits == []

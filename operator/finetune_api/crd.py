@@ -11,6 +11,7 @@ operator resolves defaults, so the stored object stays exactly what the user app
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         return _structural({**options[0], **rest}, defs)
     out: dict[str, Any] = {}
+    if "default" in node and node.get("description") and node["default"] is not None:
+        # The operator applies defaults (the schema carries none); `kubectl explain` still shows them.
+        node = {**node, "description": f"{node['description'].rstrip()} Default: {json.dumps(node['default'])}."}
     for key, value in node.items():
         if key in _DROP or key == "$defs":
             continue
@@ -160,8 +164,9 @@ def build_crd() -> dict[str, Any]:
             ("Loss", "number", ".status.progress.loss", "Training loss"),
             ("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput"),
             ("ETA(s)", "integer", ".status.progress.etaSeconds", "Seconds of training left"),
+            ("Reason", "string", ".status.reason", "Reason for the phase (why it failed, or what it waits for)"),
             ("Run", "integer", ".status.run", "Run number", 1),
-            ("Reason", "string", ".status.reason", "Reason for the phase", 1),
+            ("Message", "string", ".status.message", "Detail for the phase", 1),
             ("Age", "date", ".metadata.creationTimestamp", ""),
         ])
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field
 
 from .base import ApiModel
+from .egress import EgressPolicy
 from .spec import FinetuneJobSpec
 
 
@@ -29,19 +30,24 @@ class RunConfig(ApiModel):
     kind: Literal["RunConfig"] = "RunConfig"
     job: RunRef
     spec: FinetuneJobSpec
-    output_uri: str = Field(description="s3://bucket/prefix/namespace/name/run-N/ (trailing slash).")
+    output_uri: str = Field(description="s3://bucket/prefix/namespace/name/uid/run-N/ (trailing slash).")
+    egress: EgressPolicy | None = Field(None, description=(
+        "Where the trainer may connect and which local folders it may read; set by the operator from its "
+        "own configuration. Unset (the trainer run on its own): not enforced."))
 
     @staticmethod
-    def output_uri_for(spec: FinetuneJobSpec, namespace: str, name: str, run: int) -> str:
+    def output_uri_for(spec: FinetuneJobSpec, job: RunRef) -> str:
+        """Keyed by the object's uid as well as its run: a deleted and re-created FinetuneJob of the
+        same name never sees the old one's checkpoints or artifacts."""
         s3 = spec.output.s3
         if not s3.bucket:
             raise ValueError("spec.output.s3.bucket: no bucket given and no default configured")
-        prefix = "/".join(p for p in (s3.prefix.strip("/"), namespace, name, f"run-{run}") if p)
-        return f"s3://{s3.bucket}/{prefix}/"
+        parts = (s3.prefix.strip("/"), job.namespace, job.name, job.uid or "", f"run-{job.run}")
+        return f"s3://{s3.bucket}/{'/'.join(p for p in parts if p)}/"
 
     @classmethod
-    def build(cls, spec: FinetuneJobSpec, job: RunRef) -> RunConfig:
-        return cls(job=job, spec=spec, output_uri=cls.output_uri_for(spec, job.namespace, job.name, job.run))
+    def build(cls, spec: FinetuneJobSpec, job: RunRef, egress: EgressPolicy | None = None) -> RunConfig:
+        return cls(job=job, spec=spec, output_uri=cls.output_uri_for(spec, job), egress=egress)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], run: int = 1) -> RunConfig:

@@ -6,13 +6,16 @@ never sees a diff it did not cause) and the operator resolves defaults into the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
+from pydantic.alias_generators import to_snake
 
 from .base import ApiModel, Rule
 
 DEFAULT_BASE_MODEL = "unsloth/gemma-3-270m-it"
+DEFAULT_GGUF = "q4_k_m"
 
 # llama.cpp's quantization types (llama-quantize / llama_model_quantize ftypes), lower-cased as
 # users write them. f16/bf16/f32 come straight from the converter; every other type is quantized
@@ -29,7 +32,27 @@ GgufQuant = Literal[
 ]
 
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Kubernetes' own resource.Quantity grammar, unsigned: what the apiserver accepts in a Job.
+QUANTITY = (r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|"
+            r"(\.[0-9]+))))?$")
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+# An image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path, no spaces.
+IMAGE_REF = (r"^[a-z0-9]+([._-][a-z0-9]+)*(\.[a-z0-9-]+)*(:[0-9]{1,5})?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+             r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+# Where data and models can come from. URLs never carry credentials (no userinfo: they would be copied
+# into the run ConfigMap, readable with `view`); credentials come only from Secret references.
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?$"
+HTTP_URL = r"^https?://[^/@\s?#]+(/\S*)?$"
+LOCAL_PATH = r"^/\S*$"
+DATASET_SOURCE = (r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|https?://[^/@\s?#]+(/\S*)?|/\S+|"
+                  r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*)$")
+# System folders are never a dataset, a model or task data, whatever the operator allows.
+SYSTEM_PATHS = r"^/(etc|proc|sys|dev|run|var/run|var/lib/kubelet|boot|bin|sbin|lib|lib32|lib64|usr|host)(/|$)"
+DOT_SEGMENT = r"(^|/)[.]{1,2}(/|$)"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"  # a Secret's or ConfigMap's data key
 SET = {"x-kubernetes-list-type": "set"}  # the apiserver rejects duplicates (uniqueItems is not allowed)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,20 +61,36 @@ def _has(obj: Any, *names: str) -> list[bool]:
     return [getattr(obj, n) is not None for n in names]
 
 
+def safe_local_path(value: str | None) -> bool:
+    """Not a local path, or an absolute one with no `.`/`..`/empty segment that is not a system folder."""
+    if not value or not value.startswith("/"):
+        return True
+    return not (re.search(SYSTEM_PATHS, value) or re.search(DOT_SEGMENT, value) or "//" in value)
+
+
+def local_path_rule(field: str, path: str) -> Rule:
+    """Admission and Python check of a field that may hold a local path (`path`: its spec path)."""
+    cel = (f"!has(self.{field}) || !self.{field}.startsWith('/') || "
+           f"(!self.{field}.matches('{SYSTEM_PATHS}') && !self.{field}.matches('{DOT_SEGMENT}') && "
+           f"!self.{field}.contains('//'))")
+    return Rule(cel, f"{path}: a local path must be absolute, without '.', '..' or empty segments, and not a "
+                     "system folder (/etc, /proc, /sys, /dev, /run, /var/run, /usr, …)",
+                lambda s: safe_local_path(getattr(s, to_snake(field))), field_path=f".{field}")
+
+
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the FinetuneJob's own namespace."""
 
     name: str = Field(description="Name of the Secret, in the FinetuneJob's namespace.", pattern=K8S_NAME,
                       max_length=253)
-    key: str = Field("HF_TOKEN", description="Key inside the Secret. Default HF_TOKEN.", min_length=1,
-                     max_length=253)
+    key: str = Field("HF_TOKEN", description="Key inside the Secret.", pattern=SECRET_KEY, max_length=253)
 
 
 class ConfigMapKeyRef(ApiModel):
     name: str = Field(description="Name of the ConfigMap, in the FinetuneJob's namespace.", pattern=K8S_NAME,
                       max_length=253)
     key: str = Field(description="Key whose value holds the rows (JSON Lines or a JSON array).",
-                     min_length=1, max_length=253)
+                     pattern=SECRET_KEY, max_length=253)
 
 
 class BaseModelSpec(ApiModel):
@@ -60,15 +99,17 @@ class BaseModelSpec(ApiModel):
     rules = (
         Rule("!(has(self.name) && has(self.uri))", "baseModel: set only one of name and uri",
              lambda s: not all(_has(s, "name", "uri"))),
+        local_path_rule("uri", "spec.baseModel.uri"),
     )
     name: str | None = Field(None, description="Hugging Face repo id, e.g. unsloth/gemma-3-270m-it.",
-                             pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
-                             max_length=200)
+                             pattern=HF_REPO_ID, max_length=200)
     uri: str | None = Field(None, description=(
-        "Where the weights are instead of the Hub: s3://bucket/path (a Hugging Face folder), a local or "
-        "PVC path, or a .gguf file to start from (dequantized to 16-bit before training)."),
-        pattern=r"^(s3://[^/]+/.+|/.+)$", max_length=1024)
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).", max_length=200)
+        "Where the weights are instead of the Hub: s3://bucket/path (a Hugging Face folder), a local path "
+        "in the trainer image or a mounted volume (under a root the operator allows: Helm value "
+        "security.localPathRoots), or a .gguf file to start from (dequantized to 16-bit before training)."),
+        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|/\S+)$", max_length=1024)
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).",
+                                 pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", max_length=200)
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token for gated or private models.")
 
@@ -86,10 +127,13 @@ class DatasetSpec(ApiModel):
         Rule("has(self.source) != has(self.configMapRef)",
              "dataset: set exactly one of source and configMapRef",
              lambda s: (s.source is None) != (s.config_map_ref is None)),
+        local_path_rule("source", "spec.dataset.source"),
     )
     source: str | None = Field(None, description=(
         "A Hugging Face dataset id (yahma/alpaca-cleaned), s3://bucket/key, https://… (JSON Lines, JSON, "
-        "CSV or Parquet), or a local/PVC path."), min_length=1, max_length=1024)
+        "CSV or Parquet; http:// and in-cluster hosts only where the operator allows them), or a local "
+        "path under a root the operator allows. Never credentials in the URL."),
+        pattern=DATASET_SOURCE, min_length=1, max_length=1024)
     config_map_ref: ConfigMapKeyRef | None = Field(
         None, description="Inline rows from a ConfigMap key (JSON Lines or a JSON array); for small sets.")
     split: str = Field("train", description="Split to train on.", pattern=r"^[A-Za-z0-9_.\[\]:%-]+$",
@@ -104,13 +148,19 @@ class DatasetSpec(ApiModel):
                                     description="Use at most this many rows (after shuffling with the seed).")
 
 
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE, max_length=63)]
+TargetModule = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$", max_length=128)]
+EvalTask = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
+
+
 class LoraSpec(ApiModel):
     r: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha; Unsloth's recipes use alpha = r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; 0 lets Unsloth use its fast path.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_PROJECTIONS), min_length=1, max_length=32,
-        description="Modules to adapt. Default: all 7 attention and MLP projections.")
+    target_modules: list[TargetModule] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS), min_length=1, max_length=32, json_schema_extra=SET,
+        description=("Modules to adapt (names of the model's linear layers; the trainer checks they exist "
+                     "before it prepares data). Default: all 7 attention and MLP projections."))
 
 
 class TrainingSpec(ApiModel):
@@ -167,8 +217,16 @@ class TrainingSpec(ApiModel):
 
 
 class ExportSpec(ApiModel):
+    """What a run produces. At least one of gguf, adapter and mergedSafetensors."""
+
+    rules = (
+        Rule("(has(self.gguf) && size(self.gguf) > 0) || !has(self.adapter) || self.adapter || "
+             "(has(self.mergedSafetensors) && self.mergedSafetensors)",
+             "export: nothing to export (set gguf, adapter or mergedSafetensors)",
+             lambda s: bool(s.gguf or s.adapter or s.merged_safetensors)),
+    )
     gguf: list[GgufQuant] = Field(
-        default_factory=lambda: ["q4_k_m"], max_length=len(GGUF_QUANT_TYPES), json_schema_extra=SET,
+        default_factory=lambda: [DEFAULT_GGUF], max_length=len(GGUF_QUANT_TYPES), json_schema_extra=SET,
         description="GGUF quantization types to export, each made from the 16-bit GGUF with llama.cpp.")
     adapter: bool = Field(True, description="Upload the LoRA adapter (safetensors) too.")
     merged_safetensors: bool = Field(False, description="Upload the merged 16-bit Hugging Face model too.")
@@ -181,16 +239,20 @@ class ExportSpec(ApiModel):
 class EvaluationSpec(ApiModel):
     """Evaluate the exported GGUF files with lm-evaluation-harness, in process through llama.cpp."""
 
-    tasks: list[str] = Field(min_length=1, max_length=64, json_schema_extra=SET, description=(
+    rules = (local_path_rule("dataUri", "spec.evaluation.dataUri"),)
+
+    tasks: list[EvalTask] = Field(min_length=1, max_length=64, json_schema_extra=SET, description=(
         "lm-evaluation-harness task names, e.g. hellaswag, mmlu, arc_easy, arc_challenge, piqa, "
         "winogrande, boolq."))
     limit: int | None = Field(None, ge=1, le=1_000_000, description="At most this many examples per task.")
     num_fewshot: int | None = Field(None, ge=0, le=25, description="Few-shot examples; unset uses each task's default.")
     data_uri: str | None = Field(None, description=(
-        "Offline task data (s3://… or a local path) for air-gapped clusters: a folder of lm-eval task "
-        "YAML files with their JSON Lines data."), pattern=r"^(s3://[^/]+/.*|/.+)$", max_length=1024)
+        "Offline task data (s3://… or a local path under a root the operator allows) for air-gapped "
+        "clusters: a folder of lm-eval task YAML files with their JSON Lines data."),
+        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|/\S+)$", max_length=1024)
     quantizations: list[GgufQuant] | None = Field(
-        None, description="Which exported GGUF files to evaluate; default all of them.")
+        None, max_length=len(GGUF_QUANT_TYPES), json_schema_extra=SET,
+        description="Which exported GGUF files to evaluate (each must be in export.gguf); default all of them.")
     include_base: bool = Field(False, description="Also evaluate the base model for a before/after delta.")
 
 
@@ -199,20 +261,30 @@ class S3CredentialsRef(ApiModel):
 
     name: str = Field(description="Name of the Secret.", pattern=K8S_NAME, max_length=253)
     access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", description="Key holding the access key id.",
-                                   max_length=253)
+                                   pattern=SECRET_KEY, max_length=253)
     secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", description="Key holding the secret key.",
-                                       max_length=253)
+                                       pattern=SECRET_KEY, max_length=253)
 
 
 class S3Spec(ApiModel):
+    rules = (
+        Rule(f"!has(self.prefix) || (!self.prefix.startsWith('/') && !self.prefix.contains('//') && "
+             f"!self.prefix.matches('{DOT_SEGMENT}'))",
+             "spec.output.s3.prefix: no leading '/', no empty, '.' or '..' segments",
+             lambda s: not (s.prefix.startswith("/") or "//" in s.prefix or re.search(DOT_SEGMENT, s.prefix)),
+             field_path=".prefix"),
+    )
     bucket: str | None = Field(None, description=(
         "Bucket for every artifact. Unset uses the operator's default bucket (Helm value s3.bucket)."),
-        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+        pattern=BUCKET)
     prefix: str = Field("finetune", description=(
-        "Key prefix. Artifacts go to <prefix>/<namespace>/<name>/run-<n>/."),
+        "Key prefix. Artifacts go to <prefix>/<namespace>/<name>/<uid>/run-<n>/ (the uid keeps a "
+        "re-created FinetuneJob of the same name apart from the deleted one)."),
         pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)
-    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS stores (SeaweedFS, MinIO, Ceph).",
-                                 pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512)
+    endpoint: str | None = Field(None, description=(
+        "S3 endpoint URL for non-AWS stores (SeaweedFS, MinIO, Ceph). https only, and no private or "
+        "in-cluster address, unless the operator allows it (Helm values security.egress.*). No credentials "
+        "in the URL."), pattern=HTTP_URL, max_length=512)
     region: str = Field("us-east-1", description="Region.", pattern=r"^[a-z0-9-]+$", max_length=64)
     force_path_style: bool = Field(False, description="Path-style addressing (most non-AWS stores need it).")
     credentials_secret_ref: S3CredentialsRef | None = Field(None, description=(
@@ -224,28 +296,67 @@ class OutputSpec(ApiModel):
     s3: S3Spec = Field(default_factory=S3Spec, description="Where artifacts, checkpoints and the manifest are uploaded.")
 
 
+class Toleration(ApiModel):
+    """A core/v1 Toleration. The operator accepts only those its allow-list (Helm value
+    security.allowedTolerations) matches; one that tolerates every taint (no key) is never accepted."""
+
+    key: str = Field(description="Taint key to tolerate (required: an empty key would tolerate every taint).",
+                     pattern=LABEL_KEY, max_length=316)
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value (with Equal).", pattern=LABEL_VALUE, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; unset tolerates every effect of the key.")
+    toleration_seconds: int | None = Field(None, ge=0, le=86_400 * 30,
+                                           description="With NoExecute: how long the pod stays after the taint.")
+
+
 class ResourcesSpec(ApiModel):
+    """Compute and placement of the training pod. Images, GPU resource names, priority classes,
+    tolerations and ServiceAccounts are cluster-admin decisions: the operator accepts only what its
+    Helm values (security.*) allow, and fails the FinetuneJob naming the field otherwise."""
+
+    rules = (
+        Rule("!has(self.priorityClassName) || !self.priorityClassName.startsWith('system-')",
+             "spec.resources.priorityClassName: system- priority classes are reserved for the cluster",
+             lambda s: not (s.priority_class_name or "").startswith("system-"), field_path=".priorityClassName"),
+    )
     gpus: int = Field(1, ge=0, le=16, description="GPUs for the training pod; 0 trains on CPU (tiny models only).")
-    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.",
-                                   pattern=r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
-    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.", pattern=QUANTITY)
-    memory: str | None = Field(None, description="Memory request and limit, e.g. 32Gi.", pattern=QUANTITY)
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the training pod requires.")
-    tolerations: list[dict[str, Any]] | None = Field(None, description="Tolerations (core/v1 Toleration).")
+    gpu_resource_name: str = Field("nvidia.com/gpu", description=(
+        "Extended resource name of a GPU; only names the operator allows (Helm value "
+        "security.allowedGpuResources)."),
+        pattern=r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.", pattern=QUANTITY, max_length=32)
+    memory: str | None = Field(None, description="Memory request and limit, e.g. 32Gi.", pattern=QUANTITY,
+                               max_length=32)
+    # Keys are label keys: the apiserver judges them when the operator dry-runs the Job (a CEL rule
+    # over a map's keys costs more than a CRD's validation budget allows).
+    node_selector: dict[str, LabelValue] | None = Field(None, max_length=32,
+                                                        description="Node labels the training pod requires.")
+    tolerations: list[Toleration] | None = Field(None, max_length=16, description=(
+        "Tolerations of the training pod; only those the operator allows (Helm value "
+        "security.allowedTolerations)."))
     affinity: dict[str, Any] | None = Field(None, description="Affinity (core/v1 Affinity).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the training pod.", pattern=K8S_NAME)
-    image: str | None = Field(None, description="Trainer image; default is the operator's configured image.",
-                              max_length=512)
+    priority_class_name: str | None = Field(None, description=(
+        "PriorityClass of the training pod; only those the operator allows (Helm value "
+        "security.allowedPriorityClasses)."), pattern=K8S_NAME, max_length=253)
+    image: str | None = Field(None, description=(
+        "Trainer image; default is the operator's configured image. Only images under a prefix the "
+        "operator allows (Helm value security.allowedImages)."), pattern=IMAGE_REF, max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy.")
-    service_account_name: str | None = Field(
-        None, description="ServiceAccount for the training pod; default one created per job.", pattern=K8S_NAME)
+    service_account_name: str | None = Field(None, description=(
+        "ServiceAccount for the training pod; default one created per job. Refused unless the operator "
+        "allows it (Helm value security.allowServiceAccountOverride); the operator never binds its Role to "
+        "an account it did not create, so that account needs get/patch on this FinetuneJob's status."),
+        pattern=K8S_NAME, max_length=253)
 
 
 class RunPolicySpec(ApiModel):
     backoff_limit: int = Field(2, ge=0, le=20, description="Retries of the training pod on transient failures.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this many seconds.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished Job after this long.")
+    active_deadline_seconds: int | None = Field(None, ge=1, le=86_400 * 60,
+                                                description="Fail the run after this many seconds.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=86_400 * 365,
+                                                   description="Delete the finished Job after this long.")
     suspend: bool = Field(False, description="Suspend the run (the Job's pods are removed) until set back to false.")
     queue_name: str | None = Field(None, description="Kueue LocalQueue; the Job is created suspended for Kueue to admit.",
                                    pattern=K8S_NAME, max_length=63)
@@ -262,6 +373,12 @@ class FinetuneJobSpec(ApiModel):
         Rule("!has(self.evaluation) || !has(self.export) || !has(self.export.gguf) || size(self.export.gguf) > 0",
              "evaluation needs at least one export.gguf type",
              lambda s: s.evaluation is None or len(s.export.gguf) > 0),
+        Rule("!has(self.evaluation) || !has(self.evaluation.quantizations) || "
+             "self.evaluation.quantizations.all(q, has(self.export) && has(self.export.gguf) ? "
+             "q in self.export.gguf : q == '" + DEFAULT_GGUF + "')",
+             "spec.evaluation.quantizations: each must be one of spec.export.gguf",
+             lambda s: s.evaluation is None or not s.evaluation.quantizations
+             or set(s.evaluation.quantizations) <= set(s.export.gguf)),
     )
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec, description="The model to fine-tune.")
     dataset: DatasetSpec = Field(description="Training data.")

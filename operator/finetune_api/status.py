@@ -40,11 +40,15 @@ class ConditionType(StrEnum):
     READY = "Ready"  # the run's Job exists and is admitted (or running)
     RUNNING = "Running"  # the trainer is working on this generation
     SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"  # artifacts for this generation are in S3
+    SUCCEEDED = "Succeeded"  # the trainer reported this generation's artifacts (manifest) in S3
     FAILED = "Failed"
+    FINISHED = "Finished"  # Succeeded or Failed: `kubectl wait --for=condition=Finished` never hangs
 
 
 class Reason(StrEnum):
+    """Every reason a user can see in status.reason, a condition or an Event (the trainer's own, such
+    as InvalidDataset, come from its termination message)."""
+
     JOB_CREATED = "JobCreated"
     QUEUED = "Queued"
     SUSPENDED = "Suspended"
@@ -61,6 +65,16 @@ class Reason(StrEnum):
     CONFIG_ERROR = "ConfigError"  # the trainer exited with the configuration-error code
     TRAINER_FAILED = "TrainerFailed"
     JOB_DELETED = "JobDeleted"
+    POLICY_DENIED = "PolicyDenied"  # the spec asks for what the cluster admin did not allow
+    JOB_REJECTED = "JobRejected"  # the apiserver refused the training Job built from the spec
+    NO_COMPLETION_REPORT = "NoCompletionReport"  # the Job completed, the trainer never reported artifacts
+    POD_NOT_STARTING = "PodNotStarting"  # image pull or container config errors
+
+
+# A new generation that hits one of these does not start; it waits for a spec change, never a retry.
+SPEC_REASONS = frozenset({Reason.INVALID_SPEC, Reason.POLICY_DENIED, Reason.JOB_REJECTED})
+# Waiting on an object only the cluster can provide; the operator retries.
+WAITING_REASONS = frozenset({Reason.SECRET_NOT_FOUND, Reason.CONFIGMAP_NOT_FOUND, Reason.SERVICE_ACCOUNT_NOT_FOUND})
 
 
 class Condition(ApiModel):

@@ -13,7 +13,8 @@ from typing import Any
 
 from finetune_api import API_VERSION, KIND, RunConfig, RunRef
 from finetune_api import contract as c
-from finetune_api.spec import FinetuneJobSpec, S3CredentialsRef
+from finetune_api.egress import EgressPolicy
+from finetune_api.spec import FinetuneJobSpec, S3CredentialsRef, Toleration
 
 from .config import OperatorConfig
 
@@ -53,7 +54,7 @@ def resolve_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> FinetuneJobSp
     if res.node_selector is None and cfg.default_node_selector:
         res.node_selector = dict(cfg.default_node_selector)
     if res.tolerations is None and cfg.default_tolerations:
-        res.tolerations = list(cfg.default_tolerations)
+        res.tolerations = [Toleration.model_validate(t) for t in cfg.default_tolerations]
     if spec.run_policy.queue_name is None and cfg.default_queue_name:
         spec.run_policy.queue_name = cfg.default_queue_name
     s3 = spec.output.s3
@@ -86,11 +87,12 @@ def _meta(name: str, owner: dict[str, Any], run: int | None = None, **extra: Any
             "ownerReferences": [owner_reference(owner)], **extra}
 
 
-def build_run_config(spec: FinetuneJobSpec, owner: dict[str, Any], run: int) -> RunConfig:
+def build_run_config(spec: FinetuneJobSpec, owner: dict[str, Any], run: int,
+                     egress: EgressPolicy | None = None) -> RunConfig:
     meta = owner["metadata"]
     ref = RunRef(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid"),
                  generation=meta.get("generation"), run=run)
-    return RunConfig.build(spec, ref)
+    return RunConfig.build(spec, ref, egress)
 
 
 def build_config_map(run_config: RunConfig, owner: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +240,7 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
     if res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
-        pod["tolerations"] = list(res.tolerations)
+        pod["tolerations"] = [t.wire() for t in res.tolerations]
     if res.affinity:
         pod["affinity"] = res.affinity
     if res.priority_class_name:

@@ -15,6 +15,21 @@ def _json_env(name: str, default: Any) -> Any:
     return json.loads(raw) if raw else default
 
 
+def _list_env(name: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (os.environ.get(name) or "").split(",") if v.strip())
+
+
+def _bool_env(name: str) -> bool:
+    return (os.environ.get(name) or "").strip().lower() in ("1", "true", "yes")
+
+
+def image_repository(image: str) -> str:
+    """ghcr.io/x/trainer:0.1.0@sha256:… → ghcr.io/x/trainer (a registry port is not a tag)."""
+    image = image.split("@", 1)[0]
+    head, _, last = image.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -31,6 +46,15 @@ class OperatorConfig:
     status_writes_per_second: float = 100.0  # the operator's own status patches, all jobs together
     progress_reports_per_second: float = 20.0  # all trainers' reports together (sets each one's interval)
     metrics_port: int = 8080
+    # --- what a spec may ask for: cluster-admin decisions (Helm values security.*) ---
+    egress_allow_http: bool = False
+    egress_allowed_hosts: tuple[str, ...] = ()
+    local_path_roots: tuple[str, ...] = ("/data/", "/models/", "/mnt/")
+    allowed_images: tuple[str, ...] = ()  # prefixes; empty: only the trainer image's repository
+    allowed_gpu_resources: tuple[str, ...] = ()  # empty: only default_gpu_resource
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_tolerations: list[dict[str, Any]] = field(default_factory=list)  # besides default_tolerations
+    allow_service_account_override: bool = False
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -50,4 +74,12 @@ class OperatorConfig:
             status_writes_per_second=float(env("FINETUNE_STATUS_WRITES_PER_SECOND") or 100),
             progress_reports_per_second=float(env("FINETUNE_PROGRESS_REPORTS_PER_SECOND") or 20),
             metrics_port=int(env("FINETUNE_METRICS_PORT") or 8080),
+            egress_allow_http=_bool_env("FINETUNE_EGRESS_ALLOW_HTTP"),
+            egress_allowed_hosts=_list_env("FINETUNE_EGRESS_ALLOWED_HOSTS"),
+            local_path_roots=_list_env("FINETUNE_LOCAL_PATH_ROOTS") or ("/data/", "/models/", "/mnt/"),
+            allowed_images=_list_env("FINETUNE_ALLOWED_IMAGES"),
+            allowed_gpu_resources=_list_env("FINETUNE_ALLOWED_GPU_RESOURCES"),
+            allowed_priority_classes=_list_env("FINETUNE_ALLOWED_PRIORITY_CLASSES"),
+            allowed_tolerations=_json_env("FINETUNE_ALLOWED_TOLERATIONS", []),
+            allow_service_account_override=_bool_env("FINETUNE_ALLOW_SERVICE_ACCOUNT_OVERRIDE"),
         )

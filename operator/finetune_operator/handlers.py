@@ -22,12 +22,13 @@ from finetune_api import contract as c
 from finetune_api.spec import FinetuneJobSpec
 from finetune_api.status import Phase, Reason
 
-from . import builders, kube, metrics
+from . import builders, kube, metrics, policy
 from .conditions import now_rfc3339
 from .config import OperatorConfig
-from .lifecycle import Observation, gpu_hours, observe, status_update
+from .lifecycle import Observation, completion_reported, gpu_hours, observe, status_update, transition
 from .ratelimit import TokenBucket
 
+LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
@@ -92,14 +93,24 @@ def missing_references(spec: FinetuneJobSpec, namespace: str) -> tuple[str, str]
     return None
 
 
-def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> None:
-    obs = Observation(Phase.FAILED, reason, message)
-    status = dict(body.get("status") or {})
-    patch.status.update(status_update(status, obs, body.metadata.get("generation")))
-    patch.status["observedGeneration"] = body.metadata.get("generation")
-    if status.get("phase") != Phase.FAILED or status.get("message") != message:
-        kopf.event(body, type="Warning", reason=str(reason), message=message)
-    metrics.ERRORS.labels(reason=str(reason)).inc()
+def _not_started(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, obs: Observation,
+                 logger: logging.Logger) -> None:
+    """This generation cannot start (`obs` says why: a Failed spec problem or a Pending wait). A run of
+    an earlier generation is stopped and kept in history, so the status describes one generation only:
+    no old run keeps writing, nothing flaps, and no condition claims a generation that never ran."""
+    namespace, generation = body.metadata.namespace, body.metadata.get("generation")
+    if status.get("jobName"):
+        _retire_run(namespace, status, patch)
+        status = {**status, "phase": None, "reason": None, "message": None}
+    fresh = {**status, "conditions": status.get("conditions") or []}
+    update = status_update(fresh, obs, generation)
+    patch.status.update(update)
+    patch.status.update({"observedGeneration": generation, "jobName": None, "specHash": None,
+                         "progress": None, "metrics": None, "artifacts": None, "outputUri": None})
+    if transition(status, obs):  # Events and the error counter count transitions, not retries
+        kopf.event(body, type="Warning", reason=str(obs.reason), message=obs.message[:1024])
+        metrics.ERRORS.labels(reason=str(obs.reason)).inc()
+        logger.warning("generation %s not started: %s: %s", generation, obs.reason, obs.message)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -117,6 +128,13 @@ def ensure_run(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kop
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
+def _refuse(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, reason: str, message: str,
+            logger: logging.Logger) -> None:
+    """A spec problem: Failed until the spec changes; never retried, nothing created."""
+    _not_started(body, status, patch, Observation(Phase.FAILED, reason, message), logger)
+    raise kopf.PermanentError(f"{reason}: {message}")
+
+
 def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any], patch: kopf.Patch,
                 logger: logging.Logger) -> None:
     name, namespace = body.metadata.name, body.metadata.namespace
@@ -125,37 +143,47 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
         spec = builders.resolve_spec(raw_spec, CONFIG)
     except ValueError as exc:  # pydantic's ValidationError included
         message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        _fail(body, patch, Reason.INVALID_SPEC, message)
-        raise kopf.PermanentError(f"invalid spec: {message}") from None
-    missing = missing_references(spec, namespace)
-    if missing:
-        _fail(body, patch, *missing)
-        raise kopf.TemporaryError(missing[1], delay=MISSING_REF_RETRY)
-
+        _refuse(body, status, patch, Reason.INVALID_SPEC, message, logger)
     wanted = builders.spec_hash(raw_spec)
     run = int(status.get("run") or 0)
-    if run and status.get("specHash") == wanted:
+    if run and status.get("specHash") == wanted and status.get("jobName"):
+        # The run in hand (a resume, a suspend toggle): it was checked when it started.
         _apply_in_place(body, spec, status, patch, logger)
         return
+    problems = policy.violations(spec, CONFIG)
+    if problems:
+        _refuse(body, status, patch, Reason.POLICY_DENIED, "; ".join(problems), logger)
+    missing = missing_references(spec, namespace)
+    if missing:
+        _not_started(body, status, patch, Observation(Phase.PENDING, *missing), logger)
+        raise kopf.TemporaryError(missing[1], delay=MISSING_REF_RETRY)
 
     # A new run: the first one, or the spec changed. Children first, status last, with deterministic
     # names, so that a crash in between is healed by the next attempt adopting what exists.
     new_run = run + 1
     owner = dict(body)
     service_account = spec.resources.service_account_name or builders.trainer_account_name(name)
-    if not spec.resources.service_account_name:
-        kube.create_if_absent(kube.core().create_namespaced_service_account, namespace,
-                              builders.build_service_account(owner))
-    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
-    kube.create_if_absent(kube.rbac().create_namespaced_role_binding, namespace,
-                          builders.build_role_binding(owner, service_account))
-    run_config = builders.build_run_config(spec, owner, new_run)
-    kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
-                          builders.build_config_map(run_config, owner))
     job = builders.build_job(spec, owner, new_run, CONFIG, service_account=service_account, raw_spec_hash=wanted,
                              live_jobs=metrics.live_jobs())
+    # The apiserver judges the Job before anything of the run exists: a spec it would refuse
+    # (quantities, affinity, label keys...) fails with its message and leaves nothing behind.
+    rejected = kube.dry_run_create_job(namespace, job)
+    if rejected:
+        _refuse(body, status, patch, Reason.JOB_REJECTED,
+                f"the apiserver rejected the training Job built from spec.resources/spec.runPolicy: {rejected}",
+                logger)
+    if not spec.resources.service_account_name:
+        # Only an account the operator created gets its Role: it never grants rights to one it did not make.
+        kube.create_if_absent(kube.core().create_namespaced_service_account, namespace,
+                              builders.build_service_account(owner))
+        kube.create_if_absent(kube.rbac().create_namespaced_role_binding, namespace,
+                              builders.build_role_binding(owner, service_account))
+    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
+    run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
+    kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
+                          builders.build_config_map(run_config, owner))
     created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
-    if run:
+    if status.get("jobName"):
         _retire_run(namespace, status, patch)
 
     queued = bool(spec.run_policy.queue_name) and not spec.run_policy.suspend
@@ -163,6 +191,7 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     now = now_rfc3339()
     fresh = {**status, "conditions": status.get("conditions") or []}
     patch.status.update(status_update(fresh, obs, generation, now))
+    patch.status.update({"phase": obs.phase.value, "reason": str(obs.reason), "message": obs.message})
     patch.status.update({
         "run": new_run, "specHash": wanted, "jobName": job["metadata"]["name"], "outputUri": run_config.output_uri,
         "observedGeneration": generation, "startTime": now, "completionTime": None,
@@ -174,15 +203,19 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     logger.info(message)
 
 
+def _delete_job(namespace: str, name: str) -> None:
+    try:
+        kube.batch().delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def _retire_run(namespace: str, status: dict[str, Any], patch: kopf.Patch) -> None:
     """Stops the previous run's Job (if still there) and records that run in history."""
     old_job = status.get("jobName")
     if old_job:
-        try:
-            kube.batch().delete_namespaced_job(old_job, namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        _delete_job(namespace, old_job)
     phase = status.get("phase") or Phase.PENDING.value
     entry = {
         "run": status.get("run"), "generation": status.get("observedGeneration"), "jobName": old_job,
@@ -216,25 +249,39 @@ def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, An
 # ----------------------------------------------------------------------------- status
 
 
+def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool) -> Observation:
+    status = ftj.get("status") or {}
+    run = status["run"]
+    phase_before = status.get("phase")
+    if job_deleted or job is None and phase_before and phase_before != Phase.PENDING:
+        return Observation(Phase.FAILED, Reason.JOB_DELETED, f"Job {status.get('jobName')} was deleted before it finished")
+    pods = kube.list_job_pods(ftj["metadata"]["namespace"], job["metadata"]["name"]) if job else []
+    queued = bool(job and c.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {}))
+    if queued and (ftj.get("spec") or {}).get("runPolicy", {}).get("suspend"):
+        queued = False
+    return observe(job, pods, status.get("progress"), run, queued, completion_reported(status, run))
+
+
 def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
     meta, status = ftj["metadata"], dict(ftj.get("status") or {})
-    run = status.get("run")
-    if not run or status.get("phase") == Phase.FAILED and status.get("reason") == Reason.INVALID_SPEC:
-        return
-    phase_before = status.get("phase")
-    if Phase(phase_before or "Pending").finished and (job is None or job_deleted):
+    if not status.get("run") or not status.get("jobName"):
+        return  # no run in flight: nothing started, or this generation could not start
+    if Phase(status.get("phase") or "Pending").finished and (job is None or job_deleted):
         return  # a finished run's Job may be garbage-collected by its TTL; the result stands
-    if job_deleted or job is None and phase_before and phase_before != Phase.PENDING:
-        obs = Observation(Phase.FAILED, Reason.JOB_DELETED, f"Job {status.get('jobName')} was deleted before it finished")
-    else:
-        pods = kube.list_job_pods(meta["namespace"], job["metadata"]["name"]) if job else []
-        queued = bool(job and c.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {}))
-        if queued and (ftj.get("spec") or {}).get("runPolicy", {}).get("suspend"):
-            queued = False
-        obs = observe(job, pods, status.get("progress"), run, queued)
-    update = status_update(status, obs, meta.get("generation"))
+    obs = _observe_ftj(ftj, job, job_deleted)
+    if obs.reason == Reason.NO_COMPLETION_REPORT:
+        # The event may predate the trainer's last patch: judge on the object as it is now.
+        fresh = kube.read_finetunejob(meta["namespace"], meta["name"])
+        if fresh is None or (fresh.get("status") or {}).get("jobName") != status.get("jobName"):
+            return
+        ftj, status = fresh, dict(fresh.get("status") or {})
+        obs = _observe_ftj(ftj, job, job_deleted)
+    # Conditions speak for the generation the run trains (ensure_run moves it on in-place edits).
+    update = status_update(status, obs, status.get("observedGeneration"))
     if not update:
         return
+    if obs.phase is Phase.FAILED and obs.reason == Reason.POD_NOT_STARTING and job is not None:
+        _delete_job(meta["namespace"], job["metadata"]["name"])  # it would wait for ever
     metrics.STATUS_WRITE_WAIT.inc(STATUS_WRITES.acquire())
     kube.patch_finetunejob_status(meta["namespace"], meta["name"], update)
     if update.get("phase"):
@@ -244,7 +291,10 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
             metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(
                 gpu_hours(status.get("startTime"), update["completionTime"], gpus))
         kind = "Warning" if obs.phase is Phase.FAILED else "Normal"
+        run = status.get("run")
         kopf.event(ftj, type=kind, reason=obs.phase.value, message=f"run {run}: {obs.message}"[:1024])
+        LOG.info("%s/%s run %s: %s (%s) %s", meta["namespace"], meta["name"], run, obs.phase.value, obs.reason,
+                 obs.message[:200])
 
 
 @kopf.on.event(*RESOURCE)
@@ -271,3 +321,17 @@ def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     if deleted and job_hash != builders.spec_hash(ftj.get("spec") or {}):
         return  # superseded by a spec change: ensure_run deleted it on purpose
     sync_status(ftj, None if deleted else dict(body), job_deleted=deleted)
+
+
+@kopf.on.event("", "v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+def pod_event(body: kopf.Body, **_: Any) -> None:
+    """A pod that cannot start (image pull, container config) changes no Job condition: watch pods too,
+    so the status says why within seconds instead of waiting for a deadline."""
+    labels = body.metadata.get("labels") or {}
+    owner, job_name = labels.get(c.LABEL_JOB), labels.get("job-name")
+    if not owner or not job_name:
+        return
+    ftj = kube.read_finetunejob(body.metadata.namespace, owner)
+    if ftj is None or (ftj.get("status") or {}).get("jobName") != job_name:
+        return
+    sync_status(ftj, kube.read_job(body.metadata.namespace, job_name))

@@ -84,3 +84,31 @@ def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
 
 def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+
+def dry_run_create_job(namespace: str, body: dict[str, Any]) -> str | None:
+    """The apiserver's own verdict on a Job before anything of the run exists: None if it would be
+    accepted (or already exists), else its message (quantities, tolerations, affinity, names...)."""
+    try:
+        batch().create_namespaced_job(namespace, body, dry_run="All")
+        return None
+    except ApiException as exc:
+        if exc.status in (400, 422):
+            return rejection_message(exc)
+        if exc.status == 409:  # a restart finds the Job it created: adopt it
+            return None
+        raise
+
+
+def rejection_message(exc: ApiException) -> str:
+    """The field-level message of a 4xx Status, without the client's HTTP dump."""
+    import json
+
+    try:
+        status = json.loads(exc.body or "{}")
+    except ValueError:
+        return f"HTTP {exc.status} {exc.reason}"
+    causes = (status.get("details") or {}).get("causes") or []
+    if causes:
+        return "; ".join(f"{c.get('field', '')}: {c.get('message', '')}".strip(": ") for c in causes)[:2000]
+    return str(status.get("message") or f"HTTP {exc.status} {exc.reason}")[:2000]

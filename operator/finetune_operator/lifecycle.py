@@ -49,6 +49,31 @@ def termination_message(pods: list[dict[str, Any]]) -> tuple[str | None, str | N
     return None, None
 
 
+# Container states that keep a pod from ever running the trainer. The first two never heal by
+# themselves; the rest may (a pull secret or a Secret key created later), so they stay Pending.
+NEVER_STARTS = frozenset({"InvalidImageName", "ErrImageNeverPull"})
+NOT_STARTING = NEVER_STARTS | {"ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError",
+                               "CreateContainerError", "RunContainerError"}
+
+
+def not_starting(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(waiting reason, message) of a container that cannot start, if any pod has one."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in NOT_STARTING:
+                detail = (waiting.get("message") or "").strip()
+                return waiting["reason"], (f"pod {pod['metadata']['name']} container {cs.get('name')}: "
+                                           f"{waiting['reason']}{': ' + detail if detail else ''}")[:2000]
+    return None
+
+
+def completion_reported(status: dict[str, Any], run: int) -> bool:
+    """The trainer's own completion report for `run`: its progress and a manifest among the artifacts."""
+    progress = status.get("progress") or {}
+    return progress.get("run") == run and any(a.get("kind") == "manifest" for a in status.get("artifacts") or [])
+
+
 def _pending_message(pods: list[dict[str, Any]]) -> str:
     for pod in pods:
         for cond in (pod.get("status") or {}).get("conditions") or []:
@@ -58,12 +83,18 @@ def _pending_message(pods: list[dict[str, Any]]) -> str:
 
 
 def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: dict[str, Any] | None,
-            run: int, queued: bool) -> Observation:
+            run: int, queued: bool, reported: bool = False) -> Observation:
+    """`reported`: the trainer's completion report for this run is in the status (completion_reported)."""
     if job is None:
         return Observation(Phase.PENDING, "JobPending", "creating the training Job")
     conds = _true_conditions(job)
     if "Complete" in conds:
-        return Observation(Phase.SUCCEEDED, Reason.COMPLETED, "training finished; artifacts uploaded")
+        # A Job's Complete only says a pod exited 0. Success is the trainer's own report of its artifacts.
+        if reported:
+            return Observation(Phase.SUCCEEDED, Reason.COMPLETED, "training finished; artifacts uploaded")
+        return Observation(Phase.FAILED, Reason.NO_COMPLETION_REPORT,
+                           "the training Job completed but the trainer never reported its artifacts (manifest); "
+                           "nothing of this run can be trusted to be in S3")
     if "Failed" in conds:
         job_reason = conds["Failed"].get("reason", "")
         trainer_reason, trainer_message = termination_message(pods)
@@ -76,6 +107,10 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
         if queued:
             return Observation(Phase.QUEUED, Reason.QUEUED, "waiting for Kueue to admit the Job")
         return Observation(Phase.SUSPENDED, Reason.SUSPENDED, "suspended by runPolicy.suspend")
+    stuck = not_starting(pods)
+    if stuck:
+        phase = Phase.FAILED if stuck[0] in NEVER_STARTS else Phase.PENDING
+        return Observation(phase, Reason.POD_NOT_STARTING, stuck[1])
     if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
         return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
     return Observation(Phase.PENDING, "PodPending", _pending_message(pods))
@@ -107,6 +142,9 @@ def status_update(status: dict[str, Any], obs: Observation, generation: int | No
     conds = set_condition(conds, ConditionType.FAILED, phase is Phase.FAILED,
                           obs.reason if phase is Phase.FAILED else "NotFailed",
                           obs.message if phase is Phase.FAILED else "", generation, now)
+    conds = set_condition(conds, ConditionType.FINISHED, phase.finished,
+                          obs.reason if phase.finished else "NotFinished",
+                          obs.message if phase.finished else "", generation, now)
     update: dict[str, Any] = {}
     if status.get("phase") != phase.value:
         update["phase"] = phase.value
@@ -119,3 +157,9 @@ def status_update(status: dict[str, Any], obs: Observation, generation: int | No
     if phase.finished and not status.get("completionTime"):
         update["completionTime"] = now
     return update
+
+
+def transition(status: dict[str, Any], obs: Observation) -> bool:
+    """Whether `obs` differs from what the status says: one Event and one log line per transition."""
+    return (status.get("phase"), status.get("reason"), status.get("message")) != (
+        obs.phase.value, str(obs.reason), obs.message)

@@ -27,6 +27,7 @@ from typing import Any
 
 from finetune_api import contract
 
+from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
 
 log = logging.getLogger("finetune")
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             early_imports()
         result = args.fn(args)
     except TrainerError as exc:
+        if not isinstance(exc, ConfigError) and egress_guard.last_denial:
+            # The egress policy refused a connection on the way to this failure: retrying cannot help.
+            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         return _fail(exc.reason, exc.message, exc.exit_code)
     except KeyboardInterrupt:
         return _fail("Interrupted", "interrupted", contract.EXIT_TRANSIENT)
@@ -360,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             detail = (str(exc).strip().splitlines() or [""])[0]
             return _fail("CompileFailed", f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
                          "it fails the same way on every try, so the run is not retried", contract.EXIT_CONFIG_ERROR)
+        if egress_guard.last_denial:
+            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         log.exception("unexpected failure")
         return _fail("InternalError", f"{type(exc).__name__}: {exc}", 1)
     if result is not None:

@@ -22,7 +22,7 @@ from typing import Any
 from finetune_api import RunConfig
 from finetune_api.status import Artifact, Phase
 
-from . import chat_templates, export, model_loading, parity, plots, recipe, upload
+from . import chat_templates, egress_guard, export, model_loading, parity, plots, recipe, upload
 from .checkpoints import Checkpoints
 from .data.prepare import load_split, prepare
 from .errors import ConfigError
@@ -79,7 +79,21 @@ class Context:
         return json.loads(path.read_text())
 
 
+def enforce_egress(cfg: RunConfig) -> None:
+    """The operator's egress rule (absent when the trainer runs on its own): every connection from now
+    on, and the spec's local paths, resolved."""
+    if cfg.egress is None:
+        return
+    egress_guard.install(cfg.egress)
+    spec = cfg.spec
+    egress_guard.check_local_path(cfg.egress, "spec.dataset.source", spec.dataset.source)
+    egress_guard.check_local_path(cfg.egress, "spec.baseModel.uri", spec.base_model.uri)
+    if spec.evaluation:
+        egress_guard.check_local_path(cfg.egress, "spec.evaluation.dataUri", spec.evaluation.data_uri)
+
+
 def make_context(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> Context:
+    enforce_egress(cfg)
     wd = Workdir(workdir).ensure()
     reporter = reporter or Reporter.from_env(run=cfg.job.run)
     reporter.metric_loggers.append(JsonlLogger(wd.train_log))
@@ -88,6 +102,15 @@ def make_context(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: 
 
 def _timed(ctx: Context, name: str, t0: float) -> None:
     ctx.timings[f"{name}Seconds"] = round(time.monotonic() - t0, 2)
+
+
+def preflight(ctx: Context) -> None:
+    from . import preflight as checks
+
+    checks.check_target_modules(ctx.base, list(ctx.spec.training.lora.target_modules))
+    if ctx.spec.evaluation is not None:
+        checks.check_eval_tasks(ctx.spec.evaluation, ctx.wd.eval,
+                                ctx.store.client if ctx.spec.evaluation.data_uri else None)
 
 
 def stage_prepare(ctx: Context) -> dict[str, Any]:
@@ -218,8 +241,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
     if not resume:  # a run from scratch in a used workdir starts its training log over, too
         Workdir(workdir).train_log.unlink(missing_ok=True)
     ctx = make_context(cfg, workdir, resume, reporter)
-    # Fail in seconds, not after hours of training, when the bucket or the credentials are wrong.
+    # Fail in seconds, not after hours of training, when the bucket, the credentials, the LoRA targets
+    # or the evaluation tasks are wrong.
     ctx.store.check_access(cfg.output_uri)
+    preflight(ctx)
     stage_prepare(ctx)
     stage_train(ctx)
     gguf_files, _ = stage_export(ctx)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 from finetune_api import contract
 from finetune_api.status import Artifact, Progress
 
+from .errors import TransientError
+
 log = logging.getLogger("finetune")
 
 
@@ -100,10 +102,23 @@ class Reporter:
     def set_restarts(self, restarts: int) -> None:
         self.progress = self.progress.model_copy(update={"restarts": restarts})
 
-    def finish(self, metrics: dict[str, Any], artifacts: list[Artifact]) -> None:
+    def finish(self, metrics: dict[str, Any], artifacts: list[Artifact], attempts: int = 4) -> None:
+        """The completion report: the operator calls a run Succeeded only once it holds these artifacts,
+        so a report that cannot be delivered fails the attempt (the Job retries; every stage is done)."""
         self._close_bar()
-        self.progress = self.progress.model_copy(update={"message": "done", "percent": 100})
-        self._send(force=True, metrics=metrics, artifacts=[a.wire() for a in artifacts])
+        self.progress = self.progress.model_copy(update={"message": "done", "percent": 100,
+                                                         "updated_at": _now()})
+        if self.patcher is None:
+            return
+        for attempt in range(attempts):
+            if self.patcher.patch(progress=self.progress.wire(), metrics=metrics,
+                                  artifacts=[a.wire() for a in artifacts]):
+                return
+            if not self.patcher.enabled:  # a newer run owns the status, or the object is gone
+                return
+            time.sleep(min(2.0 ** attempt, 10.0))
+        raise TransientError("StatusReportFailed", "could not write the completion report into the "
+                             "FinetuneJob's status; the artifacts are uploaded and the retry will report them")
 
     # --- sinks ---------------------------------------------------------------------------------
     def _send(self, force: bool = False, **final: Any) -> bool:

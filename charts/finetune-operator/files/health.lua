@@ -6,6 +6,9 @@
 --
 --   Succeeded                                   -> Healthy
 --   Failed                                      -> Degraded    "<reason>: <message>"
+--   Pending waiting on a person (SecretNotFound,
+--   ConfigMapNotFound, ServiceAccountNotFound,
+--   PodNotStarting)                             -> Degraded    "<reason>: <message>"
 --   Queued, Suspended                           -> Suspended
 --   Pending, Preparing .. Uploading             -> Progressing "Training 42% (step 84/200), loss 1.23, ..."
 --   no status yet / spec not yet observed       -> Progressing "Waiting for the operator ..."
@@ -97,6 +100,10 @@ local function with_detail(prefix, detail)
   return prefix
 end
 
+local waiting_on_a_person = {
+  SecretNotFound = true, ConfigMapNotFound = true, ServiceAccountNotFound = true, PodNotStarting = true,
+}
+
 local status = obj.status
 local phase = nil
 if status ~= nil then
@@ -138,6 +145,10 @@ elseif phase == "Failed" then
     reason = "Failed"
   end
   hs.message = with_detail(tostring(reason), status.message)
+elseif phase == "Pending" and waiting_on_a_person[status.reason] then
+  -- Nothing moves until someone creates the object or fixes the image: say so instead of spinning.
+  hs.status = "Degraded"
+  hs.message = with_detail(tostring(status.reason), status.message)
 elseif phase == "Queued" or phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = with_detail(phase, status.message)

@@ -17,6 +17,12 @@
 {{- end }}
 {{- end }}
 
+{{/* fullname-<suffix>, the fullname cut so the whole stays within 63 characters. Call with (list $ "suffix"). */}}
+{{- define "finetune-operator.suffixed" -}}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "finetune-operator.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
 {{- define "finetune-operator.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

@@ -24,6 +24,7 @@ from typing import Any
 from finetune_api import contract
 from finetune_api.spec import DatasetSpec, S3Spec
 
+from ..egress_guard import EgressDenied
 from ..errors import ConfigError, TransientError
 from .formats import RowError
 
@@ -123,6 +124,8 @@ def _download_https(url: str, dest: Path, attempts: int = 4) -> Path:
                                   f"{url}: HTTP {exc.code}") from exc
             err: Exception = exc
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            if isinstance(getattr(exc, "reason", exc), EgressDenied):
+                raise ConfigError("EgressDenied", f"dataset.source: {getattr(exc, 'reason', exc)}") from exc
             err = exc
         if attempt == attempts:
             raise TransientError("DatasetUnavailable", f"{url}: {err}") from err
