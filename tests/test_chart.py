@@ -30,18 +30,23 @@ from devstack import binaries
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "finetune-operator"
 HEALTH_LUA = ROOT / "argocd" / "resource_customizations" / "finetune.dev" / "FinetuneJob" / "health.lua"
+SWEEP_HEALTH_LUA = ROOT / "argocd" / "resource_customizations" / "finetune.dev" / "FinetuneSweep" / "health.lua"
 # The cluster version the offline renders and lint assume (the chart sets no kubeVersion gate, so a
 # render without it works too: test_renders_without_a_kube_version).
 KUBE_VERSION = "1.36.3"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 CRD_NAME = "finetunejobs.finetune.dev"
+SWEEP_CRD_NAME = "finetunesweeps.finetune.dev"
 HELM_UNITTEST_VERSION = "1.1.2"
 
 # Exactly what the operator uses in each namespace it watches: (apiGroup, resource) -> verbs.
 NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "create", "patch", "update"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
     ("finetune.dev", "finetunejobs/finalizers"): {"update"},
+    ("finetune.dev", "finetunesweeps"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "finetunesweeps/status"): {"get", "patch", "update"},
+    ("finetune.dev", "finetunesweeps/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
@@ -342,25 +347,32 @@ def test_renders_without_a_kube_version(helm: str) -> None:
     assert {"Deployment", "CustomResourceDefinition", "ClusterRole"} <= kinds
 
 
-def test_templated_crd_is_the_generated_one(helm: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("crd_name", [CRD_NAME, SWEEP_CRD_NAME])
+def test_templated_crd_is_the_generated_one(helm: str, tmp_path: Path, crd_name: str) -> None:
     """The chart's CRD renders to crds/'s generated CRD plus Helm's labels and the keep policy."""
-    crd = one(render(helm, tmp_path), "CustomResourceDefinition")
-    generated = yaml.safe_load((ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
-    assert crd["metadata"]["name"] == generated["metadata"]["name"] == CRD_NAME
+    docs = render(helm, tmp_path)
+    assert {d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")} == {CRD_NAME, SWEEP_CRD_NAME}
+    crd = one(docs, "CustomResourceDefinition", name=crd_name)
+    plural, group = crd_name.split(".", 1)
+    generated = yaml.safe_load((ROOT / "crds" / f"{group}_{plural}.yaml").read_text())
+    assert crd["metadata"]["name"] == generated["metadata"]["name"] == crd_name
     assert crd["spec"] == generated["spec"]
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
 
 
 def test_chart_health_lua_is_the_argocd_one() -> None:
     assert (CHART / "files" / "health.lua").read_bytes() == HEALTH_LUA.read_bytes()
+    assert (CHART / "files" / "health-finetunesweep.lua").read_bytes() == SWEEP_HEALTH_LUA.read_bytes()
 
 
 def test_argocd_patch_configmap(helm: str, tmp_path: Path) -> None:
     assert not find(render(helm, tmp_path), "ConfigMap")
     cm = one(render(helm, tmp_path, {"argocd": {"healthCheck": {"enabled": True}}}), "ConfigMap")
     patch = yaml.safe_load(cm["data"]["argocd-cm-patch.yaml"])
-    assert patch == {"data": {"resource.customizations.health.finetune.dev_FinetuneJob": HEALTH_LUA.read_text()}}
+    assert patch == {"data": {"resource.customizations.health.finetune.dev_FinetuneJob": HEALTH_LUA.read_text(),
+                              "resource.customizations.health.finetune.dev_FinetuneSweep": SWEEP_HEALTH_LUA.read_text()}}
     assert cm["data"]["health.lua"] == HEALTH_LUA.read_text()
+    assert cm["data"]["health-finetunesweep.lua"] == SWEEP_HEALTH_LUA.read_text()
 
 
 @pytest.fixture(scope="session")
@@ -409,11 +421,12 @@ def adopt_crd(kubeconfig: Path, release: str, namespace: str) -> None:
     The cluster is shared by the whole session and crds.keep leaves the CRD after uninstall;
     Helm adopts an existing object only when it already carries that release's ownership metadata.
     """
-    if kubectl(kubeconfig, "get", "crd", CRD_NAME, check=False).returncode != 0:
-        return
-    kubectl(kubeconfig, "label", "crd", CRD_NAME, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-    kubectl(kubeconfig, "annotate", "crd", CRD_NAME, f"meta.helm.sh/release-name={release}",
-            f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+    for name in (CRD_NAME, SWEEP_CRD_NAME):
+        if kubectl(kubeconfig, "get", "crd", name, check=False).returncode != 0:
+            continue
+        kubectl(kubeconfig, "label", "crd", name, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        kubectl(kubeconfig, "annotate", "crd", name, f"meta.helm.sh/release-name={release}",
+                f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
 
 
 @pytest.mark.cluster
@@ -587,7 +600,8 @@ def test_argocd_cm_patch_merges_into_an_existing_argocd_cm(helm: str, tmp_path: 
         kubectl(kubeconfig, "-n", argocd_ns, "patch", "configmap", "argocd-cm", "--type", "merge", "-p", patch)
         data = json.loads(kubectl(kubeconfig, "-n", argocd_ns, "get", "configmap", "argocd-cm", "-o", "json").stdout)["data"]
         assert data == {"url": "https://cd.example",
-                        "resource.customizations.health.finetune.dev_FinetuneJob": HEALTH_LUA.read_text()}
+                        "resource.customizations.health.finetune.dev_FinetuneJob": HEALTH_LUA.read_text(),
+                        "resource.customizations.health.finetune.dev_FinetuneSweep": SWEEP_HEALTH_LUA.read_text()}
     finally:
         kubectl(kubeconfig, "delete", "namespace", argocd_ns, "--wait=false", check=False)
 

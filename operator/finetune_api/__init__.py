@@ -29,9 +29,14 @@ KIND = "FinetuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+SWEEP_KIND = "FinetuneSweep"
+SWEEP_PLURAL = "finetunesweeps"
+SWEEP_SINGULAR = "finetunesweep"
+SWEEP_SHORT_NAMES = ["fts"]
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
+    "SWEEP_KIND", "SWEEP_PLURAL", "SWEEP_SHORT_NAMES", "SWEEP_SINGULAR",
     "GGUF_QUANT_TYPES", "Artifact", "BaseModelSpec", "Condition", "DatasetSpec", "EvaluationSpec",
     "ExportSpec", "FinetuneJobSpec", "FinetuneJobStatus", "HistoryEntry", "LoraSpec", "OutputSpec",
     "Phase", "Progress", "ResourcesSpec", "RunConfig", "RunPolicySpec", "RunRef", "S3Spec",

@@ -1,4 +1,4 @@
-"""Generates the FinetuneJob CRD (and the spec reference) from the pydantic models.
+"""Generates the FinetuneJob and FinetuneSweep CRDs (and the API reference) from the pydantic models.
 
     python -m finetune_api.crd           # write crds/, the chart's copy and docs/api.md
     python -m finetune_api.crd --check   # exit 1 if any generated file differs (CI)
@@ -18,13 +18,27 @@ from typing import Any, Literal
 
 import yaml
 
-from . import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from . import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    SWEEP_KIND,
+    SWEEP_PLURAL,
+    SWEEP_SHORT_NAMES,
+    SWEEP_SINGULAR,
+    VERSION,
+)
 from .spec import FinetuneJobSpec
 from .status import FinetuneJobStatus
+from .sweep import MAX_SWEEP_NAME, TUNABLE, FinetuneSweepSpec, FinetuneSweepStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / f"{GROUP}_{PLURAL}.yaml"
 CHART_CRD_FILE = ROOT / "charts" / "finetune-operator" / "templates" / "crd-finetunejobs.yaml"
+SWEEP_CRD_FILE = ROOT / "crds" / f"{GROUP}_{SWEEP_PLURAL}.yaml"
+SWEEP_CHART_CRD_FILE = ROOT / "charts" / "finetune-operator" / "templates" / "crd-finetunesweeps.yaml"
 DOCS_FILE = ROOT / "docs" / "api.md"
 MAX_NAME = 52  # Job "<name>-r<run>" and pod names stay within the 63-character label limit
 
@@ -59,6 +73,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
+        elif key == "const":  # Literal["x"]: Kubernetes' schema has no const
+            out["enum"] = [value]
         elif key == "items":
             out[key] = _structural(value, defs)
         else:  # keywords whose values are data, not schemas (enum, required, x-kubernetes-validations)
@@ -80,42 +96,15 @@ def model_schema(model: type) -> dict[str, Any]:
     return _structural(schema, schema.get("$defs", {}))
 
 
-def status_schema() -> dict[str, Any]:
-    schema = model_schema(FinetuneJobStatus)
+def status_schema(model: type = FinetuneJobStatus) -> dict[str, Any]:
+    schema = model_schema(model)
     conditions = schema["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
     return schema
 
 
-def build_crd() -> dict[str, Any]:
-    root = {
-        "type": "object",
-        "description": "FinetuneJob fine-tunes a small LLM with LoRA/QLoRA and exports GGUF files to S3.",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": model_schema(FinetuneJobSpec),
-            "status": status_schema(),
-        },
-        "x-kubernetes-validations": [{
-            "rule": f"self.metadata.name.size() <= {MAX_NAME}",
-            "message": f"metadata.name must be at most {MAX_NAME} characters (it names the training Job and pods)",
-        }],
-    }
-    columns = [
-        ("Phase", "string", ".status.phase", "Lifecycle phase"),
-        ("Progress", "integer", ".status.progress.percent", "Percent of training done"),
-        ("Loss", "number", ".status.progress.loss", "Training loss"),
-        ("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput"),
-        ("ETA(s)", "integer", ".status.progress.etaSeconds", "Seconds of training left"),
-        ("Reason", "string", ".status.reason", "Reason for the phase (why it failed, or what it waits for)"),
-        ("Run", "integer", ".status.run", "Run number", 1),
-        ("Message", "string", ".status.message", "Detail for the phase", 1),
-        ("Age", "date", ".metadata.creationTimestamp", ""),
-    ]
+def _printer_columns(columns: list[tuple]) -> list[dict[str, Any]]:
     printer = []
     for name, typ, path, desc, *prio in columns:
         col = {"name": name, "type": typ, "jsonPath": path}
@@ -124,35 +113,93 @@ def build_crd() -> dict[str, Any]:
         if prio:
             col["priority"] = prio[0]
         printer.append(col)
+    return printer
+
+
+def _crd(kind: str, plural: str, singular: str, short_names: list[str], description: str, spec: dict[str, Any],
+         status: dict[str, Any], max_name: int, name_use: str, columns: list[tuple]) -> dict[str, Any]:
+    root = {
+        "type": "object",
+        "description": description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [{
+            "rule": f"self.metadata.name.size() <= {max_name}",
+            "message": f"metadata.name must be at most {max_name} characters ({name_use})",
+        }],
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
-                      "shortNames": SHORT_NAMES, "categories": ["finetune"]},
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": singular,
+                      "shortNames": short_names, "categories": ["finetune"]},
             "scope": "Namespaced",
             "versions": [{
                 "name": VERSION, "served": True, "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": printer,
+                "additionalPrinterColumns": _printer_columns(columns),
                 "schema": {"openAPIV3Schema": root},
             }],
         },
     }
 
 
-def render_crd() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def build_crd() -> dict[str, Any]:
+    return _crd(
+        KIND, PLURAL, SINGULAR, SHORT_NAMES,
+        "FinetuneJob fine-tunes a small LLM with LoRA/QLoRA and exports GGUF files to S3.",
+        model_schema(FinetuneJobSpec), status_schema(), MAX_NAME, "it names the training Job and pods",
+        [
+            ("Phase", "string", ".status.phase", "Lifecycle phase"),
+            ("Progress", "integer", ".status.progress.percent", "Percent of training done"),
+            ("Loss", "number", ".status.progress.loss", "Training loss"),
+            ("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput"),
+            ("ETA(s)", "integer", ".status.progress.etaSeconds", "Seconds of training left"),
+            ("Reason", "string", ".status.reason", "Reason for the phase (why it failed, or what it waits for)"),
+            ("Run", "integer", ".status.run", "Run number", 1),
+            ("Message", "string", ".status.message", "Detail for the phase", 1),
+            ("Age", "date", ".metadata.creationTimestamp", ""),
+        ])
 
 
-def render_chart_crd() -> str:
-    body = yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def build_sweep_crd() -> dict[str, Any]:
+    return _crd(
+        SWEEP_KIND, SWEEP_PLURAL, SWEEP_SINGULAR, SWEEP_SHORT_NAMES,
+        "FinetuneSweep searches hyperparameters by running FinetuneJobs as trials and keeps the best.",
+        model_schema(FinetuneSweepSpec), status_schema(FinetuneSweepStatus), MAX_SWEEP_NAME,
+        "it prefixes the trial FinetuneJobs' names",
+        [
+            ("Phase", "string", ".status.phase", "Sweep phase"),
+            ("Trials", "string", ".status.trialProgress", "Finished trials out of the most that will run"),
+            ("Best", "string", ".status.bestTrial.name", "The best trial's FinetuneJob"),
+            ("Objective", "number", ".status.bestTrial.value", "The best trial's objective value"),
+            ("Algorithm", "string", ".spec.algorithm", "Search algorithm", 1),
+            ("Reason", "string", ".status.reason", "Reason for the phase", 1),
+            ("Age", "date", ".metadata.creationTimestamp", ""),
+        ])
+
+
+def render_crd(build=build_crd) -> str:
+    return HEADER + yaml.safe_dump(build(), sort_keys=False, width=120)
+
+
+def render_chart_crd(build=build_crd) -> str:
+    crd = build()
+    name = crd["metadata"]["name"]
+    body = yaml.safe_dump(crd, sort_keys=False, width=120)
     # Helm never upgrades its crds/ folder, so the chart templates the CRD behind crds.enabled.
     body = body.replace(
-        f"  name: {PLURAL}.{GROUP}\n",
-        f"  name: {PLURAL}.{GROUP}\n  labels:\n    {{{{- include \"finetune-operator.labels\" . | nindent 4 }}}}\n"
+        f"  name: {name}\n",
+        f"  name: {name}\n  labels:\n    {{{{- include \"finetune-operator.labels\" . | nindent 4 }}}}\n"
         "  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n",
         1,
     )
@@ -223,11 +270,32 @@ def render_docs() -> str:
         "|---|---|---|---|",
         *_doc_rows(FinetuneJobStatus, "status"),
         "",
+        "# FinetuneSweep API reference (`finetune.dev/v1alpha1`, short name `fts`)",
+        "",
+        "A hyperparameter search whose trials are FinetuneJobs made from `spec.template` (a FinetuneJob",
+        "spec, as above); see [sweeps.md](sweeps.md). Tunable parameter paths: "
+        + ", ".join(f"`{p}`" for p in TUNABLE) + ".",
+        "",
+        "## spec",
+        "",
+        "| field | type | default | description |",
+        "|---|---|---|---|",
+        *[r for r in _doc_rows(FinetuneSweepSpec, "spec") if not r.startswith("| `spec.template.")],
+        "",
+        "## status",
+        "",
+        "| field | type | default | description |",
+        "|---|---|---|---|",
+        *_doc_rows(FinetuneSweepStatus, "status"),
+        "",
     ]
     return "\n".join(lines).replace("typing.", "")
 
 
-OUTPUTS = {CRD_FILE: render_crd, CHART_CRD_FILE: render_chart_crd, DOCS_FILE: render_docs}
+OUTPUTS = {
+    CRD_FILE: render_crd, CHART_CRD_FILE: render_chart_crd, DOCS_FILE: render_docs,
+    SWEEP_CRD_FILE: lambda: render_crd(build_sweep_crd), SWEEP_CHART_CRD_FILE: lambda: render_chart_crd(build_sweep_crd),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from .config import OperatorConfig
 
 def main() -> None:
     cfg = OperatorConfig.from_env()
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers, sweep_handlers  # noqa: F401  (registers the handlers)
 
     # JSON logs carry the FinetuneJob's namespace/name on every line (log_refkey), for log pipelines.
     fmt = os.environ.get("FINETUNE_LOG_FORMAT", "full").lower()

@@ -73,16 +73,28 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 - configmaps: the run config mounted into the trainer. secrets: get only, to check they exist.
 - serviceaccounts, roles, rolebindings: a per-job ServiceAccount bound to that Role.
 - events: kopf and the operator record what they did (core and events.k8s.io).
+- finetunejobs create: a FinetuneSweep's trials are FinetuneJobs the operator creates (never
+  deletes: they go with their sweep through garbage collection).
+- finetunesweeps (+ status, finalizers, as for finetunejobs): the sweeps it reconciles.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunesweeps"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunesweeps/finalizers"]
   verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
