@@ -207,6 +207,28 @@ def test_schema_rejects(helm: str, tmp_path: Path, values: dict[str, Any], messa
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+def test_image_is_what_the_chart_runs() -> None:
+    """Dockerfile.mcp: the `mcp` extra only (no torch), the `finetune-mcp` entrypoint, the chart's uid, hadolint clean."""
+    import tomllib
+
+    from test_dockerfiles import final_stage, parse, project_installs
+
+    dockerfile = ROOT / "Dockerfile.mcp"
+    assert project_installs(dockerfile) == [".[mcp]"]
+    steps = " ".join(i.args for i in parse(dockerfile) if i.cmd in ("RUN", "COPY"))
+    assert "torch" not in steps
+    (entry,) = [i for i in final_stage(parse(dockerfile)) if i.cmd == "ENTRYPOINT"]
+    assert yaml.safe_load(entry.args) == ["finetune-mcp"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["finetune-mcp"] == "finetune_mcp.cli:main"
+    (user,) = [i.args for i in final_stage(parse(dockerfile)) if i.cmd == "USER"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert user == f"{values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"
+    hadolint = Path(sys.executable).parent / "hadolint"
+    proc = run([str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # ----------------------------------------------------------------------------- against the apiserver
 
 
