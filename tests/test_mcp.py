@@ -383,6 +383,7 @@ def test_streamable_http_with_a_bearer_token(operator, k8s, kubeconfig, namespac
             s = Session(client)
             started = await s.ok("finetune_unsloth", {
                 "base_model": "tiny/model", "dataset": "tiny/data", "max_steps": 2, "gpus": 0, "name": "held",
+                "s3_bucket": "models",
                 "spec_overrides": {"runPolicy": {"suspend": True}}})
             assert started["run"] == 1 and started["phase"] == "Suspended", started
             rerun = await s.ok("adjust_and_rerun", {"job": "held", "max_steps": 3})

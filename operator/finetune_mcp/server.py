@@ -19,6 +19,8 @@ checks the same again and its message is passed on.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -101,17 +103,17 @@ class FinetuneMCP(MCPServer):
             raise
 
 
+EXPECTED = (jobs.InvalidArguments, ClusterError, datasets.Unavailable)
+
+
 def _tool_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What the caller can act on becomes a ToolError with its message; the SDK hides any other text."""
-    import functools
-    import inspect
-
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def run_async(*args: Any, **kw: Any) -> Any:
             try:
                 return await fn(*args, **kw)
-            except (jobs.InvalidArguments, ClusterError, datasets.Unavailable, LookupError) as exc:
+            except EXPECTED as exc:
                 raise ToolError(str(exc)) from exc
         return run_async
 
@@ -119,7 +121,7 @@ def _tool_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
-        except (jobs.InvalidArguments, ClusterError, datasets.Unavailable, LookupError) as exc:
+        except EXPECTED as exc:
             raise ToolError(str(exc)) from exc
     return run
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from finetune_api.status import Phase
 
+from .jobs import InvalidArguments
+
 # Share of the whole run each stage stands for, so progress only ever grows across stages.
 STAGE_SPAN: dict[str, tuple[float, float]] = {
     "Pending": (0, 2), "Queued": (0, 2), "Suspended": (0, 2), "Preparing": (2, 5), "Training": (5, 85),
@@ -161,5 +163,5 @@ def artifacts(obj: dict[str, Any], run: int | None = None) -> dict[str, Any]:
                     "note": f"only the current run's artifacts are listed in status; run {run}'s files are under "
                             f"{uri}, listed with sizes and SHA-256 in {uri.rstrip('/')}/manifest.json" if uri else
                             f"run {run} recorded no output location"}
-    raise LookupError(f"run: {obj['metadata']['name']} has no run {run} (current run {current}; history "
+    raise InvalidArguments(f"run: {obj['metadata']['name']} has no run {run} (current run {current}; history "
                       f"{[h.get('run') for h in status.get('history') or []]})")
