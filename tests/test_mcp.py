@@ -268,6 +268,7 @@ def s3_object(s3, uri: str) -> bytes:
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # three trainer runs of a tiny model: minutes on two CPU cores
 def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace, s3, bucket, inputs, pod_runner) -> None:
     from mcp import Client, StdioServerParameters
 
@@ -281,7 +282,7 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             data = await s.ok("prepare_dataset", {"config_map": {"name": "rows", "key": "train.jsonl"},
                                                   "base_model": str(inputs), "preview_rows": 1})
             assert data["format"] == "alpaca" and data["rows"] == {"read": 8, "usable": 8, "malformed": 0}
-            assert data["lengths"]["unit"] == "tokens" and data["lengths"]["max"] > data["lengths"]["min"] > 5
+            assert data["lengths"]["unit"] == "tokens" and data["lengths"]["max"] >= data["lengths"]["min"] > 5
             assert data["trainable"] is True and data["preview"][0]["messages"][1]["role"] == "assistant"
 
             # Bad arguments: refused, naming the field, and nothing is created anywhere.
@@ -296,7 +297,9 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             started = await s.ok("finetune_unsloth", {
                 **base, "name": "seed", "epochs": 2, "quant": "q4_k_m", "batch_size": 4, "max_seq_length": 64,
                 "gpus": 0, "s3_bucket": bucket, "s3_credentials_secret": "s3",
-                "spec_overrides": {"resources": {"nodeSelector": RUNNER}, "export": {"paritySamples": 2},
+                # Trimmed for CPU time: no parity check, adapter or Modelfile (test_e2e covers those).
+                "spec_overrides": {"resources": {"nodeSelector": RUNNER},
+                                   "export": {"parityCheck": False, "adapter": False, "ollamaModelfile": False},
                                    "output": {"s3": {"endpoint": s3.endpoint, "forcePathStyle": True}}}})
             assert (started["name"], started["run"]) == ("seed", 1), started
             final, seen = await s.wait("seed", 1)
