@@ -404,3 +404,22 @@ def test_streamable_http_with_a_bearer_token(operator, k8s, kubeconfig, namespac
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.cluster
+def test_admission_messages_from_the_apiserver_are_passed_on(kubeconfig, namespace, crd) -> None:
+    """What the server's own check would have caught, sent anyway: the apiserver's 422 names the field,
+    and the tool's error carries that message."""
+    from finetune_mcp.cluster import Cluster, api_client
+
+    cluster = Cluster(api_client(str(kubeconfig)))
+    body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "bad"},
+            "spec": {"dataset": {"source": "d"}, "training": {"epochs": -1, "maxSteps": 3}}}
+    with pytest.raises(ClusterError) as err:
+        cluster.create(namespace, body)
+    message = str(err.value)
+    assert message.startswith(f"FinetuneJob {namespace}/bad rejected by admission: "), message
+    assert "spec.training.epochs" in message and "set only one of epochs and maxSteps" in message, message
+    assert cluster.list(namespace) == []
+    with pytest.raises(ClusterError, match=f"FinetuneJob {namespace}/nope: not found"):
+        cluster.get(namespace, "nope")

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # stdout carries the protocol over stdio: every log line goes to stderr.
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kubernetes.config import ConfigException
+
     from . import http_transport, server
     from .cluster import Cluster, api_client, default_namespace
 
@@ -47,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except (cfg.ConfigError, OSError) as exc:
         print(f"finetune-mcp: {exc}", file=sys.stderr)
         return 2
-    mcp = server.build(config, Cluster(api_client(config.kubeconfig, config.context)))
+    try:
+        api = api_client(config.kubeconfig, config.context)
+    except ConfigException as exc:
+        print(f"finetune-mcp: no Kubernetes identity to act with ({exc}); set KUBECONFIG or --kubeconfig, "
+              "or run it in a pod with a ServiceAccount", file=sys.stderr)
+        return 2
+    mcp = server.build(config, Cluster(api))
     logging.getLogger("finetune_mcp").info("serving %s; namespaces %s (default %s)", config.transport,
                                            ",".join(config.namespaces), config.default_namespace)
     if config.transport == "http":
