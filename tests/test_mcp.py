@@ -145,6 +145,63 @@ def test_finetune_unsloth_writes_only_what_was_asked() -> None:
     assert "has not started run 1 yet" in result.structured_content["message"]  # nothing reconciles here
 
 
+class FinishedJobCluster:
+    """One Succeeded FinetuneJob (run 1, q4_k_m exported); a spec patch is picked up as run 2 at once."""
+
+    def __init__(self) -> None:
+        self.patches: list[tuple[dict, str]] = []
+        self.obj = {
+            "metadata": {"name": "seed", "namespace": "team-a", "generation": 1, "resourceVersion": "7"},
+            "spec": {"dataset": {"source": "d"}, "training": {"epochs": 2}, "export": {"gguf": ["q4_k_m"]}},
+            "status": {"run": 1, "phase": "Succeeded", "observedGeneration": 1, "jobName": "seed-r1",
+                       "artifacts": [{"name": "gguf/seed-q4_k_m.gguf", "kind": "gguf", "quantization": "q4_k_m",
+                                      "uri": "s3://b/finetune/team-a/seed/run-1/gguf/seed-q4_k_m.gguf",
+                                      "sizeBytes": 1, "sha256": "0" * 64}]}}
+
+    def get(self, namespace: str, name: str) -> dict:
+        return self.obj
+
+    def patch_spec(self, namespace: str, name: str, patch: dict, resource_version: str) -> dict:
+        self.patches.append((patch, resource_version))
+        self.obj = {"metadata": {**self.obj["metadata"], "generation": 2},
+                    "spec": jobs.merge(self.obj["spec"], patch),
+                    "status": {"run": 2, "phase": "Pending", "observedGeneration": 2, "jobName": "seed-r2"}}
+        return self.obj
+
+
+@pytest.mark.parametrize(("tool", "args", "patch", "note"), [
+    ("export_gguf", {"quantization": "q8_0"}, {"export": {"gguf": ["q4_k_m", "q8_0"]}}, "no export-only run"),
+    ("run_eval", {"tasks": ["mmlu"], "limit": 50}, {"evaluation": {"tasks": ["mmlu"], "limit": 50}},
+     "no evaluate-only run"),
+], ids=["export_gguf", "run_eval"])
+def test_a_finished_job_is_patched_into_run_two(tool: str, args: dict[str, Any], patch: dict, note: str) -> None:
+    cluster = FinishedJobCluster()
+
+    async def go():
+        async with in_process(cluster) as client:
+            return await call(client, tool, {"job": "seed", **args})
+
+    result = anyio.run(go)
+    assert not result.is_error, result.content[0].text
+    out = result.structured_content
+    assert cluster.patches == [(patch, "7")]  # guarded by the resourceVersion that was read
+    assert (out["previousRun"], out["run"]) == (1, 2) and note in out["note"]
+    assert "the operator started run 2 (Job seed-r2)" in out["message"]
+    assert "run 1 is kept in status.history" in out["history"]
+
+
+def test_export_gguf_of_a_type_already_exported_changes_nothing() -> None:
+    cluster = FinishedJobCluster()
+
+    async def go():
+        async with in_process(cluster) as client:
+            return await call(client, "export_gguf", {"job": "seed", "quantization": "q4_k_m"})
+
+    out = anyio.run(go).structured_content
+    assert out["uri"].endswith("/run-1/gguf/seed-q4_k_m.gguf") and "nothing changed" in out["message"]
+    assert cluster.patches == []
+
+
 def test_spec_patches() -> None:
     spec = {"dataset": {"source": "d"}, "training": {"maxSteps": 4, "lora": {"alpha": 8}},
             "evaluation": {"tasks": ["piqa"], "limit": 5}}
