@@ -77,16 +77,17 @@ def evaluate(lm, args, limit: int | None) -> dict:
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    in_model = 0.0
+    in_model = cpu = 0.0
 
     def timed(method):
         def run(requests, *a, **kw):
-            nonlocal in_model
-            t = time.monotonic()
+            nonlocal in_model, cpu
+            t, c = time.monotonic(), time.process_time()
             try:
                 return method(requests, *a, **kw)
             finally:
                 in_model += time.monotonic() - t
+                cpu += time.process_time() - c
         return run
 
     for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
@@ -110,7 +111,7 @@ def evaluate(lm, args, limit: int | None) -> dict:
                 choices[task, s["doc_id"]] = max(range(len(lls)), key=lls.__getitem__)
     metrics = {t: {k: round(v, 4) for k, v in r.items() if "," in k and "stderr" not in k and isinstance(v, float)}
                for t, r in out["results"].items()}
-    return {"model_s": in_model, "total_s": total, "metrics": metrics, "requests": len(scores) or sum(
+    return {"model_s": in_model, "cpu_s": cpu, "total_s": total, "metrics": metrics, "requests": len(scores) or sum(
         len(s["arguments"]) for samples in out["samples"].values() for s in samples), "scores": scores,
         "choices": choices, "docs": len(choices)}
 
@@ -229,6 +230,7 @@ def main() -> None:
     base = {"pretrained": str(gguf), "n_ctx": args.n_ctx, "n_threads": threads, "n_gpu_layers": args.n_gpu_layers}
     base_limit = args.baseline_limit if args.baseline_limit is not None else args.limit
     runs = {}
+    load0 = os.getloadavg()
     t_load = time.monotonic()
     lm = lcp.LlamaCppLM(**base)
     print(f"model loaded in {time.monotonic() - t_load:.1f} s")
@@ -255,14 +257,17 @@ def main() -> None:
     new = runs["packed"]
     print(f"\n{gguf.name}, tasks {', '.join(args.tasks)} from {args.include_path}, few-shot "
           f"{'task default' if args.num_fewshot is None else args.num_fewshot}, {threads} threads")
-    print(f"{'mode':<12}{'docs':>7}{'requests':>10}{'model s':>10}{'req/s':>8}{'for all requests s':>20}{'× packed':>10}")
+    print(f"load average before: {load0}, after: {os.getloadavg()}")
+    print(f"{'mode':<12}{'docs':>7}{'requests':>10}{'model s':>10}{'CPU s':>9}{'req/s':>8}{'for all requests s':>20}"
+          f"{'× packed':>10}")
     figures = {"hardware": hw, "gguf": gguf.name, "tasks": args.tasks, "threads": threads, "modes": {}}
     for mode, r in runs.items():
         full = r["model_s"] * new["requests"] / max(r["requests"], 1)
         note = " (extrapolated)" if r["requests"] != new["requests"] else ""
-        print(f"{mode:<12}{r['docs']:>7}{r['requests']:>10}{r['model_s']:>10.1f}{r['requests'] / r['model_s']:>8.1f}"
+        print(f"{mode:<12}{r['docs']:>7}{r['requests']:>10}{r['model_s']:>10.1f}{r['cpu_s']:>9.1f}"
+              f"{r['requests'] / r['model_s']:>8.1f}"
               f"{full:>20.1f}{full / new['model_s']:>10.1f}{note}")
-        figures["modes"][mode] = {"docs": r["docs"], "requests": r["requests"], "model_s": round(r["model_s"], 2),
+        figures["modes"][mode] = {"docs": r["docs"], "requests": r["requests"], "model_s": round(r["model_s"], 2), "cpu_s": round(r["cpu_s"], 2),
                                   "total_s": round(r["total_s"], 2), "all_requests_s": round(full, 2),
                                   "extrapolated": bool(note), "metrics": r["metrics"]}
     print("\nmetrics:", json.dumps({m: r["metrics"] for m, r in runs.items()}, indent=1))
@@ -271,6 +276,11 @@ def main() -> None:
             agreement = compare(new, r)
             figures["modes"][mode]["agreement_with_packed"] = agreement
             print(f"packed vs {mode}: {json.dumps(agreement)}")
+    if runs.get("naive", {}).get("scores") and runs.get("sequential", {}).get("scores"):
+        # two unpacked llama.cpp paths: how far apart layouts alone move the scores (the noise floor)
+        floor = compare(runs["sequential"], runs["naive"])
+        figures["sequential_vs_naive"] = floor
+        print(f"sequential vs naive: {json.dumps(floor)}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
     if tmp:

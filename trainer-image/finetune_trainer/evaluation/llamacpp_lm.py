@@ -507,20 +507,30 @@ def _log_softmax_at(rows: np.ndarray, wanted: dict[int, set[int]]) -> tuple[dict
     """log_softmax(rows[r])[t] for every row r and token t in ``wanted``, and each wanted row's maximum.
 
     float32 throughout: the maximum is subtracted before exp, and numpy's pairwise summation keeps the
-    log-sum-exp of 262k terms within ~1e-6 nats. Rows are reduced a few at a time to bound scratch memory.
+    log-sum-exp of 262k terms within ~1e-6 nats. Rows are reduced in runs of consecutive wanted rows,
+    a few at a time, in one scratch buffer (for Gemma 3 this is a tenth of the scoring time).
     """
     out: dict[tuple[int, int], float] = {}
     peak = np.full(len(rows), np.inf, dtype=np.float32)
     todo = sorted(wanted)
-    for lo in range(0, len(todo), _ROWS_PER_REDUCTION):
-        idx = todo[lo:lo + _ROWS_PER_REDUCTION]
-        block = rows[idx]
+    scratch = np.empty((min(_ROWS_PER_REDUCTION, len(todo)), rows.shape[1]), dtype=np.float32)
+    k = 0
+    while k < len(todo):
+        lo = todo[k]
+        hi = lo + 1
+        while hi - lo < _ROWS_PER_REDUCTION and k + (hi - lo) < len(todo) and todo[k + (hi - lo)] == hi:
+            hi += 1
+        block = rows[lo:hi]
+        buf = scratch[:hi - lo]
         top = block.max(axis=1)
-        lse = top + np.log(np.exp(block - top[:, None]).sum(axis=1))
-        peak[idx] = top
-        for k, r in enumerate(idx):
+        np.subtract(block, top[:, None], out=buf)
+        np.exp(buf, out=buf)
+        lse = top + np.log(buf.sum(axis=1))
+        peak[lo:hi] = top
+        for r in range(lo, hi):
             for t in wanted[r]:
-                out[r, t] = float(block[k, t]) - float(lse[k])
+                out[r, t] = float(rows[r, t]) - float(lse[r - lo])
+        k += hi - lo
     return out, peak
 
 
