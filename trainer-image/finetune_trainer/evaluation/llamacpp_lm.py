@@ -54,6 +54,7 @@ DEFAULT_N_CTX = 4096  # covers MMLU 5-shot and HellaSwag 10-shot prompts; the KV
 DEFAULT_N_SEQ = 128  # sequences per llama_decode (llama.cpp allows 256)
 # Rows of logits reduced at once; bounds the float64 scratch to rows * n_vocab * 8 bytes.
 _ROWS_PER_REDUCTION = 32
+_TOKEN_CACHE = 4096  # tokenized strings kept (contexts recur across a question's choices)
 
 # progress(done, total, what): called as requests finish, for status updates.
 Progress = Callable[[int, int, str], None]
@@ -168,6 +169,9 @@ class LlamaCppLM(TemplateLM):
         self._bos = bos if bos >= 0 else None
         self._bos_text = self._detokenize([bos], special=True) if self._bos is not None else None
         self._warned_sampling = False
+        # lm-eval encodes a multiple-choice context once per choice, twice (alone and with the
+        # choice); llama.cpp takes ~10 ms per 5-shot MMLU prompt, so contexts are tokenized once.
+        self._tokens: dict[tuple[str, bool], list[int]] = {}
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -210,11 +214,31 @@ class LlamaCppLM(TemplateLM):
                 add = False
         else:
             add = add_special_tokens
-        tokens = self._model.tokenize(string.encode("utf-8"), add_bos=add, special=True)
+        key = (string, add)
+        tokens = self._tokens.get(key)
+        if tokens is None:
+            tokens = self._tokenize(string.encode("utf-8"), add)
+            if len(self._tokens) >= _TOKEN_CACHE:
+                self._tokens.clear()
+            self._tokens[key] = tokens
+        tokens = list(tokens)
         if add and self.add_bos_token and self._bos is not None and tokens[:1] != [self._bos]:
             tokens = [self._bos, *tokens]  # forced on although the GGUF says no BOS
         left = kwargs.get("left_truncate_len")
         return tokens[-left:] if left else tokens
+
+    def _tokenize(self, text: bytes, add_bos: bool) -> list[int]:
+        # A buffer sized for the text (at most one token per byte, plus BOS/EOS), not n_ctx_train tokens.
+        size = len(text) + 8
+        buf = (self._lc.llama_token * size)()
+        n = self._lc.llama_tokenize(self._vocab, text, len(text), buf, size, add_bos, True)
+        if n < 0:  # never expected; llama.cpp says how many it needs
+            size = -n
+            buf = (self._lc.llama_token * size)()
+            n = self._lc.llama_tokenize(self._vocab, text, len(text), buf, size, add_bos, True)
+            if n < 0:
+                raise RuntimeError(f"llama_tokenize failed ({n}) on {len(text)} bytes")
+        return buf[:n]
 
     def tok_decode(self, tokens: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._detokenize(list(tokens), special=not skip_special_tokens)
