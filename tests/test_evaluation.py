@@ -309,28 +309,49 @@ def test_adapter_matches_hf_model(tiny, which, monkeypatch):
         assert sum(x != y for x, y in zip(gens_a, gens_b, strict=True)) <= 1, (gens_a, gens_b)
 
 
-def test_prefix_reuse_gives_the_same_scores_as_fresh_evaluation(tiny):
-    """Sorted, KV-cache-sharing scoring == each request alone in an empty cache (contexts > the 16-token window)."""
+def _scoring_requests(lm) -> list[tuple]:
+    """Multiple-choice requests with few-shot prefixes and multi-token answers sharing their first tokens,
+    and story continuations with contexts longer than the 16-token sliding window."""
+    reqs = []
+    rows = _jsonl("antonyms.jsonl")
+    shots = "".join(f"The opposite of {r['word']} is {r['answer']}. " for r in rows[:3])
+    for r in rows[3:15]:
+        context = lm.tok_encode(f"{shots}The opposite of {r['word']} is")
+        for choice in r["choices"]:
+            whole = lm.tok_encode(f"{shots}The opposite of {r['word']} is {choice}.")
+            reqs.append(((None, None), context, whole[len(context):]))
+    story = _jsonl("antonym_stories.jsonl")[0]["text"]
+    for cut in (60, 90, 120, 150):
+        ctx = lm.tok_encode(story[:cut])
+        for cont in (" cold.", " small", " x", " is"):
+            reqs.append(((None, None), ctx, lm.tok_encode(cont, add_special_tokens=False)))
+    return reqs
+
+
+def test_packed_scoring_equals_each_request_alone(tiny):
+    """Many sequences per decode with shared prefixes == every request alone from an empty cache.
+
+    Small batch budgets make the 64 requests span many decodes (and batches split questions).
+    """
     from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
 
-    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=128, n_threads=1)
+    packed = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, n_seq_max=5, max_outputs=24)
+    alone = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, packed=False, prefix_cache=False)
     try:
-        story = json.loads((TASKS_DIR / "antonym_stories.jsonl").read_text().splitlines()[0])["text"]
-        reqs = []
-        for cut in (60, 90, 120, 150):
-            ctx = lm.tok_encode(story[:cut])
-            for cont in (" cold.", " small", " x", " is"):
-                reqs.append(((None, None), ctx, lm.tok_encode(cont, add_special_tokens=False)))
-        together = lm._loglikelihood_tokens(reqs[::-1], disable_tqdm=True)[::-1]
-        alone = []
-        for r in reqs:
-            lm._lc.llama_memory_clear(lm._mem, True)
-            lm._kv.clear()
-            alone += lm._loglikelihood_tokens([r], disable_tqdm=True)
+        reqs = _scoring_requests(packed)
+        assert len(reqs) == 12 * 4 + 16
+        got = packed._loglikelihood_tokens(reqs[::-1], disable_tqdm=True)[::-1]
+        ref = alone._loglikelihood_tokens(reqs, disable_tqdm=True)
     finally:
-        lm.close()
-    for (la, ga), (lb, gb) in zip(together, alone, strict=True):
-        assert abs(la - lb) < 1e-3 and ga == gb
+        packed.close()
+        alone.close()
+    worst = max(abs(a[0] - b[0]) for a, b in zip(got, ref, strict=True))
+    print(f"worst |Δ loglikelihood| packed vs alone: {worst:.2e} nats")
+    assert worst < 0.01
+    assert [g for _, g in got] == [g for _, g in ref]
+    for q in range(0, len(reqs), 4):  # the argmax choice of every 4-way question
+        pick = [max(range(4), key=lambda i, run=run: run[q + i][0]) for run in (got, ref)]
+        assert pick[0] == pick[1], q
 
 
 @pytest.fixture(scope="session")
@@ -339,7 +360,7 @@ def evaluated(tiny, tmp_path_factory):
     spec = EvaluationSpec(tasks=ALL_TASKS, data_uri=str(TASKS_DIR), include_base=True)
     messages = []
     metrics = run_eval({"f16": tiny.f16, "q4_k_m": tiny.q4_k_m, "base": tiny.base}, spec, workdir,
-                       report=lambda m, p: messages.append((m, p)), model_args=LLAMA_ARGS)
+                       report=lambda m, p, eta: messages.append((m, p, eta)), model_args=LLAMA_ARGS)
     return SimpleNamespace(metrics=metrics, workdir=workdir, messages=messages)
 
 
@@ -367,7 +388,11 @@ def test_run_eval_reports_quantization_cost_and_writes_files(evaluated):
     md = (evaluated.workdir / "eval.md").read_text()
     assert "| tiny_antonyms | acc ↑ |" in md and "q4_k_m − f16" in md and "f16 − base" in md
     assert "| tiny_stories_ppl | word_perplexity ↓ |" in md
-    assert evaluated.messages[-1][1] == 100.0 and all(p is None or 0 <= p <= 100 for _, p in evaluated.messages)
+    assert evaluated.messages[-1][1:] == (100.0, 0)
+    assert all(p is None or 0 <= p <= 100 for _, p, _ in evaluated.messages)
+    # progress in requests with an ETA, as each model's passes finish
+    done = [m for m, _, eta in evaluated.messages if "loglikelihood requests" in m and eta is not None]
+    assert any(m.startswith("evaluating base: loglikelihood requests ") and ", ETA " in m for m in done), done
 
 
 def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
@@ -411,3 +436,22 @@ def test_offline_copy_of_a_builtin_task_replaces_it(tiny, tmp_path):
     metrics = run_eval({"f16": tiny.f16}, spec, tmp_path, model_args=LLAMA_ARGS)
     assert set(metrics["f16"]["arc_easy"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert json.loads((tmp_path / "eval.json").read_text())["nSamples"]["arc_easy"]["effective"] == 4
+
+
+def test_mmlu_runs_offline_from_the_task_library(tiny, tmp_path):
+    """`evaluation.tasks: [mmlu]` with no dataUri: lm-eval's mmlu group from the local task library that
+    hack/bootstrap.sh builds (finetune_trainer.evaluation.mmlu), one question per subject, 5-shot."""
+    from finetune_trainer.evaluation.data import task_library
+
+    library = task_library()
+    assert library is not None and (library / "mmlu" / "_mmlu.yaml").is_file(), "run hack/bootstrap.sh"
+    spec = EvaluationSpec(tasks=["mmlu"], limit=1)
+    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path, model_args={"n_ctx": 1024, "n_threads": 1})
+    assert 0.0 <= metrics["f16"]["mmlu"]["acc"] <= 1.0
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    subtasks = [t for t in doc["details"]["f16"] if t.startswith("mmlu_") and t not in (
+        "mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities")]
+    assert len(subtasks) == 57
+    assert {"mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"} <= set(doc["details"]["f16"])
+    assert doc["numFewshot"]["mmlu_abstract_algebra"] == 5
+    assert all(doc["nSamples"][t]["effective"] == 1 for t in subtasks)

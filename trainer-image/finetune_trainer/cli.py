@@ -227,7 +227,7 @@ def cmd_eval(args) -> Any:
         files[quant or Path(path).stem.rsplit("-", 1)[-1]] = Path(path)
     spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
                           data_uri=args.data_uri, include_base="base" in files)
-    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None: log.info("%s", msg))
+    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg))
 
 
 def cmd_upload(args) -> Any:

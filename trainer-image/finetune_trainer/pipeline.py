@@ -179,7 +179,7 @@ def stage_eval(ctx: Context, gguf_files: dict[str, Path]) -> dict[str, Any] | No
     files = dict(gguf_files)
     if ctx.spec.evaluation.include_base:
         files["base"] = base_gguf(ctx)
-    results = run_eval(files, ctx.spec.evaluation, ctx.wd.eval, lambda msg, pct=None: ctx.reporter.message(msg),
+    results = run_eval(files, ctx.spec.evaluation, ctx.wd.eval, ctx.reporter.work,
                        s3_client=ctx.store.client if ctx.spec.evaluation.data_uri else None)
     (ctx.wd.root / "eval-metrics.json").write_text(json.dumps(results, indent=2))
     _timed(ctx, "eval", t0)

@@ -78,6 +78,17 @@ class Reporter:
         log.info("%s", text)
         self._send()
 
+    def work(self, text: str, percent: float | None = None, eta_seconds: int | None = None) -> None:
+        """Progress of a stage counted in work items (evaluation requests): message, percent and ETA."""
+        update: dict[str, Any] = {"message": text}
+        if percent is not None:
+            update["percent"] = int(percent)
+        if eta_seconds is not None:
+            update["eta_seconds"] = int(eta_seconds)
+        self.progress = self.progress.model_copy(update=update)
+        log.info("%s", text)
+        self._send(force=percent == 100)
+
     def train_step(self, step: int, total_steps: int, metrics: dict[str, Any]) -> None:
         """Called after every optimizer step with loss, learningRate, tokensPerSecond, epoch, etaSeconds."""
         for logger in self.metric_loggers:

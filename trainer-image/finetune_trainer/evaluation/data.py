@@ -1,4 +1,5 @@
-"""Where offline task definitions come from: EvaluationSpec.dataUri, a local folder or an s3:// prefix.
+"""Where offline task definitions come from: EvaluationSpec.dataUri (a local folder or an s3:// prefix),
+else the local task library (the offline MMLU that hack/bootstrap.sh builds, see mmlu.py).
 
 The folder holds lm-eval task YAML files (found recursively, as ``--include_path`` does) and their
 data. A task reads its data with ``dataset_path: json`` and ``dataset_kwargs.data_files``; relative
@@ -15,6 +16,23 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# A task folder used when the spec names no dataUri; default: <cache>/lm-eval-tasks, where
+# hack/bootstrap.sh builds the offline MMLU (FTO_CACHE / XDG_CACHE_HOME as in bootstrap.sh).
+ENV_TASK_LIBRARY = "FINETUNE_EVAL_TASKS"
+
+
+def cache_dir() -> Path:
+    """The project's download cache (hack/bootstrap.sh's $CACHE)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("FTO_CACHE") or Path(xdg) / "finetune-operator")
+
+
+def task_library() -> Path | None:
+    """The local task library folder, or None when there is none."""
+    configured = os.environ.get(ENV_TASK_LIBRARY)
+    path = Path(configured).expanduser() if configured else cache_dir() / "lm-eval-tasks"
+    return path.resolve() if path.is_dir() and any(path.rglob("*.yaml")) else None
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -68,9 +86,10 @@ def download_prefix(uri: str, dest: Path, client: Any = None) -> list[Path]:
 
 
 def resolve_task_dir(data_uri: str | None, workdir: Path, client: Any = None) -> Path | None:
-    """The local folder of task YAMLs for ``data_uri`` (downloaded under ``workdir`` when s3://)."""
+    """The local folder of task YAMLs for ``data_uri`` (downloaded under ``workdir`` when s3://);
+    without a ``data_uri``, the local task library if there is one."""
     if not data_uri:
-        return None
+        return task_library()
     if data_uri.startswith("s3://"):
         dest = (workdir / "eval-tasks").resolve()
         shutil.rmtree(dest, ignore_errors=True)  # no stale task files from an earlier attempt

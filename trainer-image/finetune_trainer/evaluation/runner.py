@@ -25,7 +25,8 @@ from .data import resolve_task_dir
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[str, float | None], None]
+# report(message, percent, eta_seconds): progress for the status (percent and ETA may be None).
+Report = Callable[[str, float | None, int | None], None]
 BOOTSTRAP_ITERS = 1000  # standard errors of non-mean metrics (perplexity); lm-eval's 100000 is slow
 SEED = 1234
 
@@ -58,20 +59,33 @@ def _task_manager(cls, task_dir: Path | None, tasks: list[str]):
     return cls(include_path=str(task_dir) if task_dir else None)
 
 
+def eta_seconds(elapsed: float, done: int, total: int, models_after: int = 0) -> int | None:
+    """Seconds left: the rest of this pass at its rate so far, plus as long again per model still to come."""
+    if done <= 0 or total <= 0:
+        return None
+    pass_seconds = elapsed * total / done
+    return round(pass_seconds - elapsed + models_after * pass_seconds)
+
+
+def _fmt_duration(seconds: int) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class _Throttled:
-    """Log progress and forward it to report(message, percent), at most every `interval` seconds."""
+    """Log progress and forward it to report(message, percent, eta), at most every `interval` seconds."""
 
     def __init__(self, report: Report | None, interval: float = 10.0) -> None:
         self.report, self.interval, self.last = report, interval, float("-inf")
 
-    def __call__(self, message: str, percent: float | None, force: bool = False) -> None:
+    def __call__(self, message: str, percent: float | None, eta: int | None = None, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.interval:
             return
         self.last = now
         log.info("%s%s", message, "" if percent is None else f" ({percent:.0f}%)")
         if self.report:
-            self.report(message, None if percent is None else round(percent, 1))
+            self.report(message, None if percent is None else round(percent, 1), eta)
 
 
 def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path, report: Report | None = None,
@@ -84,7 +98,8 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
         spec: tasks, limit, numFewshot, dataUri (offline task folder or s3:// prefix), quantizations
             (default: every key of gguf_files except "base"), includeBase.
         workdir: where eval.json, eval.md (and a downloaded dataUri) go.
-        report: optional report(message, percent) for progress.
+        report: optional report(message, percent, eta_seconds) for progress: requests done/total of
+            the current model in the message, the whole run's percent and an ETA.
         model_args: extra LlamaCppLM arguments (n_ctx, n_gpu_layers, n_threads, n_batch, max_length).
         s3_client: boto3 client used for an s3:// dataUri (default: from the environment).
 
@@ -114,10 +129,17 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
     extra: dict[str, Any] = {}
     for n, (name, path) in enumerate(models):
         share = 100.0 / len(models)
-        say(f"evaluating {name} ({path.name}) on {', '.join(tasks)}", n * share, force=True)
+        say(f"evaluating {name} ({path.name}) on {', '.join(tasks)}", n * share, None, force=True)
 
-        def progress(done: int, total: int, what: str, n=n, name=name, share=share) -> None:
-            say(f"evaluating {name}: {what} {done}/{total}", n * share + share * done / max(total, 1))
+        pass_start: dict[str, float] = {}
+
+        def progress(done: int, total: int, what: str, n=n, name=name, share=share, pass_start=pass_start) -> None:
+            now = time.monotonic()
+            start = pass_start.setdefault(what, now)  # the model reports 0 done as a pass starts
+            eta = eta_seconds(now - start, done, total, models_after=len(models) - n - 1)
+            left = "" if eta is None else f", ETA {_fmt_duration(eta)}"
+            say(f"evaluating {name}: {what} requests {done}/{total}{left}",
+                n * share + share * done / max(total, 1), eta, force=done == total)
 
         t0 = time.monotonic()
         lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
@@ -160,7 +182,7 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
     }
     (workdir / "eval.json").write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
     (workdir / "eval.md").write_text(R.render_markdown(per_model, better, header))
-    say(f"evaluation done in {document['seconds']} s", 100.0, force=True)
+    say(f"evaluation done in {document['seconds']} s", 100.0, 0, force=True)
     return metrics
 
 
