@@ -159,6 +159,7 @@ def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoin
     offload_checkpoints: with Unsloth, keep checkpointed activations in CPU memory (the default) or on
     the GPU (plain checkpointing: more GPU memory, no PCIe traffic); bench/ measures both.
     """
+    training, _ = resolve_auto(base, training)  # a no-op where the caller decided already
     name = backend()
     if training.method == "qlora" and name != "unsloth":
         raise ConfigError("UnsupportedMethod", "training.method qlora needs a CUDA GPU with Unsloth and bitsandbytes")
@@ -182,6 +183,40 @@ def model_type(base: BaseModel) -> str | None:
     except (OSError, ValueError):
         return None  # from_pretrained below says why, with the error mapped to a reason
     return getattr(config.get_text_config(decoder=True), "model_type", None)
+
+
+def model_shape(base: BaseModel):
+    """Parameters, layers and widths from the model's config (instantiated on the meta device: no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .auto_batch import ModelShape
+
+    try:
+        config = AutoConfig.from_pretrained(base.source, revision=base.revision, token=hf_token(),
+                                            local_files_only=hub_offline()).get_text_config(decoder=True)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        return ModelShape(parameters=params, layers=config.num_hidden_layers, hidden=config.hidden_size,
+                          intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+    except Exception as exc:  # noqa: BLE001 - without a shape, auto falls back to the small defaults
+        log.warning("model size unknown (%s): batchSize auto takes the small defaults", exc)
+        return None
+
+
+def resolve_auto(base: BaseModel, training: TrainingSpec):
+    """training with `auto` values decided for this model and the GPU this process sees (auto_batch.py)."""
+    from . import auto_batch
+
+    if training.batch_size != "auto" and training.gradient_checkpointing is not None:
+        return training, None
+    import torch
+
+    cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] if cuda else None
+    training, choice = auto_batch.resolve(training, model_shape(base) if cuda else None, free, cuda=cuda)
+    log.info("batchSize/gradientCheckpointing auto: %s", choice.reason)
+    return training, choice
 
 
 def _load_unsloth(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):
