@@ -45,6 +45,7 @@ class Context:
     timings: dict[str, Any] = field(default_factory=dict)  # stage → seconds; exportSteps → step → seconds
     caches: dict[str, Any] = field(default_factory=dict)  # cache hit/miss, for the status metrics
     compile: compile_cache.CompileCache | None = None
+    checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
 
     @property
@@ -129,8 +130,9 @@ def stage_train(ctx: Context) -> recipe.TrainResult:
     training, choice = model_loading.resolve_auto(ctx.base, ctx.spec.training)
     ctx.auto = choice.reason if choice else None
     restore_compile_cache(ctx, training)
+    ctx.checkpoints = checkpoints
     result = recipe.train(ctx.base, training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
-                          resume=ctx.resume, pad_id=pad if pad is not None else 0)
+                          resume=ctx.resume, pad_id=pad if pad is not None else 0, upload_in_background=True)
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
         ctx.compile.save_in_background()
     plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
@@ -245,6 +247,10 @@ def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
 
 def finish(ctx: Context) -> dict[str, Any]:
     """Metrics from what the stages left in the workdir, the upload, and the final status report."""
+    if ctx.checkpoints is not None:  # the final checkpoint is in S3 before the run says it is done
+        t0 = time.monotonic()
+        ctx.checkpoints.wait()
+        ctx.timings["checkpointUploadWaitSeconds"] = round(time.monotonic() - t0, 2)
     if ctx.compile is not None:
         t0 = time.monotonic()
         ctx.compile.join()

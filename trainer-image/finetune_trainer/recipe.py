@@ -118,7 +118,10 @@ def evaluate(model, batches: Batches, device) -> float | None:
 
 
 def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Workdir, reporter: Reporter,
-          checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0) -> TrainResult:
+          checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0,
+          upload_in_background: bool = False) -> TrainResult:
+    """upload_in_background: the final checkpoint's upload runs on while this returns (export follows at
+    once); the caller joins it with checkpoints.wait() before the run is done."""
     # ---------------------------------------------------------------- setup
     seed_everything(training.seed)
     training, choice = resolve_auto(base, training)
@@ -216,7 +219,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     # ---------------------------------------------------------------- save
     seconds = time.monotonic() - t_start
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
-        checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+        checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses},
+                         background=upload_in_background)
     eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
                                         training.seed, bucket=bucket, padding_free=padding_free),
                          device) if val_rows else None
