@@ -120,7 +120,13 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
 
     cfg = RunConfig.build(FinetuneJobSpec.model_validate(spec), RunRef(namespace="bench", name="seed", run=run))
     workdir = Path(args.workdir_root) / f"run-{run}"
-    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    # A new pod: no workdir, and no compile caches on local disk (only what S3 keeps).
+    import tempfile
+
+    local_caches = [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
+                    f"{tempfile.gettempdir()}/torchinductor_{os.environ.get('USER', 'root')}",
+                    str(Path.home() / ".triton" / "cache"), "unsloth_compiled_cache"]
+    subprocess.run(["rm", "-rf", str(workdir), *local_caches], check=True)
     workdir.mkdir(parents=True)
     config = workdir.parent / f"run-{run}.yaml"
     config.write_text(cfg.to_yaml())

@@ -333,3 +333,16 @@ def test_compile_cache_round_trips_through_s3_and_rejects_a_corrupt_archive(stor
     assert not any((tmp_path / "run3").rglob("entry"))
     other = compile_cache.CompileCache(cache, dirs(tmp_path / "run4"), {**inputs, "batchSize": 16}, tmp_path / "s4")
     assert other.restore().reason == "absent"  # other shapes: another key
+
+
+def test_model_shape_counts_the_parameters_from_the_safetensors_headers():
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.model_loading import BaseModel, model_shape
+    from tests.trainer_fixtures import tiny_gemma
+
+    shape = model_shape(BaseModel(str(tiny_gemma())))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma()))
+    assert shape == ModelShape(parameters=sum(p.numel() for p in model.parameters()),
+                               layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
+                               intermediate=model.config.intermediate_size)

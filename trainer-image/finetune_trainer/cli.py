@@ -339,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command in ("run", "train"):
-            from .compile_cache import use_dirs
+            from .compile_cache import default_root, use_dirs
             from .model_loading import early_imports
 
-            use_dirs(Path(args.workdir) / "compile-cache")  # before Unsloth reads its location at import
+            use_dirs(default_root())  # before Unsloth reads its location at import
             early_imports()
         result = args.fn(args)
     except TrainerError as exc:

@@ -31,7 +31,16 @@ ENV_DIRS = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR",
 # Inductor's FX-graph and AOTAutograd caches: what lets a warm cache skip compiling, not only codegen.
 ENV_ON = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 ARCHIVE = "compile-cache.tar"
+ENV_ROOT = "FINETUNE_COMPILE_CACHE_DIR"
 PACKAGES = ("torch", "triton", "transformers", "peft", "unsloth", "unsloth_zoo")
+
+
+def default_root() -> Path:
+    """One fixed place, not under the workdir: generated modules' paths end up in what gets compiled, so a
+    cache restored at another path could miss. $FINETUNE_COMPILE_CACHE_DIR, else <tmp>/finetune-compile-cache."""
+    import tempfile
+
+    return Path(os.environ.get(ENV_ROOT) or Path(tempfile.gettempdir()) / "finetune-compile-cache")
 
 
 def use_dirs(root: Path) -> dict[str, Path]:

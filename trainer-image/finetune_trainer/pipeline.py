@@ -149,7 +149,7 @@ def restore_compile_cache(ctx: Context, training) -> None:
     if cache is None or not torch.cuda.is_available():
         return
     t0 = time.monotonic()
-    dirs = compile_cache.use_dirs(ctx.wd.root / "compile-cache")
+    dirs = compile_cache.use_dirs(compile_cache.default_root())
     inputs = compile_cache.key_inputs(
         compile_cache.model_identity(ctx.base.source, ctx.base.revision), training,
         backend=model_loading.backend(), padding_free=training.padding_free, versions=compile_cache.versions(),
