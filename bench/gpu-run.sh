@@ -8,6 +8,11 @@
 #   bench/gpu-run.sh real    # `finetune run` on the real Gemma 3 270M → GGUF → held-out answer before/after
 #                            #   (METHOD=lora, the default, or qlora)
 #   bench/gpu-run.sh tests   # pytest -m gpu (TESTS=<files or node ids>)
+#   bench/gpu-run.sh seed    # bench/seed_scenario.py: `finetune run` twice (2 epochs, then the edited spec:
+#                            #   4 epochs, lr 1e-5) and TRL SFTTrainer + PEFT + llama.cpp, phases and ratio
+#                            #   (ROWS=51760 EPOCHS=2 RERUN_EPOCHS=4 PARTS=project,rerun,baseline BASELINE_STEPS=30;
+#                            #   results accumulate in /tmp/seed-out while the machine stays warm, so the
+#                            #   parts may be split over calls and the last one prints the ratio)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
 #
 # The real GGUF (253 MB) is more than one call may carry (64 MiB), so it travels as pieces
@@ -145,6 +150,15 @@ for label, path in zip(("base q4_k_m", "fine-tuned q8_0"), sys.argv[1:]):
 json.dump(answers, open(f"{os.environ['OUT']}/answers-real.json", "w"), indent=1)
 PY
   python3 -c "import json; m = json.load(open('/tmp/work-real/metrics.json')); print(json.dumps({k: m.get(k) for k in ('trainLoss', 'steps', 'backend', 'parity', 'timings')}, indent=1))"
+  ;;
+seed)
+  start_s3
+  mkdir -p /tmp/seed-out
+  timeout "${SEED_TIMEOUT:-585}" python3 bench/seed_scenario.py --model-dir $model_dir --out /tmp/seed-out \
+    --rows "${ROWS:-51760}" --epochs "${EPOCHS:-2}" --rerun-epochs "${RERUN_EPOCHS:-4}" \
+    --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}"
+  echo "seed scenario: exit $?"
+  cp -r /tmp/seed-out/. "$OUT/"
   ;;
 tests)
   # The tests' own fixtures: the rebuilt Gemma 3 tokenizer in the model cache, `weed` on PATH.

@@ -55,6 +55,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return _structural(merged, defs)
+    if "anyOf" in node and node.get("x-kubernetes-int-or-string"):  # int | "auto": Kubernetes' int-or-string
+        options = [{("enum" if k == "const" else k): ([v] if k == "const" else v) for k, v in o.items()
+                    if k not in _DROP} for o in node["anyOf"] if o.get("type") != "null"]
+        return {**{k: v for k, v in node.items() if k not in _DROP and k != "anyOf"}, "anyOf": options}
     if "anyOf" in node:  # Optional[X] → X: absent fields are simply omitted
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         if len(options) != 1:
@@ -221,7 +225,11 @@ def _doc_rows(model: type, prefix: str) -> list[str]:
 
 
 def _fmt_type(ann: Any) -> str:
+    if hasattr(ann, "__metadata__"):  # Annotated[X, constraints] → X
+        return _fmt_type(ann.__origin__)
     args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+    if len(args) > 1 and getattr(ann, "__origin__", None) not in (Literal, list, dict):  # X | Y
+        return " \\| ".join(_fmt_type(a) for a in args)
     if getattr(ann, "__origin__", None) is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
     if getattr(ann, "__origin__", None) in (list, dict):

@@ -175,10 +175,11 @@ class TrainingSpec(ApiModel):
     epochs: float | None = Field(None, gt=0, le=100, description="Passes over the data.")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    batch_size: int = Field(8, ge=1, le=1024, description=(
-        "Micro-batch size per GPU. Tokens per step are what keep a GPU busy: for Gemma 3 270M on an "
-        "H100, ~65k a step (batchSize x maxSeqLength: 32 x 2048, 128 x 512) measured 1.7x the rate "
-        "of 8 x 2048 and 1.9x that of 32 x 512 (docs/benchmarks.md)."))
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto", json_schema_extra={"x-kubernetes-int-or-string": True}, description=(
+            "Micro-batch size per GPU, or auto: on a GPU, the power of two nearest below 65536 / "
+            "maxSeqLength (about 65k tokens a step keeps a GPU busy), halved while the estimated memory "
+            "does not fit the GPU's free memory; 8 on CPU. A number always wins over auto."))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024,
                                              description="Micro-batches per optimizer step.")
     max_seq_length: int = Field(1024, ge=16, le=131072, description="Tokens per sequence; longer rows are truncated (and counted).")
@@ -209,8 +210,11 @@ class TrainingSpec(ApiModel):
         "adamw_torch_fused", description=(
             "Optimizer. Fused torch AdamW is fastest for LoRA's few million parameters; 8-bit AdamW "
             "saves no memory worth having there and costs 5-8x the step time."))
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass (Unsloth's offloaded variant on GPU).")
+    gradient_checkpointing: bool | None = Field(
+        None, description=(
+            "Recompute activations in the backward pass (Unsloth's offloaded variant on GPU). Unset means "
+            "auto: on a GPU, off where the micro-batch's activations fit its free memory (faster) and on "
+            "where they do not; on for CPU. true or false always wins."))
     checkpoint_every_steps: int | None = Field(
         None, ge=1, le=10_000_000,
         description="Save a resumable checkpoint (locally and to S3) every N steps. Unset: only at the end.")

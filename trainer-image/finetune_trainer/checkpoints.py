@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,14 @@ class Checkpoints:
         self.local_dir = local_dir
         self.remote_uri = remote_uri.rstrip("/") + "/" if remote_uri else None
         self.store = store if remote_uri else None
+        self._upload: threading.Thread | None = None
+        self._upload_error: BaseException | None = None
 
     # --- save ----------------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any], background: bool = False) -> Path:
+        """Writes the checkpoint locally, then to S3 (state.json last); background: the upload runs in
+        a thread (wait() joins it), so the caller goes on to export while it uploads."""
+        self.wait()
         final = self.local_dir / _name(step)
         tmp = self.local_dir / f".{_name(step)}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -47,14 +53,36 @@ class Checkpoints:
         (tmp / STATE).write_text(json.dumps({"step": step, **state}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        if self.store is not None:
-            uri = f"{self.remote_uri}{_name(step)}/"
-            files = sorted(p for p in final.rglob("*") if p.is_file())
-            for p in sorted(files, key=lambda p: p.name == STATE):  # state.json last
-                self.store.upload_file(p, uri + p.relative_to(final).as_posix())
+        if self.store is not None and background:
+            self._upload = threading.Thread(target=self._upload_in_thread, args=(step, final), daemon=True,
+                                            name=f"checkpoint-upload-{step}")
+            self._upload.start()
+        elif self.store is not None:
+            self._upload_files(step, final)
         self._prune()
         log.info("checkpoint: step %d saved%s", step, f" (and to {self.remote_uri})" if self.store else "")
         return final
+
+    def _upload_files(self, step: int, final: Path) -> None:
+        uri = f"{self.remote_uri}{_name(step)}/"
+        files = sorted(p for p in final.rglob("*") if p.is_file())
+        for p in sorted(files, key=lambda p: p.name == STATE):  # state.json last
+            self.store.upload_file(p, uri + p.relative_to(final).as_posix())
+
+    def _upload_in_thread(self, step: int, final: Path) -> None:
+        try:
+            self._upload_files(step, final)
+        except BaseException as exc:  # noqa: BLE001 - raised again by wait(), on the caller's thread
+            self._upload_error = exc
+
+    def wait(self) -> None:
+        """Joins a background upload; its failure is raised here."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._upload_error is not None:
+            err, self._upload_error = self._upload_error, None
+            raise err
 
     def _prune(self) -> None:
         for old in self._local_steps()[:-KEEP_LOCAL]:

@@ -340,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command in ("run", "train"):
+            from .compile_cache import default_root, use_dirs
             from .model_loading import early_imports
 
+            use_dirs(default_root())  # before Unsloth reads its location at import
             early_imports()
         result = args.fn(args)
     except TrainerError as exc:

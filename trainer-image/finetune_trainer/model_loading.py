@@ -159,6 +159,7 @@ def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoin
     offload_checkpoints: with Unsloth, keep checkpointed activations in CPU memory (the default) or on
     the GPU (plain checkpointing: more GPU memory, no PCIe traffic); bench/ measures both.
     """
+    training, _ = resolve_auto(base, training)  # a no-op where the caller decided already
     name = backend()
     if training.method == "qlora" and name != "unsloth":
         raise ConfigError("UnsupportedMethod", "training.method qlora needs a CUDA GPU with Unsloth and bitsandbytes")
@@ -182,6 +183,66 @@ def model_type(base: BaseModel) -> str | None:
     except (OSError, ValueError):
         return None  # from_pretrained below says why, with the error mapped to a reason
     return getattr(config.get_text_config(decoder=True), "model_type", None)
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    """Parameters counted from the safetensors headers (no weights read, no model code run)."""
+    import json
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def model_shape(base: BaseModel):
+    """Parameters, layers and widths from the model's config (and its safetensors headers where local)."""
+    from transformers import AutoConfig
+
+    from .auto_batch import ModelShape
+
+    try:
+        config = AutoConfig.from_pretrained(base.source, revision=base.revision, token=hf_token(),
+                                            local_files_only=hub_offline()).get_text_config(decoder=True)
+        hidden, layers = config.hidden_size, config.num_hidden_layers
+        inter = getattr(config, "intermediate_size", None) or 4 * hidden
+        params = _safetensors_parameters(Path(base.source)) if base.local else None
+        if params is None:  # a Hub id: estimated from the config (embedding + attention + MLP per layer)
+            head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            attn = 2 * hidden * config.num_attention_heads * head_dim + 2 * hidden * kv * head_dim
+            params = config.vocab_size * hidden + layers * (attn + 3 * hidden * inter)
+        return ModelShape(parameters=params, layers=layers, hidden=hidden, intermediate=inter)
+    except Exception as exc:  # noqa: BLE001 - without a shape, auto falls back to the small defaults
+        log.warning("model size unknown (%s): batchSize auto takes the small defaults", exc)
+        return None
+
+
+def resolve_auto(base: BaseModel, training: TrainingSpec):
+    """training with `auto` values decided for this model and the GPU this process sees (auto_batch.py)."""
+    from . import auto_batch
+
+    if training.batch_size != "auto" and training.gradient_checkpointing is not None:
+        return training, None
+    import torch
+
+    cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] if cuda else None
+    training, choice = auto_batch.resolve(training, model_shape(base) if cuda else None, free, cuda=cuda)
+    log.info("batchSize/gradientCheckpointing auto: %s", choice.reason)
+    return training, choice
 
 
 def _load_unsloth(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):

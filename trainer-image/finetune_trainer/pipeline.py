@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,7 +23,18 @@ from typing import Any
 from finetune_api import RunConfig
 from finetune_api.status import Artifact, Phase
 
-from . import chat_templates, egress_guard, export, model_loading, parity, plots, recipe, upload
+from . import (
+    chat_templates,
+    compile_cache,
+    egress_guard,
+    export,
+    model_loading,
+    parity,
+    plots,
+    recipe,
+    upload,
+)
+from .cache import S3Cache, cache_uri
 from .checkpoints import Checkpoints
 from .data.prepare import load_split, prepare
 from .errors import ConfigError
@@ -31,6 +43,7 @@ from .progress import JsonlLogger, Reporter
 from .s3 import S3Store
 
 log = logging.getLogger(__name__)
+ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (cache.py)
 
 
 @dataclass
@@ -40,6 +53,10 @@ class Context:
     reporter: Reporter
     resume: bool = False
     timings: dict[str, Any] = field(default_factory=dict)  # stage → seconds; exportSteps → step → seconds
+    caches: dict[str, Any] = field(default_factory=dict)  # cache hit/miss, for the status metrics
+    compile: compile_cache.CompileCache | None = None
+    checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
+    auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
 
     @property
     def spec(self):
@@ -60,6 +77,13 @@ class Context:
     @cached_property
     def template(self) -> chat_templates.ChatTemplate:
         return chat_templates.resolve(self.spec.training.chat_template, self.tokenizer)
+
+    def cache(self, kind: str) -> S3Cache | None:
+        """The namespace's cache of this kind in the output bucket, or None when FINETUNE_CACHE=off."""
+        if os.environ.get(ENV_CACHE, "").lower() in ("off", "0", "false"):
+            return None
+        bucket = self.cfg.output_uri[5:].split("/", 1)[0]
+        return S3Cache(self.store, cache_uri(bucket, self.spec.output.s3.prefix, self.cfg.job.namespace), kind)
 
     @cached_property
     def key(self) -> str:
@@ -120,8 +144,13 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
         report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
     else:
         report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
-                         parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3, reporter=ctx.reporter)
+                         parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3, reporter=ctx.reporter,
+                         cache=ctx.cache("datasets"))
         ctx.mark("prepare")
+        if "cache" in report:
+            ctx.caches.update(report["cache"])
+            ctx.reporter.message(f"prepared dataset: cache {report['cache']['dataset']} "
+                                 f"({report['cache']['reason']})")
     _timed(ctx, "prepare", t0)
     return report
 
@@ -131,12 +160,38 @@ def stage_train(ctx: Context) -> recipe.TrainResult:
     ctx.reporter.stage(Phase.TRAINING.value, f"{ctx.spec.training.method} on {ctx.spec.base_model.resolved_name()}")
     checkpoints = Checkpoints(ctx.wd.checkpoints, ctx.cfg.output_uri + "checkpoints/", ctx.store)
     pad = ctx.tokenizer.pad_token_id
-    result = recipe.train(ctx.base, ctx.spec.training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
-                          resume=ctx.resume, pad_id=pad if pad is not None else 0)
+    training, choice = model_loading.resolve_auto(ctx.base, ctx.spec.training)
+    ctx.auto = choice.reason if choice else None
+    restore_compile_cache(ctx, training)
+    ctx.checkpoints = checkpoints
+    result = recipe.train(ctx.base, training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
+                          resume=ctx.resume, pad_id=pad if pad is not None else 0, upload_in_background=True)
+    if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
+        ctx.compile.save_in_background()
     plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
                      title=f"{ctx.cfg.job.name} run {ctx.cfg.job.run}")
     _timed(ctx, "train", t0)
     return result
+
+
+def restore_compile_cache(ctx: Context, training) -> None:
+    """On GPU: the compile caches for this model, shapes, versions and GPU, from S3 (compile_cache.py)."""
+    import torch
+
+    cache = ctx.cache("compile")
+    if cache is None or not torch.cuda.is_available():
+        return
+    t0 = time.monotonic()
+    dirs = compile_cache.use_dirs(compile_cache.default_root())
+    inputs = compile_cache.key_inputs(
+        compile_cache.model_identity(ctx.base.source, ctx.base.revision), training,
+        backend=model_loading.backend(), padding_free=training.padding_free, versions=compile_cache.versions(),
+        gpu=compile_cache.gpu(), env=dict(os.environ))
+    ctx.compile = compile_cache.CompileCache(cache, dirs, inputs, ctx.wd.root)
+    lookup = ctx.compile.restore()
+    ctx.caches.update(ctx.compile.report())
+    ctx.timings["compileCacheRestoreSeconds"] = round(time.monotonic() - t0, 2)
+    ctx.reporter.message(f"compile cache {lookup.label} ({lookup.reason})")
 
 
 def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
@@ -205,7 +260,9 @@ def collect_metrics(ctx: Context, report: dict, result: dict, parity_results: di
         "totalSteps": result.get("total_steps"), "tokens": result.get("tokens"), "restarts": result.get("restarts"),
         "trainableParameters": result.get("trainable_parameters"), "backend": result.get("backend"),
         "dataset": report.get("rows"), "parity": parity_results or None, "eval": eval_results,
-        "timings": dict(ctx.timings),
+        "timings": dict(ctx.timings), "cache": dict(ctx.caches) or report.get("cache"),
+        "batchSize": result.get("batch_size"), "gradientCheckpointing": result.get("gradient_checkpointing"),
+        "auto": result.get("auto") or ctx.auto,
     }
     return {k: v for k, v in metrics.items() if v is not None}
 
@@ -223,6 +280,15 @@ def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
 
 def finish(ctx: Context) -> dict[str, Any]:
     """Metrics from what the stages left in the workdir, the upload, and the final status report."""
+    if ctx.checkpoints is not None:  # the final checkpoint is in S3 before the run says it is done
+        t0 = time.monotonic()
+        ctx.checkpoints.wait()
+        ctx.timings["checkpointUploadWaitSeconds"] = round(time.monotonic() - t0, 2)
+    if ctx.compile is not None:
+        t0 = time.monotonic()
+        ctx.compile.join()
+        ctx.timings["compileCacheSaveWaitSeconds"] = round(time.monotonic() - t0, 2)
+        ctx.caches.update(ctx.compile.report())
     report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
     result = ctx.read_json(ctx.wd.adapter / "train_result.json", "train")
     parity_results = ctx.read_json(ctx.wd.gguf / "parity.json", "export-gguf")

@@ -30,7 +30,7 @@ from .batching import Batches
 from .checkpoints import Checkpoints
 from .data.prepare import load_split
 from .errors import ConfigError, TransientError
-from .model_loading import BaseModel, load_for_training
+from .model_loading import BaseModel, load_for_training, resolve_auto
 from .paths import Workdir
 from .progress import Reporter
 
@@ -50,6 +50,9 @@ class TrainResult:
     restarts: int
     trainable_parameters: int
     adapter_dir: str
+    batch_size: int | None = None  # the micro-batch trained with (decided here when the spec said auto)
+    gradient_checkpointing: bool | None = None
+    auto: str | None = None  # why auto chose them
 
 
 class StopOnSignal:
@@ -115,9 +118,13 @@ def evaluate(model, batches: Batches, device) -> float | None:
 
 
 def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Workdir, reporter: Reporter,
-          checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0) -> TrainResult:
+          checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0,
+          upload_in_background: bool = False) -> TrainResult:
+    """upload_in_background: the final checkpoint's upload runs on while this returns (export follows at
+    once); the caller joins it with checkpoints.wait() before the run is done."""
     # ---------------------------------------------------------------- setup
     seed_everything(training.seed)
+    training, choice = resolve_auto(base, training)
     model, backend = load_for_training(base, training)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -212,7 +219,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     # ---------------------------------------------------------------- save
     seconds = time.monotonic() - t_start
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
-        checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+        checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses},
+                         background=upload_in_background)
     eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
                                         training.seed, bucket=bucket, padding_free=padding_free),
                          device) if val_rows else None
@@ -222,7 +230,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         backend=backend, steps=step, total_steps=total_steps,
         train_loss=sum(tail) / len(tail) if tail else None, eval_loss=eval_loss, tokens=tokens_seen,
         seconds=round(seconds, 2), restarts=restarts, trainable_parameters=n_trainable,
-        adapter_dir=str(workdir.adapter))
+        adapter_dir=str(workdir.adapter), batch_size=training.batch_size,
+        gradient_checkpointing=training.gradient_checkpointing, auto=choice.reason if choice else None)
     (workdir.adapter / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
     del model, optimizer
     if torch.cuda.is_available():

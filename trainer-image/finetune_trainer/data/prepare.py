@@ -6,13 +6,23 @@ Output layout (`out_dir`):
 
 Nothing is dropped silently: malformed rows (with their row numbers), truncated rows and rows left with
 no trainable tokens are all counted in the report.
+
+Rows are encoded in worker processes on large sets (rendering the chat template is Python, so threads
+would not help); the result is the same as encoding them one by one. With a cache (cache.py), the
+prepared files are content-addressed in S3: a re-run on the same source bytes, tokenizer, template,
+maxSeqLength and options downloads and verifies them instead of tokenizing again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import random
+import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +30,11 @@ import numpy as np
 
 from finetune_api.spec import DatasetSpec, S3Spec, TrainingSpec
 
+from ..cache import Lookup, S3Cache, digest, sha256_files
 from ..chat_templates import ChatTemplate
 from ..errors import ConfigError
 from .formats import AmbiguousFormat, RowError, detect, normalize
-from .sources import load_rows
+from .sources import Rows, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,15 @@ IGNORE = -100  # label of tokens that carry no loss
 MAX_MALFORMED_FRACTION = 0.10  # more than this and the data is wrong, not noisy: fail the run
 REPORTED_ERRORS = 50  # row errors listed in report.json (all are counted)
 SPLITS = ("train", "validation", "parity")
+ENV_WORKERS = "FINETUNE_PREPARE_WORKERS"  # processes that encode rows; default: the CPUs this process may use
+MAX_WORKERS = 32
+PARALLEL_MIN_ROWS = 2000  # below this, starting processes costs more than it saves
+CHUNK_ROWS = 500
+# The code whose output a cached dataset is: any change to these files makes new cache keys.
+CODE_FILES = ("prepare.py", "formats.py", "sources.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model")
 
 
 def _render(tokenizer, template: ChatTemplate, messages, generation_prompt: bool) -> str:
@@ -107,14 +127,151 @@ def _save(split_rows: list[dict], path: Path) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())])
-    cols = {name: [r[name] for r in split_rows] for name in schema.names}
-    pq.write_table(pa.table(cols, schema=schema), path)
+    lengths = np.asarray([len(r["input_ids"]) for r in split_rows], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def column(name: str):
+        values = np.concatenate([np.asarray(r[name], dtype=np.int32) for r in split_rows]) if split_rows else \
+            np.zeros(0, dtype=np.int32)
+        return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.int32()))
+
+    table = pa.Table.from_arrays([column("input_ids"), column("labels"), pa.array(lengths, type=pa.int32())],
+                                 schema=schema)
+    pq.write_table(table, path)
+
+
+# ------------------------------------------------------------------------ encoding, in parallel
+def encode_example(tokenizer, template: ChatTemplate, example: dict, responses_only: bool):
+    """(ids, labels) as int32 arrays, or the RowError that makes the row malformed."""
+    try:
+        if "messages" in example:
+            ids, labels = encode_chat(tokenizer, template, example["messages"], responses_only)
+        else:
+            ids, labels = encode_raw(tokenizer, example["prompt"], example["completion"], responses_only)
+    except RowError as exc:
+        return RowError(str(exc))
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+
+_FORKED: dict[str, Any] = {}  # what forked workers inherit: the tokenizer and template, never pickled
+
+
+def _encode_chunk(chunk: list[dict]) -> list:
+    tokenizer, template, responses_only = _FORKED["args"]
+    return [encode_example(tokenizer, template, ex, responses_only) for ex in chunk]
+
+
+def prepare_workers() -> int:
+    if os.environ.get(ENV_WORKERS):
+        return max(1, int(os.environ[ENV_WORKERS]))
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def encode_all(examples: list[dict], tokenizer, template: ChatTemplate, responses_only: bool, workers: int,
+               min_rows: int = PARALLEL_MIN_ROWS) -> list:
+    """encode_example over every row, in order; in `workers` forked processes on large sets."""
+    if workers <= 1 or len(examples) < min_rows:
+        return [encode_example(tokenizer, template, ex, responses_only) for ex in examples]
+    chunks = [examples[i:i + CHUNK_ROWS] for i in range(0, len(examples), CHUNK_ROWS)]
+    _FORKED["args"] = (tokenizer, template, responses_only)
+    # The fast tokenizer's own thread pool must stay off in forked children (it cannot survive a fork).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("fork")) as pool:
+            return [r for chunk in pool.map(_encode_chunk, chunks) for r in chunk]
+    finally:
+        _FORKED.clear()
+
+
+# ------------------------------------------------------------------ the prepared-dataset cache
+def code_version() -> str:
+    here = Path(__file__).resolve().parent
+    return sha256_files([here / name for name in CODE_FILES])[:16]
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """The tokenizer's files' digest (its folder's, else what save_pretrained writes) and versions."""
+    import tempfile
+
+    import tokenizers
+    import transformers
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()] if folder.is_dir() else []
+    if files:
+        files_digest = sha256_files(files, folder)
+    else:  # a Hub id: hash what the tokenizer is, as saved
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            files_digest = sha256_files(sorted(p for p in Path(tmp).iterdir() if p.is_file()), Path(tmp))
+    return {"class": type(tokenizer).__name__, "files": files_digest, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
+
+
+def source_digest(loaded: Rows) -> str:
+    """sha256 over the source's bytes, or over its rows as JSON where no file holds them."""
+    if loaded.files:
+        return sha256_files(loaded.files, Path(os.path.commonpath([str(p.parent) for p in loaded.files])))
+    h = hashlib.sha256()
+    for number, value in loaded.rows:
+        h.update(json.dumps([number, str(value) if isinstance(value, RowError) else value], sort_keys=True,
+                            default=str).encode())
+    return h.hexdigest()
+
+
+def cache_inputs(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: ChatTemplate,
+                 parity_samples: int, source: str) -> dict[str, Any]:
+    """Everything the prepared files depend on; the cache key is their digest."""
+    return {
+        "source": source, "code": code_version(), "tokenizer": tokenizer_identity(tokenizer),
+        "chatTemplate": {"name": template.name, "sha256": hashlib.sha256(template.jinja.encode()).hexdigest()},
+        "format": dataset.format, "split": dataset.split, "validationSplit": dataset.validation_split,
+        "maxSamples": dataset.max_samples, "seed": training.seed, "maxSeqLength": training.max_seq_length,
+        "trainOnResponsesOnly": training.train_on_responses_only, "paritySamples": parity_samples,
+    }
+
+
+def _prepared_files() -> list[str]:
+    return [f"{name}.parquet" for name in SPLITS] + ["report.json"]
+
+
+def _cache_report(lookup: Lookup, key: str, stored: bool | None = None) -> dict[str, Any]:
+    return {"dataset": lookup.label, "reason": lookup.reason, "key": key[:16],
+            "lookupSeconds": round(lookup.seconds, 2), **({"stored": stored} if stored is not None else {})}
 
 
 def prepare(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: ChatTemplate, out_dir: Path,
-            *, parity_samples: int = 16, s3: S3Spec | None = None, reporter=None) -> dict[str, Any]:
+            *, parity_samples: int = 16, s3: S3Spec | None = None, reporter=None,
+            cache: S3Cache | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_rows(dataset, out_dir / "raw", s3)
+    if cache is None:
+        return _prepare(loaded, dataset, training, tokenizer, template, out_dir, parity_samples, reporter)
+    inputs = cache_inputs(dataset, training, tokenizer, template, parity_samples, source_digest(loaded))
+    key = digest(inputs)
+    staging = out_dir.parent / f".{out_dir.name}-cached"
+    lookup = cache.fetch(key, staging)
+    if lookup.hit and not all((staging / name).is_file() for name in _prepared_files()):
+        lookup = Lookup(False, "corrupt: the entry lacks prepared files", lookup.seconds)
+    if lookup.hit:
+        for name in _prepared_files():
+            shutil.move(staging / name, out_dir / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        report = json.loads((out_dir / "report.json").read_text())
+        report["source"] = loaded.source  # the same bytes may come from another place this time
+        report["cache"] = _cache_report(lookup, key)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+    shutil.rmtree(staging, ignore_errors=True)
+    report = _prepare(loaded, dataset, training, tokenizer, template, out_dir, parity_samples, reporter)
+    stored = cache.store_entry(key, out_dir, _prepared_files(), inputs)
+    report["cache"] = _cache_report(lookup, key, stored)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _prepare(loaded: Rows, dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: ChatTemplate,
+             out_dir: Path, parity_samples: int, reporter) -> dict[str, Any]:
     values = [(n, v) for n, v in loaded.rows if not isinstance(v, RowError)]
     try:
         fmt = dataset.format if dataset.format != "auto" else detect([v for _, v in values])
@@ -138,25 +295,22 @@ def prepare(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: C
 
     encoded, truncated, no_labels, lengths = [], 0, 0, []
     max_len = training.max_seq_length
-    for i, ex in enumerate(examples):
-        try:
-            if "messages" in ex:
-                ids, labels = encode_chat(tokenizer, template, ex["messages"], training.train_on_responses_only)
-            else:
-                ids, labels = encode_raw(tokenizer, ex["prompt"], ex["completion"], training.train_on_responses_only)
-        except RowError as exc:
-            errors.append({"row": ex["row"], "reason": str(exc)})
+    if reporter:
+        reporter.message(f"tokenizing {len(examples)} rows")
+    results = encode_all(examples, tokenizer, template, training.train_on_responses_only, prepare_workers())
+    for ex, result in zip(examples, results, strict=True):
+        if isinstance(result, RowError):
+            errors.append({"row": ex["row"], "reason": str(result)})
             continue
+        ids, labels = result
         lengths.append(len(ids))
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
-        if all(label == IGNORE for label in labels[1:]):  # the first label is never predicted
+        if not (labels[1:] != IGNORE).any():  # the first label is never predicted
             no_labels += 1
             continue
         encoded.append({"input_ids": ids, "labels": labels, "length": len(ids)})
-        if reporter and i % 500 == 0:
-            reporter.message(f"tokenizing rows: {i}/{len(examples)}")
 
     read = len(loaded.rows)
     errors.sort(key=lambda e: e["row"])
@@ -182,8 +336,8 @@ def prepare(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: C
         "parityFromTrain": parity_from_train,
         "malformedRows": errors[:REPORTED_ERRORS],
         "tokens": {
-            "total": sum(r["length"] for r in encoded),
-            "trainable": sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in encoded),
+            "total": int(sum(r["length"] for r in encoded)),
+            "trainable": int(sum(int((r["labels"][1:] != IGNORE).sum()) for r in encoded)),
             "lengthPercentiles": _percentiles(lengths),  # before truncation
         },
     }

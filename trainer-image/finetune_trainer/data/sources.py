@@ -41,6 +41,9 @@ RETRY_BACKOFF_SECONDS = 2.0
 class Rows:
     source: str
     rows: list[tuple[int, Any]] = field(default_factory=list)  # value or RowError
+    # The files the rows were read from, in reading order (for the prepared-dataset cache's key);
+    # None where no file holds them (a Hub dataset read through `datasets`).
+    files: list[Path] | None = None
 
 
 def _read_text_rows(text: str, name: str) -> list[tuple[int, Any]]:
@@ -85,6 +88,13 @@ def read_file(path: Path) -> list[tuple[int, Any]]:
     return _read_text_rows(text, name)
 
 
+def data_files(path: Path) -> list[Path]:
+    """The files a folder's rows come from: the data files read_dir reads, or a saved dataset's files."""
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().removesuffix(".gz").endswith(SUFFIXES))
+
+
 def read_dir(path: Path, split: str) -> list[tuple[int, Any]]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         from datasets import load_from_disk
@@ -95,7 +105,7 @@ def read_dir(path: Path, split: str) -> list[tuple[int, Any]]:
                 raise ConfigError("InvalidDataset", f"{path}: no split {split!r} (has {', '.join(ds.keys())})")
             ds = ds[split]
         return list(enumerate(ds, 1))
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().removesuffix(".gz").endswith(SUFFIXES))
+    files = data_files(path)
     if not files:
         raise ConfigError("InvalidDataset", f"{path}: no data files ({', '.join(SUFFIXES)})")
     # Row numbers continue across files so each row has one number in the report.
@@ -161,7 +171,7 @@ def load_rows(spec: DatasetSpec, download_dir: Path, s3: S3Spec | None = None) -
         path = Path(os.environ.get(ENV_DATASET_FILE) or CONFIGMAP_DIR / ref.key)
         if not path.is_file():
             raise ConfigError("DatasetNotFound", f"ConfigMap {ref.name} key {ref.key} is not mounted at {path}")
-        return Rows(f"configmap:{ref.name}/{ref.key}", _read_text_rows(path.read_text(), ref.key))
+        return Rows(f"configmap:{ref.name}/{ref.key}", _read_text_rows(path.read_text(), ref.key), [path])
 
     source = spec.source or ""
     if source.startswith("s3://"):
@@ -172,15 +182,17 @@ def load_rows(spec: DatasetSpec, download_dir: Path, s3: S3Spec | None = None) -
         store = S3Store(s3)
         if source.endswith("/"):
             store.download_prefix(source, download_dir)
-            return Rows(source, read_dir(download_dir, spec.split))
-        return Rows(source, read_file(store.download_file(source, download_dir / Path(source).name)))
+            return Rows(source, read_dir(download_dir, spec.split), data_files(download_dir))
+        local = store.download_file(source, download_dir / Path(source).name)
+        return Rows(source, read_file(local), [local])
     if source.startswith(("https://", "http://")):
-        return Rows(source, read_file(_download_https(source, download_dir)))
+        local = _download_https(source, download_dir)
+        return Rows(source, read_file(local), [local])
     path = Path(source).expanduser()
     if path.is_file():
-        return Rows(source, read_file(path))
+        return Rows(source, read_file(path), [path])
     if path.is_dir():
-        return Rows(source, read_dir(path, spec.split))
+        return Rows(source, read_dir(path, spec.split), data_files(path))
     if source.startswith(("/", ".", "~")) or not HF_ID.match(source):
         raise ConfigError("DatasetNotFound", f"dataset {source!r} does not exist")
     return Rows(f"hf:{source}", _load_hub(spec))

@@ -1,0 +1,81 @@
+"""A re-run after a spec edit reuses the prepared dataset: `finetune run` twice on the tiny Gemma 3 (real
+tokenizer) against a real S3 (SeaweedFS), as two pods of one FinetuneJob would (run 1, then run 2 with
+other epochs and learning rate, each in a fresh workdir), status reported to an HTTPS fake apiserver."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from finetune_api import RunConfig
+from finetune_api.runconfig import RunRef
+from finetune_api.spec import FinetuneJobSpec
+from finetune_trainer.cli import main
+from tests.trainer_fixtures import ALPACA_ROWS, FakeApiServer, tiny_gemma, trainer_env, write_jsonl
+
+
+def _spec(bucket: str, endpoint: str, data, steps: int, lr: float) -> FinetuneJobSpec:
+    return FinetuneJobSpec.model_validate({
+        "baseModel": {"uri": str(tiny_gemma())},
+        "dataset": {"source": str(data), "validationSplit": 0.2},
+        "training": {"maxSteps": steps, "learningRate": lr, "maxSeqLength": 64},
+        "export": {"gguf": ["f16"], "paritySamples": 2, "ollamaModelfile": False},
+        "output": {"s3": {"bucket": bucket, "endpoint": endpoint, "forcePathStyle": True, "prefix": "runs"}},
+        "resources": {"gpus": 0},
+    })
+
+
+@pytest.fixture(scope="module")
+def reruns(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerun")
+    bucket = s3.make_bucket(f"rerun-{uuid.uuid4().hex[:10]}")
+    data = write_jsonl(root / "data.jsonl", ALPACA_ROWS * 5)
+    apiserver = FakeApiServer(root / "apiserver").start()
+    runs = []
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in {**trainer_env(s3, root / "termination-log"), "FINETUNE_PROGRESS_INTERVAL": "1000"}.items():
+                mp.setenv(k, v)
+            for run, (steps, lr) in enumerate([(3, 5e-3), (5, 1e-5)], 1):  # the edit: other steps and lr
+                for k, v in apiserver.env("cached", namespace="team-c", run=run).items():
+                    mp.setenv(k, v)
+                cfg = RunConfig.build(_spec(bucket, s3.endpoint, data, steps, lr),
+                                      RunRef(namespace="team-c", name="cached", run=run))
+                config = root / f"run-{run}.yaml"
+                config.write_text(cfg.to_yaml())
+                workdir = root / f"work-{run}"  # a new pod: nothing on disk from run 1
+                before = len(apiserver.requests)
+                rc = main(["run", "--config", str(config), "--workdir", str(workdir)])
+                runs.append({"rc": rc, "workdir": workdir, "cfg": cfg, "patches": apiserver.requests[before:],
+                             "metrics": json.loads((workdir / "metrics.json").read_text()) if rc == 0 else None})
+    finally:
+        apiserver.stop()
+    return runs, bucket, s3
+
+
+def test_run_two_hits_the_dataset_cache_and_says_so_in_the_status(reruns):
+    runs, bucket, s3 = reruns
+    assert [r["rc"] for r in runs] == [0, 0]
+    first, second = (r["metrics"]["cache"] for r in runs)
+    assert first["dataset"] == "miss" and first["reason"] == "absent" and first["stored"] is True
+    assert second["dataset"] == "hit" and second["key"] == first["key"]
+    patches = [r["body"] for r in runs[1]["patches"]]
+    final = {op["path"]: op["value"] for op in patches[-1][1:]}
+    assert final["/status/metrics"]["cache"]["dataset"] == "hit"
+    # The re-run trained on exactly the rows run 1 prepared, and with its own hyperparameters.
+    for split in ("train", "validation", "parity"):
+        assert (runs[0]["workdir"] / "dataset" / f"{split}.parquet").read_bytes() == \
+            (runs[1]["workdir"] / "dataset" / f"{split}.parquet").read_bytes()
+    assert [r["metrics"]["steps"] for r in runs] == [3, 5]
+    # The entry lives under the namespace's cache prefix, with its manifest.
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/team-c/.cache/datasets/")["Contents"]]
+    assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith("/train.parquet") for k in keys)
+
+
+def test_cpu_runs_keep_the_small_auto_defaults(reruns):
+    runs, _, _ = reruns
+    metrics = runs[0]["metrics"]
+    assert (metrics["batchSize"], metrics["gradientCheckpointing"]) == (8, True)
+    assert metrics["auto"].startswith("CPU")
