@@ -55,10 +55,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return _structural(merged, defs)
-    if "anyOf" in node and node.get("x-kubernetes-int-or-string"):  # int | "auto": Kubernetes' int-or-string
-        options = [{("enum" if k == "const" else k): ([v] if k == "const" else v) for k, v in o.items()
-                    if k not in _DROP} for o in node["anyOf"] if o.get("type") != "null"]
-        return {**{k: v for k, v in node.items() if k not in _DROP and k != "anyOf"}, "anyOf": options}
+    if "anyOf" in node and node.get("x-kubernetes-int-or-string"):
+        # int | "auto": Kubernetes' int-or-string, whose structural form allows no typed anyOf branches;
+        # the field's own CEL rule (x-kubernetes-validations, from the model) says which values are valid.
+        return {k: v for k, v in node.items() if k not in _DROP and k != "anyOf"}
     if "anyOf" in node:  # Optional[X] → X: absent fields are simply omitted
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         if len(options) != 1:

@@ -176,7 +176,9 @@ class TrainingSpec(ApiModel):
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
-        "auto", json_schema_extra={"x-kubernetes-int-or-string": True}, description=(
+        "auto", json_schema_extra={"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [
+            {"rule": "type(self) == int ? (self >= 1 && self <= 1024) : self == 'auto'",
+             "message": "batchSize: a number from 1 to 1024, or auto"}]}, description=(
             "Micro-batch size per GPU, or auto: on a GPU, the power of two nearest below 65536 / "
             "maxSeqLength (about 65k tokens a step keeps a GPU busy), halved while the estimated memory "
             "does not fit the GPU's free memory; 8 on CPU. A number always wins over auto."))
