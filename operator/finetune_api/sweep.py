@@ -48,6 +48,19 @@ class Tunable:
     upper_open: bool = False
 
 
+def _value_branch(ann: Any) -> tuple[Any, list[Any]]:
+    """An `X | Literal["auto"]` field (batchSize) is tuned by its value branch: (X, X's constraints)."""
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        values = [a for a in args if typing.get_origin(a) is not Literal]
+        if len(args) > 1 and len(values) == 1:
+            ann = values[0]
+    if typing.get_origin(ann) is typing.Annotated:
+        base, *extra = typing.get_args(ann)
+        return base, [m for e in extra for m in getattr(e, "metadata", [e])]
+    return ann, []
+
+
 def _scalar_kind(ann: Any) -> str | None:
     args = [a for a in typing.get_args(ann) if a is not type(None)]
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
@@ -68,11 +81,12 @@ def _tunables(model: type[ApiModel], prefix: str) -> list[Tunable]:
             if not path.endswith("Ref"):  # Secret and ConfigMap references are wiring, not hyperparameters
                 out += _tunables(nested, path + ".")
             continue
+        ann, branch_meta = _value_branch(ann)
         kind = _scalar_kind(ann)
         if kind is None:
             continue  # lists, maps, free objects: not a single value to search over
         bounds: dict[str, Any] = {}
-        for meta in field.metadata:
+        for meta in [*field.metadata, *branch_meta]:
             if isinstance(meta, annotated_types.Ge):
                 bounds.update(lower=float(meta.ge))
             elif isinstance(meta, annotated_types.Gt):
