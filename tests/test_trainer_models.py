@@ -44,7 +44,7 @@ def test_local_base_models_must_exist(tmp_path):
 
 def test_command_line_model_references(tmp_path):
     assert base_model_spec("unsloth/gemma-3-270m-it").name == "unsloth/gemma-3-270m-it"
-    assert base_model_spec("s3://b/models/x/").uri == "s3://b/models/x/"
+    assert base_model_spec("s3://models/x/y/").uri == "s3://models/x/y/"
     assert base_model_spec(str(tmp_path)).uri == str(tmp_path)
     assert base_model_spec("model.gguf").uri == str(Path("model.gguf").resolve())
     assert base_model_spec(None).resolved_name() == "unsloth/gemma-3-270m-it"
