@@ -366,7 +366,9 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             steps_run1 = final["progress"]["totalSteps"]
             arts = await s.ok("get_artifacts", {"job": "seed"})
             uri = arts["gguf"]["q4_k_m"]
-            assert uri == f"s3://{bucket}/finetune/{namespace}/seed/run-1/gguf/seed-q4_k_m.gguf"
+            # outputs are keyed by the object's uid as well as its run
+            uid = k8s.get("ftj", "seed")["metadata"]["uid"]
+            assert uri == f"s3://{bucket}/finetune/{namespace}/seed/{uid}/run-1/gguf/seed-q4_k_m.gguf"
             art = next(a for a in arts["artifacts"] if a["uri"] == uri)
             body = s3_object(s3, uri)
             assert (len(body), hashlib.sha256(body).hexdigest()) == (art["sizeBytes"], art["sha256"])
@@ -390,12 +392,12 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             assert final["progress"]["totalSteps"] == 2 * steps_run1
             assert final["spec"]["epochs"] == 4 and final["spec"]["learningRate"] == 1e-5
             assert [(h["run"], h["phase"]) for h in final["history"]] == [(1, "Succeeded"), (2, "Succeeded")]
-            assert final["history"][1]["outputUri"].endswith("/seed/run-2/")
+            assert final["history"][1]["outputUri"].endswith(f"/seed/{uid}/run-2/")
             assert "tiny_antonyms" in final["history"][1]["metrics"]["eval"]["q4_k_m"]
             run3 = await s.ok("get_artifacts", {"job": "seed"})
-            assert run3["gguf"]["q4_k_m"].endswith("/seed/run-3/gguf/seed-q4_k_m.gguf")
+            assert run3["gguf"]["q4_k_m"].endswith(f"/seed/{uid}/run-3/gguf/seed-q4_k_m.gguf")
             older = await s.ok("get_artifacts", {"job": "seed", "run": 1})
-            assert older["outputUri"].endswith("/seed/run-1/") and "manifest.json" in older["note"]
+            assert older["outputUri"].endswith(f"/seed/{uid}/run-1/") and "manifest.json" in older["note"]
 
             # Secrets are named, never read: no tool result carries the key.
             assert all(s3.secret_key not in t for t in s.texts)
