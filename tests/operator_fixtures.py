@@ -27,11 +27,12 @@ VENV_BIN = Path(sys.executable).parent
 
 def _dev_policy_env() -> dict[str, str]:
     """What a cluster admin would allow for this dev stack: its S3 (SeaweedFS on loopback, the stand-in
-    for an in-cluster store) and the folders tests keep models and data in (the stand-in for volumes)."""
+    for an in-cluster store) and the folders tests keep models and data in (the stand-in for volumes):
+    the cache, the temporary folder and tests/data."""
     from finetune_trainer.paths import cache_dir
 
-    return {"FINETUNE_EGRESS_ALLOWED_HOSTS": "127.0.0.1",
-            "FINETUNE_LOCAL_PATH_ROOTS": f"/data/,/models/,/mnt/,{cache_dir()}/,{tempfile.gettempdir()}/"}
+    roots = ["/data/", "/models/", "/mnt/", f"{cache_dir()}/", f"{tempfile.gettempdir()}/", f"{ROOT}/tests/data/"]
+    return {"FINETUNE_EGRESS_ALLOWED_HOSTS": "127.0.0.1", "FINETUNE_LOCAL_PATH_ROOTS": ",".join(roots)}
 
 
 DEV_POLICY_ENV = _dev_policy_env()
