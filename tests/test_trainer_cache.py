@@ -346,3 +346,25 @@ def test_model_shape_counts_the_parameters_from_the_safetensors_headers():
     assert shape == ModelShape(parameters=sum(p.numel() for p in model.parameters()),
                                layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
                                intermediate=model.config.intermediate_size)
+
+
+def test_compile_key_ignores_variables_set_after_startup(monkeypatch):
+    """A library setting UNSLOTH_*/TRITON_* in-process must not move the key (a re-run would always miss)."""
+    import finetune_trainer
+
+    monkeypatch.setattr(finetune_trainer, "STARTUP_ENV", {"UNSLOTH_BLOCK_COMPILE": "0", "PATH": "/bin"})
+    tr = TrainingSpec(batch_size=32, gradient_checkpointing=False, max_seq_length=2048, packing=True)
+    args = dict(backend="unsloth", padding_free="auto", versions={"torch": "2.11.0"}, gpu={"device": "NVIDIA H200"})
+
+    def key():
+        return digest(compile_cache.key_inputs("config:abc", tr, **args, env=compile_cache.switches(
+            {"UNSLOTH_FUSED_LINEAR_MIN_ROWS": "2048", "UNSLOTH_BLOCK_COMPILE": "1"})))
+
+    before = key()
+    monkeypatch.setenv("UNSLOTH_IS_PRESENT", "1")  # what an import does
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/x")
+    assert key() == before
+    inputs = compile_cache.key_inputs("config:abc", tr, **args, env=compile_cache.switches({"UNSLOTH_BLOCK_COMPILE": "1"}))
+    assert inputs["env"] == {"UNSLOTH_BLOCK_COMPILE": "0"}  # the pod's own value wins over the trainer's default
+    monkeypatch.setattr(finetune_trainer, "STARTUP_ENV", {"UNSLOTH_BLOCK_COMPILE": "1"})
+    assert key() != before  # a switch the pod was started with is part of the key

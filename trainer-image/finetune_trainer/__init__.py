@@ -3,3 +3,9 @@
 Each stage is a command of the `finetune` CLI (cli.py) and a function of pipeline.py; recipe.py is the
 training loop. See cli.py for usage.
 """
+
+import os as _os
+
+# The environment as the pod started the trainer, before any library (Unsloth, Triton, Inductor) set
+# its own variables in-process: the compile-cache key reads its switches from here (compile_cache.py).
+STARTUP_ENV = dict(_os.environ)

@@ -103,6 +103,18 @@ def key_inputs(model: str, training, *, backend: str, padding_free: bool | None,
     }
 
 
+def switches(defaults: dict[str, str] | None = None) -> dict[str, str]:
+    """The switches a run was started with (finetune_trainer.STARTUP_ENV), over the trainer's own defaults.
+
+    Not os.environ at the time the key is taken: by then it also holds what the libraries imported since
+    set in-process, and on the GPU a re-run's key differed from its first run's that way (the seed
+    bench's run 2 missed, 2026-12-05). What libraries set follows from their versions, already keyed.
+    """
+    from . import STARTUP_ENV
+
+    return {**(defaults or {}), **STARTUP_ENV}
+
+
 def archive(dirs: dict[str, Path], out: Path) -> Path:
     """One uncompressed tar (kernels compress poorly and S3 is near): <name>/<files> for each cache."""
     tmp = out.with_name(out.name + ".part")

@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 
 ENV_BACKEND = "FINETUNE_BACKEND"  # auto (default), unsloth or transformers
 READY = ".complete"  # marker written last into a materialized base-model folder
+UNSLOTH_DEFAULT_ENV = {
+    "UNSLOTH_DISABLE_STATISTICS": "1",  # no phoning home (and offline-safe)
+    # Unsloth's fused LM-head loss, read at its import. bf16 logits, as transformers' own loss reads
+    # them, rather than Unsloth's default fp32 ones (16 bytes of memory traffic per logit over Gemma's
+    # 262k columns), and chunks of 2048 rows rather than 512: faster steps on an H100
+    # (docs/benchmarks.md). Either can be set back in the trainer's environment.
+    "UNSLOTH_LOGPROB_FP32_LOGITS": "0",
+    "UNSLOTH_FUSED_LINEAR_MIN_ROWS": "2048",
+}
 # Unsloth switches a model family needs, by config model_type; set before Unsloth loads the model,
 # unless the trainer's environment sets them already.
 UNSLOTH_FAMILY_ENV = {
@@ -62,13 +71,8 @@ def backend() -> str:
 
 def early_imports() -> None:
     """Unsloth patches transformers at import; it must come first, before anything loads transformers."""
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home (and offline-safe)
-    # Unsloth's fused LM-head loss, read at its import. bf16 logits, as transformers' own loss reads
-    # them, rather than Unsloth's default fp32 ones (16 bytes of memory traffic per logit over Gemma's
-    # 262k columns), and chunks of 2048 rows rather than 512: on the H100 ~6 % and ~3 % off a step
-    # (docs/benchmarks.md). Either can be set back in the trainer's environment.
-    os.environ.setdefault("UNSLOTH_LOGPROB_FP32_LOGITS", "0")
-    os.environ.setdefault("UNSLOTH_FUSED_LINEAR_MIN_ROWS", "2048")
+    for key, value in UNSLOTH_DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
     if backend() == "unsloth":
         import unsloth  # noqa: F401
 
@@ -171,6 +175,11 @@ def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoin
     except OSError as exc:
         raise _from_pretrained_errors(base, exc) from exc
     return model, name
+
+
+def trainer_env(base: BaseModel) -> dict[str, str]:
+    """The Unsloth switches the trainer itself sets for this model (the environment's own values win)."""
+    return {**UNSLOTH_DEFAULT_ENV, **UNSLOTH_FAMILY_ENV.get(model_type(base), {})}
 
 
 def model_type(base: BaseModel) -> str | None:

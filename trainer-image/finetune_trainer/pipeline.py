@@ -186,7 +186,7 @@ def restore_compile_cache(ctx: Context, training) -> None:
     inputs = compile_cache.key_inputs(
         compile_cache.model_identity(ctx.base.source, ctx.base.revision), training,
         backend=model_loading.backend(), padding_free=training.padding_free, versions=compile_cache.versions(),
-        gpu=compile_cache.gpu(), env=dict(os.environ))
+        gpu=compile_cache.gpu(), env=compile_cache.switches(model_loading.trainer_env(ctx.base)))
     ctx.compile = compile_cache.CompileCache(cache, dirs, inputs, ctx.wd.root)
     lookup = ctx.compile.restore()
     ctx.caches.update(ctx.compile.report())
