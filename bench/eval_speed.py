@@ -14,6 +14,8 @@ Modes, each on the same requests (same seeds, so the same few-shot prompts):
   naive       every request alone from an empty cache with logits at every position (what a plain
               llama-cpp-python wrapper for lm-eval does)
   gguf-server lm-eval's own `gguf` model against llama-cpp-python's server (--server; needs its extras)
+  hf          lm-eval's own `hf` model on a Hugging Face folder with the same weights (--hf-reference; see
+              bench/gguf_reference.py: an f32 GGUF and its float32 HF twin make the reference path)
 
 Baselines may run on the first --baseline-limit documents per task only; their time is then
 extrapolated by request count (the output says so). Accuracy agreement: per-request log-likelihoods
@@ -134,6 +136,15 @@ def naive_lm(**kw):
     return NaiveLM(packed=False, prefix_cache=False, **kw)
 
 
+def hf_lm(folder: Path, batch_size: int):
+    """lm-eval's own `hf` model in float32, on the GPU when there is one: the reference path."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(folder), dtype="float32", batch_size=batch_size,
+                device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,7 +211,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: usable CPUs)")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-gpu-layers", type=int, default=-1)
+    p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="llama.cpp KV cache type")
     p.add_argument("--server", action="store_true", help="also run lm-eval's `gguf` model against a server")
+    p.add_argument("--hf-reference", type=Path, help="also run lm-eval's `hf` model on this HF folder (float32)")
+    p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     tmp = None
@@ -227,7 +241,8 @@ def main() -> None:
     print(f"hardware: {json.dumps(hw)}")
     if hw["gpu"] and not hw["llama_cpp_gpu_offload"]:
         print("NOTE: a GPU is present but this llama-cpp-python build is CPU-only; the figures below are CPU figures.")
-    base = {"pretrained": str(gguf), "n_ctx": args.n_ctx, "n_threads": threads, "n_gpu_layers": args.n_gpu_layers}
+    base = {"pretrained": str(gguf), "n_ctx": args.n_ctx, "n_threads": threads, "n_gpu_layers": args.n_gpu_layers,
+            "kv_type": args.kv_type}
     base_limit = args.baseline_limit if args.baseline_limit is not None else args.limit
     runs = {}
     load0 = os.getloadavg()
@@ -253,6 +268,10 @@ def main() -> None:
 
             with llama_server(gguf, threads, args.n_ctx) as url:
                 runs["gguf-server"] = evaluate(GGUFLM(base_url=url, max_length=args.n_ctx), args, base_limit)
+
+    if args.hf_reference:
+        runs["hf"] = evaluate(hf_lm(args.hf_reference, args.hf_batch_size), args, base_limit)
+        print(f"hf: {runs['hf']['model_s']:.1f} s in the model, {runs['hf']['requests']} requests")
 
     new = runs["packed"]
     print(f"\n{gguf.name}, tasks {', '.join(args.tasks)} from {args.include_path}, few-shot "

@@ -13,6 +13,10 @@
 #                            #   (ROWS=51760 EPOCHS=2 RERUN_EPOCHS=4 PARTS=project,rerun,baseline BASELINE_STEPS=30;
 #                            #   results accumulate in /tmp/seed-out while the machine stays warm, so the
 #                            #   parts may be split over calls and the last one prints the ratio)
+#   bench/gpu-run.sh eval    # run_eval's scoring on the real 270M (lm-eval and the task data from .gpu/evalsite.tar.xz):
+#                            #   full PIQA (+ naive), its f32 twin against lm-eval's `hf` model on the GPU, then MMLU
+#                            #   5-shot (MMLU_LIMIT questions a subject; all without). llama.cpp runs on the CPUs, or
+#                            #   on the GPU with a CUDA build of the same llama.cpp carried as .gpu/llama-cuda.tar.xz
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
 #
 # The real GGUF (253 MB) is more than one call may carry (64 MiB), so it travels as pieces
@@ -31,6 +35,9 @@ mkdir -p /tmp/gguf && for piece in .gpu/real/p*; do
   [[ -f $piece && ! -f /tmp/gguf/${piece##*/} ]] && cp "$piece" /tmp/gguf/
 done
 echo "real GGUF pieces held: $(cd /tmp/gguf && ls | tr '\n' ' ')"
+if [[ -f .gpu/evalsite.tar.xz && ! -f /tmp/evalsite/.unpacked ]]; then  # kept, like the pieces, while warm
+  mkdir -p /tmp/evalsite && tar xJf .gpu/evalsite.tar.xz -C /tmp/evalsite && touch /tmp/evalsite/.unpacked
+fi
 [[ $MODE == stash ]] && exit 0
 
 mkdir -p /tmp/site /tmp/tok
@@ -49,7 +56,7 @@ echo "setup: $((SECONDS - t0))s"
 model_dir=/tmp/gemma3-270m-random
 # A random-init model of Gemma 3 270M's exact shape, with the real tokenizer (the shape is what matters).
 tok_dir=$([[ -f /tmp/tok/tokenizer.model ]] && echo /tmp/tok)  # the bench needs no tokenizer
-[[ $MODE == tests || $MODE == real ]] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+[[ $MODE == tests || $MODE == real || $MODE == eval ]] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
 import train_throughput as t; t.make_model_dir(Path('$model_dir'), Path('$tok_dir') if '$tok_dir' else None)"
 
 start_s3() {  # SeaweedFS on loopback, bucket "models"
@@ -107,6 +114,26 @@ bench)
   timeout "${BENCH_TIMEOUT:-560}" python3 bench/train_throughput.py --shape "${SHAPE:-gemma3-270m}" --model-dir $model_dir --out "$OUT/bench.jsonl" \
     --configs "${CONFIGS:-baseline,project,project-nogc,project-b4x-nogc}" --seq "${SEQ:-2048}" --batch "${BATCH:-8}" --steps 15 --warmup 4 \
     --data "${DATA:-full}" --profile "${PROFILE:-0}" ${TRACE:+--trace} --label "${LABEL:-}" $(for kv in ${LEVER:-}; do echo "--env=$kv"; done)
+  ;;
+eval)
+  gguf=/tmp/gemma-3-270m-q4_k_m.gguf
+  cat /tmp/gguf/p0 /tmp/gguf/p1 /tmp/gguf/p2 /tmp/gguf/p3 /tmp/gguf/p4 >$gguf || exit 1
+  echo "$REAL_GGUF_SHA256  $gguf" | sha256sum -c || exit 1
+  [[ -f /tmp/evalsite/.unpacked ]] || { echo "no lm-eval site: carry .gpu/evalsite.tar.xz"; exit 1; }
+  if [[ -f .gpu/llama-cuda.tar.xz ]]; then  # else the portable CPU build, on every core of the machine
+    mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda || exit 1
+    cuda_lib=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | sed -n 1p)")
+    export LLAMA_CPP_LIB_PATH=/tmp/llama-cuda LD_LIBRARY_PATH=/tmp/llama-cuda:$cuda_lib:${LD_LIBRARY_PATH:-}
+  fi
+  export PYTHONPATH=$PYTHONPATH:/tmp/evalsite
+  data=/tmp/evalsite/_data
+  timeout 200 python3 bench/eval_speed.py --gguf $gguf --piqa $data/piqa --baselines naive --baseline-limit 100 \
+    --json "$OUT/eval-piqa-gpu.json"
+  timeout 200 python3 bench/gguf_reference.py --gguf $gguf --out /tmp/ref &&
+    timeout 200 python3 bench/eval_speed.py --gguf /tmp/ref/model-f32.gguf --kv-type f32 --piqa $data/piqa --baselines \
+      --hf-reference /tmp/ref/hf --json "$OUT/eval-piqa-f32-vs-hf-gpu.json"
+  timeout "${MMLU_TIMEOUT:-300}" python3 bench/eval_speed.py --gguf $gguf --tasks mmlu --include-path $data/lm-eval-tasks \
+    ${MMLU_LIMIT:+--limit $MMLU_LIMIT} --baselines --json "$OUT/eval-mmlu-gpu.json"
   ;;
 real)
   # The real Gemma 3 270M (the pretrained base, q4_k_m, from PyPI) fine-tuned on the demo's data with

@@ -76,6 +76,7 @@ class LlamaCppLM(TemplateLM):
         n_gpu_layers: layers offloaded to a GPU (-1 = all; ignored by a CPU-only build).
         n_threads: CPU threads (default: every core the process may use).
         flash_attn: None lets llama.cpp decide (on where the backend has it); True/False force it.
+        kv_type: the KV cache's type, ``f16`` (llama.cpp's default) or ``f32``.
         max_gen_toks: default generation budget when a task sets none.
         add_bos_token: override the GGUF's ``tokenizer.ggml.add_bos_token``.
         progress: optional ``progress(done, total, what)`` callback.
@@ -98,6 +99,7 @@ class LlamaCppLM(TemplateLM):
         n_gpu_layers: int = -1,
         n_threads: int | None = None,
         flash_attn: bool | None = None,
+        kv_type: str = "f16",
         max_gen_toks: int = 256,
         add_bos_token: bool | None = None,
         seed: int = 1234,
@@ -142,6 +144,12 @@ class LlamaCppLM(TemplateLM):
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
                                    llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
                                    llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        # f32 keys/values make a full-precision model's scores comparable with an f32 PyTorch reference;
+        # llama.cpp's default (f16) halves the cache and is what Ollama runs.
+        kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}.get(kv_type)
+        if kv is None:
+            raise ValueError(f"{MODEL_NAME}: kv_type must be f16 or f32, not {kv_type!r}")
+        cparams.type_k = cparams.type_v = kv
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.embeddings = False
         self._context = _internals.LlamaContext(model=self._model, params=cparams, verbose=bool(verbose))
