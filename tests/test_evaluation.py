@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import pytest
 
 from finetune_api.spec import EvaluationSpec
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.evaluation import main, run_eval, select_models
 from finetune_trainer.evaluation import results as R
 from finetune_trainer.evaluation.data import download_prefix, split_s3_uri
@@ -219,9 +220,9 @@ def test_select_models_filters_and_checks(tmp_path):
     assert [n for n, _ in select_models(files, spec)] == ["f16", "q4_k_m"]
     spec = EvaluationSpec(tasks=["t"], quantizations=["q4_k_m"], include_base=True)
     assert [n for n, _ in select_models(files, spec)] == ["base", "q4_k_m"]
-    with pytest.raises(ValueError, match="q8_0"):
+    with pytest.raises(ConfigError, match="q8_0"):
         select_models(files, EvaluationSpec(tasks=["t"], quantizations=["q8_0"]))
-    with pytest.raises(ValueError, match="includeBase"):
+    with pytest.raises(ConfigError, match="includeBase"):
         select_models({"f16": files["f16"]}, EvaluationSpec(tasks=["t"], include_base=True))
 
 

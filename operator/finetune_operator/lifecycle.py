@@ -86,7 +86,7 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
             run: int, queued: bool, reported: bool = False) -> Observation:
     """`reported`: the trainer's completion report for this run is in the status (completion_reported)."""
     if job is None:
-        return Observation(Phase.PENDING, "JobPending", "creating the training Job")
+        return Observation(Phase.PENDING, Reason.JOB_PENDING, "creating the training Job")
     conds = _true_conditions(job)
     if "Complete" in conds:
         # A Job's Complete only says a pod exited 0. Success is the trainer's own report of its artifacts.
@@ -113,7 +113,7 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
         return Observation(phase, Reason.POD_NOT_STARTING, stuck[1])
     if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
         return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
-    return Observation(Phase.PENDING, "PodPending", _pending_message(pods))
+    return Observation(Phase.PENDING, Reason.POD_PENDING, _pending_message(pods))
 
 
 def gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
@@ -134,16 +134,16 @@ def status_update(status: dict[str, Any], obs: Observation, generation: int | No
     conds = set_condition(conds, ConditionType.RUNNING, running, obs.reason if running else phase.value,
                           obs.message if running else "", generation, now)
     paused = phase in (Phase.SUSPENDED, Phase.QUEUED)
-    conds = set_condition(conds, ConditionType.SUSPENDED, paused, obs.reason if paused else "NotSuspended",
+    conds = set_condition(conds, ConditionType.SUSPENDED, paused, obs.reason if paused else Reason.NOT_SUSPENDED,
                           obs.message if paused else "", generation, now)
     conds = set_condition(conds, ConditionType.SUCCEEDED, phase is Phase.SUCCEEDED,
                           obs.reason if phase in (Phase.SUCCEEDED, Phase.FAILED) else phase.value,
                           obs.message if phase is Phase.SUCCEEDED else "", generation, now)
     conds = set_condition(conds, ConditionType.FAILED, phase is Phase.FAILED,
-                          obs.reason if phase is Phase.FAILED else "NotFailed",
+                          obs.reason if phase is Phase.FAILED else Reason.NOT_FAILED,
                           obs.message if phase is Phase.FAILED else "", generation, now)
     conds = set_condition(conds, ConditionType.FINISHED, phase.finished,
-                          obs.reason if phase.finished else "NotFinished",
+                          obs.reason if phase.finished else Reason.NOT_FINISHED,
                           obs.message if phase.finished else "", generation, now)
     update: dict[str, Any] = {}
     if status.get("phase") != phase.value:

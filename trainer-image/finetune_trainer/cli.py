@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api import contract
+from finetune_api.status import Reason
 
 from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
@@ -61,9 +62,9 @@ def load_config(path: str | None):
 
     path = path or os.environ.get(contract.ENV_CONFIG)
     if not path:
-        raise ConfigError("InvalidSpec", "no run config: pass --config or set FINETUNE_CONFIG")
+        raise ConfigError(Reason.INVALID_SPEC, "no run config: pass --config or set FINETUNE_CONFIG")
     if not Path(path).is_file():
-        raise ConfigError("ConfigNotFound", f"{path} does not exist")
+        raise ConfigError(Reason.CONFIG_NOT_FOUND, f"{path} does not exist")
     try:
         return RunConfig.load(path)
     except ValidationError as exc:
@@ -72,10 +73,10 @@ def load_config(path: str | None):
         first = quant[0] if quant else errors[0]
         where = ".".join(str(p) for p in first["loc"])
         if quant:
-            raise ConfigError("UnknownQuantization", f"{where}: {first['msg']} (input {first.get('input')!r})") from exc
-        raise ConfigError("InvalidSpec", f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from exc
+            raise ConfigError(Reason.UNKNOWN_QUANTIZATION, f"{where}: {first['msg']} (input {first.get('input')!r})") from exc
+        raise ConfigError(Reason.INVALID_SPEC, f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from exc
     except Exception as exc:  # YAML syntax and the like
-        raise ConfigError("InvalidSpec", f"{path}: {exc}") from exc
+        raise ConfigError(Reason.INVALID_SPEC, f"{path}: {exc}") from exc
 
 
 def default_workdir() -> Path:
@@ -120,7 +121,7 @@ def cmd_prepare(args) -> Any:
     if args.config:
         return stage_prepare(_context(args))
     if not (args.source and args.output_dir):
-        raise ConfigError("InvalidSpec", "prepare-dataset needs --source and --output-dir (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "prepare-dataset needs --source and --output-dir (or --config)")
     dataset = DatasetSpec(source=args.source, split=args.split, format=args.format,
                           validation_split=args.validation_split, max_samples=args.max_samples)
     training = TrainingSpec(max_seq_length=args.max_seq_length, chat_template=args.chat_template,
@@ -153,7 +154,7 @@ def cmd_train(args) -> Any:
     if args.config:
         return asdict(stage_train(_context(args)))
     if not (args.dataset and args.output_dir):
-        raise ConfigError("InvalidSpec", "train needs --dataset and --output-dir (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "train needs --dataset and --output-dir (or --config)")
     wd = Workdir(Path(args.output_dir)).ensure()
     base = model_loading.resolve(base_model_spec(args.base_model), wd.base_model)
     tokenizer = model_loading.load_tokenizer(base)
@@ -174,7 +175,7 @@ def cmd_export(args) -> Any:
         files, parity_results = stage_export(_context(args))
         return {"gguf": {q: str(p) for q, p in files.items()}, "parity": parity_results}
     if not args.checkpoint_dir:
-        raise ConfigError("InvalidSpec", "export-gguf needs --checkpoint-dir (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "export-gguf needs --checkpoint-dir (or --config)")
     ckpt = Path(args.checkpoint_dir)
     quants = [q for item in (args.quantization or ["q4_k_m"]) for q in item.split(",") if q]
     out_dir = Path(args.output_file).parent if args.output_file else Path(args.output_dir or "gguf")
@@ -189,7 +190,7 @@ def cmd_export(args) -> Any:
         merged = ckpt
         template = chat_templates.resolve(args.chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
     else:
-        raise ConfigError("ModelNotFound", f"{ckpt} is neither a LoRA adapter nor a model folder")
+        raise ConfigError(Reason.MODEL_NOT_FOUND, f"{ckpt} is neither a LoRA adapter nor a model folder")
     result = export.export(merged, out_dir, quants, name, template)
     files = dict(result.gguf)
     if args.output_file and len(quants) == 1:  # the exact file asked for
@@ -218,7 +219,7 @@ def cmd_eval(args) -> Any:
         files = {q: ctx.wd.gguf / f"{ctx.cfg.job.name}-{q}.gguf" for q in ctx.spec.export.gguf}
         return stage_eval(ctx, files)
     if not (args.gguf and args.tasks):
-        raise ConfigError("InvalidSpec", "eval needs --gguf and --tasks (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "eval needs --gguf and --tasks (or --config)")
     from .evaluation import run_eval
 
     files = {}
@@ -234,7 +235,7 @@ def cmd_upload(args) -> Any:
     from .pipeline import finish
 
     if not args.config:
-        raise ConfigError("InvalidSpec", "upload needs --config (for the bucket and the run's prefix)")
+        raise ConfigError(Reason.INVALID_SPEC, "upload needs --config (for the bucket and the run's prefix)")
     ctx = _context(args)
     ctx.store.check_access(ctx.cfg.output_uri)
     return finish(ctx)
@@ -349,27 +350,27 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         if not isinstance(exc, ConfigError) and egress_guard.last_denial:
             # The egress policy refused a connection on the way to this failure: retrying cannot help.
-            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
+            return _fail(Reason.EGRESS_DENIED, egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         return _fail(exc.reason, exc.message, exc.exit_code)
     except KeyboardInterrupt:
-        return _fail("Interrupted", "interrupted", contract.EXIT_TRANSIENT)
+        return _fail(Reason.INTERRUPTED, "interrupted", contract.EXIT_TRANSIENT)
     except MemoryError as exc:
-        return _fail("OutOfMemory", f"out of memory: {exc}; lower batchSize or maxSeqLength", contract.EXIT_CONFIG_ERROR)
+        return _fail(Reason.OUT_OF_MEMORY, f"out of memory: {exc}; lower batchSize or maxSeqLength", contract.EXIT_CONFIG_ERROR)
     except Exception as exc:  # noqa: BLE001 - the operator needs a reason line whatever happened
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            return _fail("OutOfMemory", f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
+            return _fail(Reason.OUT_OF_MEMORY, f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
                          contract.EXIT_CONFIG_ERROR)
         if any(c.__name__ == "BackendCompilerFailed" for c in type(exc).__mro__):  # Inductor's own failures too
             # Deterministic for a model in this image (Gemma 2 under Unsloth is one: docs/benchmarks.md):
             # a retry would only spend another GPU start compiling to the same failure.
             log.exception("compilation failed")
             detail = (str(exc).strip().splitlines() or [""])[0]
-            return _fail("CompileFailed", f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
+            return _fail(Reason.COMPILE_FAILED, f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
                          "it fails the same way on every try, so the run is not retried", contract.EXIT_CONFIG_ERROR)
         if egress_guard.last_denial:
-            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
+            return _fail(Reason.EGRESS_DENIED, egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         log.exception("unexpected failure")
-        return _fail("InternalError", f"{type(exc).__name__}: {exc}", 1)
+        return _fail(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", 1)
     if result is not None:
         _print(result)
     return contract.EXIT_OK
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 def _terminated(signum, frame) -> None:
     from .errors import TransientError
 
-    raise TransientError("Terminated", f"{signal.Signals(signum).name} outside the training loop; a retry resumes "
+    raise TransientError(Reason.TERMINATED, f"{signal.Signals(signum).name} outside the training loop; a retry resumes "
                                        "from the newest checkpoint")
 
 

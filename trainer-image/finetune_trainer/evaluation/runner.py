@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.spec import EvaluationSpec
+from finetune_api.status import Reason
 
+from ..errors import ConfigError
 from . import results as R
 from .data import resolve_task_dir
 
@@ -37,16 +39,17 @@ def select_models(gguf_files: Mapping[str, Path], spec: EvaluationSpec) -> list[
     wanted = list(spec.quantizations) if spec.quantizations is not None else quants
     missing = [q for q in wanted if q not in gguf_files]
     if missing:
-        raise ValueError(f"evaluation.quantizations {missing} have no GGUF file (have {sorted(gguf_files)})")
+        raise ConfigError(Reason.INVALID_SPEC, f"evaluation.quantizations {missing} have no GGUF file "
+                          f"(have {sorted(gguf_files)}): list them in export.gguf")
     if spec.include_base:
         if R.BASE not in gguf_files:
-            raise ValueError("evaluation.includeBase is set but no base-model GGUF was given")
+            raise ConfigError(Reason.INVALID_SPEC, "evaluation.includeBase is set but no base-model GGUF was given")
         wanted.append(R.BASE)
     if not wanted:
-        raise ValueError("nothing to evaluate: no GGUF file selected")
+        raise ConfigError(Reason.INVALID_SPEC, "nothing to evaluate: no GGUF file selected")
     for name in wanted:
         if not Path(gguf_files[name]).is_file():
-            raise FileNotFoundError(f"GGUF file for {name} not found: {gguf_files[name]}")
+            raise ConfigError(Reason.MISSING_STAGE_OUTPUT, f"GGUF file for {name} not found: {gguf_files[name]}")
     return [(name, Path(gguf_files[name]).resolve()) for name in R.order_models(wanted)]
 
 
@@ -142,20 +145,25 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
                 n * share + share * done / max(total, 1), eta, force=done == total)
 
         t0 = time.monotonic()
-        lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
         try:
-            with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
-                out = evaluator.simple_evaluate(
-                    model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
-                    task_manager=manager, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
-                    random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
-        finally:
-            lm.close()
+            lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
+            try:
+                with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
+                    out = evaluator.simple_evaluate(
+                        model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
+                        task_manager=manager, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
+                        random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+            finally:
+                lm.close()
+        except (ValueError, RuntimeError) as exc:
+            # The same file, tasks and settings fail the same way on a retry (a model llama.cpp cannot
+            # load, a task whose requests do not fit the context): not a transient failure.
+            raise ConfigError(Reason.EVALUATION_FAILED, f"evaluating {name} ({path.name}): {exc}") from exc
         if out is None:
-            raise RuntimeError(f"lm-eval returned no results for {name}")
+            raise ConfigError(Reason.EVALUATION_FAILED, f"lm-eval returned no results for {name}")
         missing = [t for t in tasks if t not in (out.get("results") or {}) and t not in (out.get("groups") or {})]
         if missing:
-            raise RuntimeError(f"lm-eval produced no results for tasks {missing}")
+            raise ConfigError(Reason.EVALUATION_FAILED, f"lm-eval produced no results for tasks {missing}")
         per_model[name], details[name] = R.summarize(out, tasks)
         better.update(R.higher_is_better(out))
         info[name] = {"file": path.name, "sizeBytes": path.stat().st_size,
