@@ -4,12 +4,13 @@
     finetune prepare-dataset --source data.jsonl --output-dir work/dataset [--base-model M]
     finetune train --dataset work/dataset --output-dir work [--base-model M] [--max-steps N]
     finetune export-gguf --checkpoint-dir work/adapter --quantization q4_k_m --output-file out/model.gguf
-    finetune eval --gguf out/model.gguf --tasks arc_easy --limit 100
+    finetune eval --gguf f16=out/model-f16.gguf --tasks arc_easy --limit 100 --output-dir out/eval
     finetune upload --config run.yaml --workdir work
     finetune tools --json
 
 With --config, a stage command runs that stage of the run config in --workdir (what `run` does in
-order). Exit codes: 0 ok, 42 configuration error (do not retry), 75 transient (retry, resume), and the
+order). A stage command's own flags are the API's fields (flags.py): the same names, types, choices,
+help and defaults as the FinetuneJob spec. Exit codes: 0 ok, 42 configuration error (do not retry), 75 transient (retry, resume), and the
 reason goes to $FINETUNE_TERMINATION_LOG as one JSON line.
 """
 
@@ -30,6 +31,7 @@ from finetune_api.status import Reason
 
 from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
+from .flags import add_flags, from_flags
 
 log = logging.getLogger("finetune")
 
@@ -122,10 +124,8 @@ def cmd_prepare(args) -> Any:
         return stage_prepare(_context(args))
     if not (args.source and args.output_dir):
         raise ConfigError(Reason.INVALID_SPEC, "prepare-dataset needs --source and --output-dir (or --config)")
-    dataset = DatasetSpec(source=args.source, split=args.split, format=args.format,
-                          validation_split=args.validation_split, max_samples=args.max_samples)
-    training = TrainingSpec(max_seq_length=args.max_seq_length, chat_template=args.chat_template,
-                            train_on_responses_only=not args.train_on_all_tokens)
+    dataset = from_flags(args, DatasetSpec)
+    training = from_flags(args, TrainingSpec)
     base = model_loading.resolve(base_model_spec(args.base_model), Path(args.workdir) / "base-model")
     tokenizer = model_loading.load_tokenizer(base)
     template = chat_templates.resolve(training.chat_template, tokenizer)
@@ -135,12 +135,9 @@ def cmd_prepare(args) -> Any:
 def training_spec(args):
     from finetune_api.spec import LoraSpec, TrainingSpec
 
-    steps = {"max_steps": args.max_steps} if args.max_steps else {"epochs": args.epochs}
-    return TrainingSpec(
-        method=args.method, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_seq_length=args.max_seq_length,
-        packing=args.packing, checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
-        lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha or args.lora_r), **steps)
+    if args.lora_alpha is None and args.lora_r is not None:
+        args.lora_alpha = args.lora_r  # the command line keeps Unsloth's alpha = r when only r is given
+    return from_flags(args, TrainingSpec, lora=from_flags(args, LoraSpec, prefix="lora"))
 
 
 def cmd_train(args) -> Any:
@@ -167,6 +164,8 @@ def cmd_train(args) -> Any:
 
 
 def cmd_export(args) -> Any:
+    from finetune_api.spec import DEFAULT_GGUF, TrainingSpec
+
     from . import chat_templates, export, model_loading, parity
     from .data.prepare import load_split
     from .pipeline import stage_export
@@ -177,18 +176,19 @@ def cmd_export(args) -> Any:
     if not args.checkpoint_dir:
         raise ConfigError(Reason.INVALID_SPEC, "export-gguf needs --checkpoint-dir (or --config)")
     ckpt = Path(args.checkpoint_dir)
-    quants = [q for item in (args.quantization or ["q4_k_m"]) for q in item.split(",") if q]
+    chat_template = from_flags(args, TrainingSpec).chat_template
+    quants = [q for item in (args.quantization or [DEFAULT_GGUF]) for q in item.split(",") if q]
     out_dir = Path(args.output_file).parent if args.output_file else Path(args.output_dir or "gguf")
     name = args.name or (Path(args.output_file).stem if args.output_file else "model")
     if (ckpt / "adapter_config.json").exists():
         base_ref = args.base_model or json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
         base = model_loading.resolve(base_model_spec(base_ref), out_dir / "base-model")
         tokenizer = model_loading.load_tokenizer(base)
-        template = chat_templates.resolve(args.chat_template, tokenizer)
+        template = chat_templates.resolve(chat_template, tokenizer)
         merged = export.merge(base, ckpt, out_dir / "merged", tokenizer, template)
     elif (ckpt / "config.json").exists():
         merged = ckpt
-        template = chat_templates.resolve(args.chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
+        template = chat_templates.resolve(chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
     else:
         raise ConfigError(Reason.MODEL_NOT_FOUND, f"{ckpt} is neither a LoRA adapter nor a model folder")
     result = export.export(merged, out_dir, quants, name, template)
@@ -224,11 +224,16 @@ def cmd_eval(args) -> Any:
 
     files = {}
     for item in args.gguf:
-        quant, _, path = item.rpartition("=")
-        files[quant or Path(path).stem.rsplit("-", 1)[-1]] = Path(path)
-    spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
-                          data_uri=args.data_uri, include_base="base" in files)
-    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg))
+        quant, sep, path = item.partition("=")
+        if not sep:  # a bare path: the type is the file name's last dash-separated part (model-q4_k_m.gguf)
+            quant, path = Path(item).stem.rsplit("-", 1)[-1], item
+        files[quant.strip().lower()] = Path(path)
+    if args.data_uri and not args.data_uri.startswith("s3://"):
+        args.data_uri = str(Path(args.data_uri).expanduser().resolve())
+    spec = from_flags(args, EvaluationSpec, include_base="base" in files)
+    model_args = {k: v for k in ("n_ctx", "n_gpu_layers", "n_threads") if (v := getattr(args, k)) is not None}
+    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg),
+                    model_args=model_args)
 
 
 def cmd_upload(args) -> Any:
@@ -268,55 +273,52 @@ def parser() -> argparse.ArgumentParser:
     r = staged("run", "all stages from a run config")
     r.set_defaults(fn=cmd_run)
 
+    from finetune_api.spec import (
+        DEFAULT_GGUF,
+        GGUF_QUANT_TYPES,
+        DatasetSpec,
+        EvaluationSpec,
+        LoraSpec,
+        TrainingSpec,
+    )
+
     s = staged("prepare-dataset", "load, format, tokenize and split a dataset")
-    s.add_argument("--source")
     s.add_argument("--output-dir")
-    s.add_argument("--split", default="train")
-    s.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text", "prompt-completion"])
-    s.add_argument("--validation-split", type=float, default=0.0)
-    s.add_argument("--max-samples", type=int)
     s.add_argument("--base-model", help="tokenizer and chat template source (default unsloth/gemma-3-270m-it)")
-    s.add_argument("--max-seq-length", type=int, default=1024)
-    s.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
-    s.add_argument("--train-on-all-tokens", action="store_true", help="loss on prompts too, not only responses")
+    add_flags(s, DatasetSpec, exclude={"config_map_ref"})
+    add_flags(s, TrainingSpec, only={"max_seq_length", "chat_template", "train_on_responses_only"})
     s.set_defaults(fn=cmd_prepare)
 
     t = staged("train", "LoRA/QLoRA fine-tuning on a prepared dataset")
     t.add_argument("--base-model")
     t.add_argument("--dataset", help="folder written by prepare-dataset")
     t.add_argument("--output-dir")
-    t.add_argument("--method", default="lora", choices=["lora", "qlora"])
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--learning-rate", type=float, default=2e-4)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    t.add_argument("--max-seq-length", type=int, default=1024)
-    t.add_argument("--lora-r", type=int, default=16)
-    t.add_argument("--lora-alpha", type=int)
-    t.add_argument("--packing", action="store_true")
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--seed", type=int, default=3407)
+    add_flags(t, TrainingSpec, aliases={"checkpoint_every_steps": ["--checkpoint-every"]})
+    add_flags(t, LoraSpec, prefix="lora")
     t.set_defaults(fn=cmd_train)
 
     e = staged("export-gguf", "merge the adapter and write GGUF files")
     e.add_argument("--checkpoint-dir", help="adapter folder or merged model folder")
     e.add_argument("--base-model")
-    e.add_argument("--quantization", action="append", help="q4_k_m, q8_0, f16, ... (repeat or comma-separate)")
+    e.add_argument("--quantization", action="append",
+                   help=f"{', '.join(GGUF_QUANT_TYPES)} (repeat or comma-separate; default {DEFAULT_GGUF})")
     e.add_argument("--output-file")
     e.add_argument("--output-dir")
     e.add_argument("--name")
-    e.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
+    add_flags(e, TrainingSpec, only={"chat_template"})
     e.add_argument("--parity-dataset", help="prepared dataset folder whose parity split to check against")
     e.set_defaults(fn=cmd_export)
 
-    v = staged("eval", "evaluate GGUF files with lm-evaluation-harness")
-    v.add_argument("--gguf", action="append", help="[quant=]path, repeatable")
-    v.add_argument("--tasks", help="comma-separated lm-eval task names")
-    v.add_argument("--limit", type=int)
-    v.add_argument("--num-fewshot", type=int)
-    v.add_argument("--data-uri", help="offline task data: a local folder or s3:// prefix of task YAMLs + JSONL")
-    v.add_argument("--output-dir", default="eval")
+    v = staged("eval", "evaluate GGUF files with lm-evaluation-harness, in process through llama.cpp")
+    v.add_argument("--gguf", action="append", metavar="[TYPE=]PATH",
+                   help="a GGUF file and its quantization type (f16, q8_0, q4_k_m, ...; 'base' for the base "
+                        "model); repeat for several")
+    add_flags(v, EvaluationSpec, only={"tasks", "limit", "num_fewshot", "data_uri"},
+              aliases={"data_uri": ["--include-path"]})
+    v.add_argument("--output-dir", "--output", default="eval", help="folder for eval.json and eval.md")
+    v.add_argument("--n-ctx", type=int, help="llama.cpp context size (default 4096)")
+    v.add_argument("--n-gpu-layers", type=int, help="layers offloaded to a GPU (-1: all)")
+    v.add_argument("--n-threads", type=int, help="CPU threads (default: all usable)")
     v.set_defaults(fn=cmd_eval)
 
     u = staged("upload", "upload artifacts and manifest.json to the run's S3 prefix")

@@ -1,20 +1,18 @@
 """run_eval: every selected GGUF file through lm-evaluation-harness, then eval.json and eval.md.
 
     finetune eval --gguf f16=out/model-f16.gguf --gguf q4_k_m=out/model-q4_k_m.gguf \\
-        --tasks arc_easy,hellaswag --limit 200 --output out/eval
+        --tasks arc_easy,hellaswag --limit 200 --output-dir out/eval      (cli.py)
 
 One GGUF at a time is loaded (in process, through llama.cpp), evaluated on every task, and freed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,49 +190,3 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
     (workdir / "eval.md").write_text(R.render_markdown(per_model, better, header))
     say(f"evaluation done in {document['seconds']} s", 100.0, 0, force=True)
     return metrics
-
-
-# -- CLI -----------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="finetune eval",
-        description="Evaluate GGUF files with lm-evaluation-harness, in process through llama.cpp.")
-    p.add_argument("--gguf", action="append", required=True, metavar="TYPE=PATH",
-                   help="a GGUF file and its quantization type (f16, q8_0, q4_k_m, ...; 'base' for the base "
-                        "model); repeat for several")
-    p.add_argument("--tasks", action="append", required=True, metavar="TASK[,TASK...]",
-                   help="lm-eval task or group names, comma-separated or repeated")
-    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
-    p.add_argument("--include-path", default=None, metavar="DIR|s3://BUCKET/PREFIX",
-                   help="offline task folder: lm-eval task YAMLs with their JSON Lines data")
-    p.add_argument("--output", required=True, type=Path, help="folder for eval.json and eval.md")
-    p.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context size (default 4096)")
-    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers offloaded to a GPU (-1: all)")
-    p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all usable)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``finetune eval ...``; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    files: dict[str, Path] = {}
-    for item in args.gguf:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--gguf wants TYPE=PATH, got {item!r}")
-        files[name.strip().lower()] = Path(path)
-    tasks = list(dict.fromkeys(t.strip() for group in args.tasks for t in group.split(",") if t.strip()))
-    data_uri = args.include_path
-    if data_uri and not data_uri.startswith("s3://"):
-        data_uri = str(Path(data_uri).expanduser().resolve())
-    spec = EvaluationSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, data_uri=data_uri,
-                          include_base=R.BASE in files)
-    model_args = {k: v for k, v in {"n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers,
-                                     "n_threads": args.n_threads}.items() if v is not None}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_eval(files, spec, args.output, model_args=model_args)
-    sys.stdout.write((args.output / "eval.md").read_text())
-    return 0
