@@ -7,7 +7,7 @@ never sees a diff it did not cause) and the operator resolves defaults into the 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, StringConstraints
 from pydantic.alias_generators import to_snake
@@ -20,16 +20,12 @@ DEFAULT_GGUF = "q4_k_m"
 # llama.cpp's quantization types (llama-quantize / llama_model_quantize ftypes), lower-cased as
 # users write them. f16/bf16/f32 come straight from the converter; every other type is quantized
 # from the 16-bit file, never re-quantized from another quant.
-GGUF_QUANT_TYPES: tuple[str, ...] = (
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
-    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
-    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
-)
 GgufQuant = Literal[
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
     "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
     "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 ]
+GGUF_QUANT_TYPES: tuple[str, ...] = get_args(GgufQuant)
 
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes' own resource.Quantity grammar, unsigned: what the apiserver accepts in a Job.

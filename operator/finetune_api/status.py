@@ -7,12 +7,23 @@ newer run's fields).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field
 
 from .base import ApiModel
+
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # every time in a status, its history and a manifest: UTC, whole seconds
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime(RFC3339)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.strptime(text, RFC3339).replace(tzinfo=UTC)
 
 
 class Phase(StrEnum):

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from finetune_api.status import SPEC_REASONS, STAGES, WAITING_REASONS, ConditionType, Phase, Reason
+from finetune_api.status import (
+    SPEC_REASONS,
+    STAGES,
+    WAITING_REASONS,
+    ConditionType,
+    Phase,
+    Reason,
+    now_rfc3339,
+    parse_rfc3339,
+)
 
-from .conditions import now_rfc3339, set_condition
+from .conditions import set_condition
 
 
 @dataclass(frozen=True)
@@ -128,8 +136,7 @@ def gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
     """GPU-hours of a run from its RFC 3339 start and completion times."""
     if not (start and end and gpus):
         return 0.0
-    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)  # noqa: E731
-    return max(0.0, (parse(end) - parse(start)).total_seconds()) / 3600 * gpus
+    return max(0.0, (parse_rfc3339(end) - parse_rfc3339(start)).total_seconds()) / 3600 * gpus
 
 
 def status_update(status: dict[str, Any], obs: Observation, generation: int | None,
