@@ -18,18 +18,13 @@ from typing import Any
 from finetune_api.status import Reason
 
 from ..errors import ConfigError
+from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-# A task folder used when the spec names no dataUri; default: <cache>/lm-eval-tasks, where
-# hack/bootstrap.sh builds the offline MMLU (FTO_CACHE / XDG_CACHE_HOME as in bootstrap.sh).
+# A task folder used when the spec names no dataUri; default: <cache>/lm-eval-tasks (paths.cache_dir),
+# where hack/bootstrap.sh builds the offline MMLU.
 ENV_TASK_LIBRARY = "FINETUNE_EVAL_TASKS"
-
-
-def cache_dir() -> Path:
-    """The project's download cache (hack/bootstrap.sh's $CACHE)."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("FTO_CACHE") or Path(xdg) / "finetune-operator")
 
 
 def task_library() -> Path | None:
