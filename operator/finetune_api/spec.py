@@ -188,15 +188,15 @@ class TrainingSpec(ApiModel):
     seed: int = Field(3407, ge=0, le=2**31 - 1, description="Seed for shuffling, LoRA init and dropout.")
     packing: bool = Field(False, description="Pack several rows into each sequence of up to maxSeqLength tokens (each "
                           "row still attends only to itself), so every micro-batch carries batchSize x "
-                          "maxSeqLength tokens and an epoch takes fewer, fuller steps. On padding-free batches "
-                          "(paddingFree, the GPU default) and short rows it measured 2.5x the unpacked rate; "
-                          "on padded rows with Unsloth, slower than padding (docs/benchmarks.md).")
+                          "maxSeqLength tokens and an epoch takes fewer, fuller steps. Worth it on padding-free "
+                          "batches (paddingFree, the GPU default) with short rows; on padded rows with Unsloth "
+                          "it is slower than padding (measurements: docs/benchmarks.md).")
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description=(
             "On GPU, lay each micro-batch out as one row of its sequences back to back, attended by "
             "FlashAttention's varlen kernel (Gemma 3 through the trainer's route, Llama through "
-            "Unsloth's): no padding, no attention across sequences, scores as padded rows do (checked on "
-            "an H100) and measured faster on rows of mixed lengths. auto: on wherever the model can take it, 16-bit LoRA and "
+            "Unsloth's): no padding, no attention across sequences, the same scores as padded rows, and "
+            "faster on rows of mixed lengths (docs/benchmarks.md). auto: on wherever the model can take it, 16-bit LoRA and "
             "4-bit QLoRA alike; models it cannot serve (Gemma 2's logit softcapping) stay padded. on: the "
             "same, but such a model fails the run instead. off: padded rows. No effect on CPU."))
     train_on_responses_only: bool = Field(
@@ -207,7 +207,7 @@ class TrainingSpec(ApiModel):
     optimizer: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit"] = Field(
         "adamw_torch_fused", description=(
             "Optimizer. Fused torch AdamW is fastest for LoRA's few million parameters; 8-bit AdamW "
-            "saves no memory worth having there and costs 5-8x the step time."))
+            "saves no memory worth having there and is several times slower (docs/benchmarks.md)."))
     gradient_checkpointing: bool | None = Field(
         None, description=(
             "Recompute activations in the backward pass (Unsloth's offloaded variant on GPU). Unset means "
