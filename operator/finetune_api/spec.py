@@ -40,9 +40,7 @@ HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 # Where data and models can come from. URLs never carry credentials (no userinfo: they would be copied
 # into the run ConfigMap, readable with `view`); credentials come only from Secret references.
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?$"
 HTTP_URL = r"^https?://[^/@\s?#]+(/\S*)?$"
-LOCAL_PATH = r"^/\S*$"
 DATASET_SOURCE = (r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|https?://[^/@\s?#]+(/\S*)?|/\S+|"
                   r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*)$")
 # System folders are never a dataset, a model or task data, whatever the operator allows.

@@ -30,6 +30,3 @@ def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: b
         new["observedGeneration"] = generation
     return [*out, new]
 
-
-def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
-    return next((cond for cond in conditions or [] if cond.get("type") == type_), None)

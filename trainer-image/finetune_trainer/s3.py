@@ -205,8 +205,3 @@ class S3Store:
             if rel and not rel.endswith("/"):
                 out.append(self.download_file(f"s3://{bucket}/{key}", dest / rel))
         return out
-
-    def upload_dir(self, src: Path, uri: str) -> list[Uploaded]:
-        uri = uri if uri.endswith("/") else uri + "/"
-        return [self.upload_file(p, uri + p.relative_to(src).as_posix())
-                for p in sorted(src.rglob("*")) if p.is_file()]
