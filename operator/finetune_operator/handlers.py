@@ -25,13 +25,12 @@ from finetune_api.status import Phase, Reason
 from . import builders, kube, lifecycle, metrics, policy
 from .config import OperatorConfig
 from .lifecycle import Observation, completion_reported, gpu_hours, observe, status_update
-from .ratelimit import TokenBucket
 
 LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
-STATUS_WRITES = TokenBucket(CONFIG.status_writes_per_second)
+kube.limit_status_writes(CONFIG.status_writes_per_second)
 
 
 @kopf.on.startup()
@@ -122,6 +121,8 @@ def ensure_run(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kop
     try:
         _ensure_run(body, dict(spec), dict(status), patch, logger)
     finally:
+        if patch.status:  # Kopf applies the patch as the handler returns: under the same rate limit
+            kube.status_write_slot()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
@@ -249,7 +250,6 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
         return
     if lifecycle.abandon_job(obs) and job is not None:
         _delete_job(meta["namespace"], job["metadata"]["name"])  # it would wait for ever
-    metrics.STATUS_WRITE_WAIT.inc(STATUS_WRITES.acquire())
     if not kube.patch_finetunejob_status(meta["namespace"], meta["name"], update, status["jobName"]):
         return  # judged on a view of a run that is no longer the object's
     if update.get("phase"):

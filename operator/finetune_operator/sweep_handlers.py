@@ -145,5 +145,4 @@ def _write_status(sweep: dict[str, Any], update: dict[str, Any]) -> None:
         kopf.event(sweep, type="Warning" if phase == SweepPhase.FAILED else "Normal", reason=phase,
                    message=message[:1024])
     meta = sweep["metadata"]
-    kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], SWEEP_PLURAL,
-                                                        meta["name"], {"status": update})
+    kube.patch_sweep_status(meta["namespace"], meta["name"], update)
