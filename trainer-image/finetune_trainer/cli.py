@@ -152,12 +152,13 @@ def cmd_train(args) -> Any:
         return asdict(stage_train(_context(args)))
     if not (args.dataset and args.output_dir):
         raise ConfigError(Reason.INVALID_SPEC, "train needs --dataset and --output-dir (or --config)")
+    training = training_spec(args)  # a bad flag fails before any model is loaded
     wd = Workdir(Path(args.output_dir)).ensure()
     base = model_loading.resolve(base_model_spec(args.base_model), wd.base_model)
     tokenizer = model_loading.load_tokenizer(base)
     reporter = Reporter.from_env(metric_loggers=[JsonlLogger(wd.train_log)])
     reporter.stage("Training")
-    result = recipe.train(base, training_spec(args), Path(args.dataset), wd, reporter, resume=args.resume,
+    result = recipe.train(base, training, Path(args.dataset), wd, reporter, resume=args.resume,
                           pad_id=tokenizer.pad_token_id or 0)
     plots.loss_curve(wd.train_log, wd.loss_plot, result.eval_loss)
     return asdict(result)
