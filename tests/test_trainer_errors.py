@@ -159,6 +159,17 @@ def test_s3_failures_are_classified(monkeypatch):
     assert err.value.reason == "MissingCredentials"
 
 
+def test_an_object_key_that_climbs_out_of_the_prefix_is_refused(tmp_path):
+    store = S3Store.__new__(S3Store)  # no client: the listing is the only input
+    store.list_keys = lambda uri: ["models/m/config.json", "models/m/../../../escape.txt"]
+    fetched = []
+    store.download_file = lambda uri, path: fetched.append(path) or path
+    with pytest.raises(ConfigError) as err:
+        store.download_prefix("s3://b/models/m", tmp_path / "dest")
+    assert err.value.reason == "PathNotAllowed" and "escape.txt" in err.value.message
+    assert fetched == [tmp_path / "dest" / "config.json"]
+
+
 def test_an_unknown_eval_task_fails_before_any_work(run, bucket, tmp_path):
     code, term, _ = run(bucket, spec={"evaluation": {"tasks": ["no_such_task_xyz"]}})
     assert code == 42 and term["reason"] == "UnknownTask"
