@@ -27,11 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hack"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from operator_fixtures import CRD, OperatorProcess, kubectl, wait_for  # noqa: E402
 
 from devstack import LocalCluster  # noqa: E402
+from devstack.operator_process import CRD, OperatorProcess, kubectl, wait_for  # noqa: E402
 
 
 def manifest(name: str) -> dict:

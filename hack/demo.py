@@ -33,7 +33,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hack"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from devstack import LocalCluster, LocalPodRunner, S3Server  # noqa: E402
 from devstack.binaries import ensure as ensure_binaries  # noqa: E402
@@ -57,9 +56,9 @@ def step(msg: str) -> None:
 
 
 def base_model(quick: bool) -> str:
-    import trainer_fixtures as fx  # builds and caches the models offline
+    from devstack.models import real_gguf, tiny_gemma  # built offline once, then cached
 
-    return str(fx.tiny_gemma() if quick else fx.real_gguf())
+    return str(tiny_gemma() if quick else real_gguf())
 
 
 def install_chart(helm: str, kubeconfig: Path, s3: S3Server) -> None:

@@ -36,8 +36,10 @@ from types import SimpleNamespace
 import pytest
 
 from finetune_api.spec import EvaluationSpec
-from finetune_trainer.evaluation import main, run_eval, select_models
+from finetune_trainer.cli import main
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.evaluation import results as R
+from finetune_trainer.evaluation import run_eval, select_models
 from finetune_trainer.evaluation.data import download_prefix, split_s3_uri
 
 TASKS_DIR = Path(__file__).parent / "data" / "eval"
@@ -219,9 +221,9 @@ def test_select_models_filters_and_checks(tmp_path):
     assert [n for n, _ in select_models(files, spec)] == ["f16", "q4_k_m"]
     spec = EvaluationSpec(tasks=["t"], quantizations=["q4_k_m"], include_base=True)
     assert [n for n, _ in select_models(files, spec)] == ["base", "q4_k_m"]
-    with pytest.raises(ValueError, match="q8_0"):
+    with pytest.raises(ConfigError, match="q8_0"):
         select_models(files, EvaluationSpec(tasks=["t"], quantizations=["q8_0"]))
-    with pytest.raises(ValueError, match="includeBase"):
+    with pytest.raises(ConfigError, match="includeBase"):
         select_models({"f16": files["f16"]}, EvaluationSpec(tasks=["t"], include_base=True))
 
 
@@ -412,14 +414,15 @@ def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
 
 def test_cli(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["--gguf", f"f16={tiny.f16}", "--gguf", f"q4_k_m={tiny.q4_k_m}", "--tasks", "tiny_antonyms",
+    rc = main(["eval", "--gguf", f"f16={tiny.f16}", "--gguf", f"q4_k_m={tiny.q4_k_m}", "--tasks", "tiny_antonyms",
                "--limit", "8", "--num-fewshot", "1", "--include-path", str(TASKS_DIR), "--output", str(out),
                "--n-ctx", "128", "--n-threads", "1"])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
     assert doc["numFewshot"]["tiny_antonyms"] == 1 and doc["nSamples"]["tiny_antonyms"]["effective"] == 8
     assert "quantizationCost" in doc["metrics"]
-    assert "| tiny_antonyms | acc ↑ |" in capsys.readouterr().out
+    assert "acc" in json.loads(capsys.readouterr().out)["f16"]["tiny_antonyms"]  # the metrics, as JSON
+    assert "| tiny_antonyms | acc ↑ |" in (out / "eval.md").read_text()
 
 
 def test_offline_copy_of_a_builtin_task_replaces_it(tiny, tmp_path):

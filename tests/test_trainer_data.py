@@ -291,3 +291,12 @@ def test_bucketed_batches_pad_to_power_of_two_widths():
     assert widths == {64, 128, 256}  # never wider than max_seq_length
     plain = Batches(rows[:1], 1, 256, pad_id=0, seed=0).get(0)
     assert plain.input_ids.shape[1] == 5 and plain.tokens == 5
+
+
+def test_every_format_of_the_api_is_detected_by_its_columns():
+    from typing import get_args
+
+    from finetune_api.spec import DatasetFormat
+    from finetune_trainer.data.formats import SIGNATURES
+
+    assert set(SIGNATURES) == set(get_args(DatasetFormat)) - {"auto"}

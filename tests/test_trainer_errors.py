@@ -159,6 +159,17 @@ def test_s3_failures_are_classified(monkeypatch):
     assert err.value.reason == "MissingCredentials"
 
 
+def test_an_object_key_that_climbs_out_of_the_prefix_is_refused(tmp_path):
+    store = S3Store.__new__(S3Store)  # no client: the listing is the only input
+    store.list_keys = lambda uri: ["models/m/config.json", "models/m/../../../escape.txt"]
+    fetched = []
+    store.download_file = lambda uri, path: fetched.append(path) or path
+    with pytest.raises(ConfigError) as err:
+        store.download_prefix("s3://b/models/m", tmp_path / "dest")
+    assert err.value.reason == "PathNotAllowed" and "escape.txt" in err.value.message
+    assert fetched == [tmp_path / "dest" / "config.json"]
+
+
 def test_an_unknown_eval_task_fails_before_any_work(run, bucket, tmp_path):
     code, term, _ = run(bucket, spec={"evaluation": {"tasks": ["no_such_task_xyz"]}})
     assert code == 42 and term["reason"] == "UnknownTask"
@@ -221,3 +232,31 @@ def test_the_operators_egress_rule_refuses_a_name_resolving_inside(tmp_path, mon
     doc = json.loads(term.read_text())
     assert code == 42 and doc["reason"] == "EgressDenied", doc
     assert "127.0.0.1" in doc["message"] and hits == []
+
+
+def test_every_reason_the_code_can_give_is_a_documented_constant():
+    """A reason written as a string literal (the trainer's errors, the operator's observations and
+    events) must be one of finetune_api.status.Reason, each of which docs/api.md explains."""
+    import ast
+    from pathlib import Path
+
+    from finetune_api.status import Reason
+
+    root = Path(__file__).resolve().parents[1]
+    givers = {"ConfigError", "TransientError", "TrainerError", "_fail", "Observation"}
+    found: dict[str, str] = {}
+    for path in [*root.glob("trainer-image/finetune_trainer/**/*.py"), *root.glob("operator/finetune_operator/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            args = node.args[1:2] if name == "Observation" else node.args[:1] if name in givers else []
+            args += [k.value for k in node.keywords if k.arg == "reason"]
+            for arg in args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found[arg.value] = f"{path.relative_to(root)}:{node.lineno}"
+    assert len(found) > 20  # the scan sees the trainer's reasons
+    unknown = {reason: where for reason, where in found.items() if reason not in set(Reason)}
+    assert not unknown, f"reasons missing from finetune_api.status.Reason: {unknown}"
+    docs = (root / "docs" / "api.md").read_text()
+    assert all(f"| `{r.value}` | {r.doc} |" in docs for r in Reason)

@@ -46,3 +46,24 @@ def test_prepare_dataset_tool_call_runs_the_command(tmp_path, monkeypatch, capsy
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "sharegpt" and report["rows"]["used"] == 12
     assert (tmp_path / "ds" / "train.parquet").exists()
+
+
+def test_the_stage_commands_flags_are_the_api_fields(tmp_path, monkeypatch, capsys):
+    """One source: every TrainingSpec and LoraSpec field is a `finetune train` flag with the model's
+    choices and default; what is not given is the model's default; a bad value names the flag."""
+    from finetune_api.spec import LoraSpec, TrainingSpec
+    from finetune_trainer.cli import parser, training_spec
+
+    train = next(a for a in parser()._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    assert set(TrainingSpec.model_fields) - {"lora"} <= set(flags)
+    assert {f"lora_{name}" for name in LoraSpec.model_fields} <= set(flags)
+    assert flags["lr_scheduler"].choices == ["linear", "cosine", "constant", "constant_with_warmup"]
+    assert "(default: 0.0002)" in flags["learning_rate"].help and "(default: auto)" in flags["batch_size"].help
+    assert training_spec(train.parse_args([])) == TrainingSpec()
+    spec = training_spec(train.parse_args(["--batch-size", "4", "--no-packing", "--lora-r", "32", "--max-steps", "3"]))
+    assert (spec.batch_size, spec.packing, spec.lora.r, spec.lora.alpha, spec.max_steps) == (4, False, 32, 32, 3)
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "t"))
+    assert main(["train", "--dataset", "d", "--output-dir", str(tmp_path), "--learning-rate", "0"]) == 42
+    term = json.loads((tmp_path / "t").read_text())
+    assert term["reason"] == "InvalidSpec" and term["message"].startswith("--learning-rate:")

@@ -10,15 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_trainer.paths import cache_dir  # outside the checkout: a fresh clone reuses it
+
 BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "build-stack.sh"
-
-
-def cache_dir() -> Path:
-    # Same rule as build-stack.sh: outside the checkout, so a fresh clone reuses it.
-    if os.environ.get("FTO_CACHE"):
-        return Path(os.environ["FTO_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "finetune-operator"
 
 
 @dataclass(frozen=True)

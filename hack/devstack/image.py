@@ -7,14 +7,7 @@ has it at /opt/llama.cpp; here hack/bootstrap.sh caches it) and the shared model
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FTO_CACHE"):
-        return Path(os.environ["FTO_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune-operator"
+from finetune_trainer.paths import cache_dir
 
 
 def trainer_image_env() -> dict[str, str]:

@@ -31,7 +31,7 @@ from . import (
     VERSION,
 )
 from .spec import FinetuneJobSpec
-from .status import FinetuneJobStatus
+from .status import FinetuneJobStatus, Reason
 from .sweep import MAX_SWEEP_NAME, TUNABLE, FinetuneSweepSpec, FinetuneSweepStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,6 +277,17 @@ def render_docs() -> str:
         "| field | type | default | description |",
         "|---|---|---|---|",
         *_doc_rows(FinetuneJobStatus, "status"),
+        "",
+        "## reasons",
+        "",
+        "Every reason in `status.reason`, a condition or an Event (`finetune_api.status.Reason`). The",
+        "trainer's reasons come from its termination message: (42) ones fail the run at once, since a",
+        "retry would fail the same way; (75) ones are retried within `runPolicy.backoffLimit`, resuming",
+        "from the newest checkpoint. Events also carry the name of the phase a run entered.",
+        "",
+        "| reason | meaning |",
+        "|---|---|",
+        *[f"| `{r.value}` | {r.doc} |" for r in Reason],
         "",
         "# FinetuneSweep API reference (`finetune.dev/v1alpha1`, short name `fts`)",
         "",

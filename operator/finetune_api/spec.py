@@ -7,7 +7,7 @@ never sees a diff it did not cause) and the operator resolves defaults into the 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, StringConstraints
 from pydantic.alias_generators import to_snake
@@ -20,16 +20,12 @@ DEFAULT_GGUF = "q4_k_m"
 # llama.cpp's quantization types (llama-quantize / llama_model_quantize ftypes), lower-cased as
 # users write them. f16/bf16/f32 come straight from the converter; every other type is quantized
 # from the 16-bit file, never re-quantized from another quant.
-GGUF_QUANT_TYPES: tuple[str, ...] = (
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
-    "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
-    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
-)
 GgufQuant = Literal[
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
     "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
     "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 ]
+GGUF_QUANT_TYPES: tuple[str, ...] = get_args(GgufQuant)
 
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes' own resource.Quantity grammar, unsigned: what the apiserver accepts in a Job.
@@ -44,9 +40,7 @@ HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 # Where data and models can come from. URLs never carry credentials (no userinfo: they would be copied
 # into the run ConfigMap, readable with `view`); credentials come only from Secret references.
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?$"
 HTTP_URL = r"^https?://[^/@\s?#]+(/\S*)?$"
-LOCAL_PATH = r"^/\S*$"
 DATASET_SOURCE = (r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|https?://[^/@\s?#]+(/\S*)?|/\S+|"
                   r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*)$")
 # System folders are never a dataset, a model or task data, whatever the operator allows.
@@ -192,15 +186,15 @@ class TrainingSpec(ApiModel):
     seed: int = Field(3407, ge=0, le=2**31 - 1, description="Seed for shuffling, LoRA init and dropout.")
     packing: bool = Field(False, description="Pack several rows into each sequence of up to maxSeqLength tokens (each "
                           "row still attends only to itself), so every micro-batch carries batchSize x "
-                          "maxSeqLength tokens and an epoch takes fewer, fuller steps. On padding-free batches "
-                          "(paddingFree, the GPU default) and short rows it measured 2.5x the unpacked rate; "
-                          "on padded rows with Unsloth, slower than padding (docs/benchmarks.md).")
+                          "maxSeqLength tokens and an epoch takes fewer, fuller steps. Worth it on padding-free "
+                          "batches (paddingFree, the GPU default) with short rows; on padded rows with Unsloth "
+                          "it is slower than padding (measurements: docs/benchmarks.md).")
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description=(
             "On GPU, lay each micro-batch out as one row of its sequences back to back, attended by "
             "FlashAttention's varlen kernel (Gemma 3 through the trainer's route, Llama through "
-            "Unsloth's): no padding, no attention across sequences, scores as padded rows do (checked on "
-            "an H100) and measured faster on rows of mixed lengths. auto: on wherever the model can take it, 16-bit LoRA and "
+            "Unsloth's): no padding, no attention across sequences, the same scores as padded rows, and "
+            "faster on rows of mixed lengths (docs/benchmarks.md). auto: on wherever the model can take it, 16-bit LoRA and "
             "4-bit QLoRA alike; models it cannot serve (Gemma 2's logit softcapping) stay padded. on: the "
             "same, but such a model fails the run instead. off: padded rows. No effect on CPU."))
     train_on_responses_only: bool = Field(
@@ -211,7 +205,7 @@ class TrainingSpec(ApiModel):
     optimizer: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit"] = Field(
         "adamw_torch_fused", description=(
             "Optimizer. Fused torch AdamW is fastest for LoRA's few million parameters; 8-bit AdamW "
-            "saves no memory worth having there and costs 5-8x the step time."))
+            "saves no memory worth having there and is several times slower (docs/benchmarks.md)."))
     gradient_checkpointing: bool | None = Field(
         None, description=(
             "Recompute activations in the backward pass (Unsloth's offloaded variant on GPU). Unset means "

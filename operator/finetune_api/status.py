@@ -7,12 +7,23 @@ newer run's fields).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field
 
 from .base import ApiModel
+
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # every time in a status, its history and a manifest: UTC, whole seconds
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime(RFC3339)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.strptime(text, RFC3339).replace(tzinfo=UTC)
 
 
 class Phase(StrEnum):
@@ -46,29 +57,89 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    """Every reason a user can see in status.reason, a condition or an Event (the trainer's own, such
-    as InvalidDataset, come from its termination message)."""
+    """Every reason a user can see: in status.reason, a condition, an Event or a trainer's termination
+    message. Each carries its meaning (`.doc`), which docs/api.md lists. The trainer's reasons reach the
+    status through its termination message; `(42)` ones are never retried, `(75)` ones are."""
 
-    JOB_CREATED = "JobCreated"
-    QUEUED = "Queued"
-    SUSPENDED = "Suspended"
-    RESUMED = "Resumed"
-    STAGE_STARTED = "StageStarted"
-    COMPLETED = "Completed"
-    SPEC_CHANGED = "SpecChanged"
-    INVALID_SPEC = "InvalidSpec"
-    SECRET_NOT_FOUND = "SecretNotFound"
-    CONFIGMAP_NOT_FOUND = "ConfigMapNotFound"
-    SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound"
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    CONFIG_ERROR = "ConfigError"  # the trainer exited with the configuration-error code
-    TRAINER_FAILED = "TrainerFailed"
-    JOB_DELETED = "JobDeleted"
-    POLICY_DENIED = "PolicyDenied"  # the spec asks for what the cluster admin did not allow
-    JOB_REJECTED = "JobRejected"  # the apiserver refused the training Job built from the spec
-    NO_COMPLETION_REPORT = "NoCompletionReport"  # the Job completed, the trainer never reported artifacts
-    POD_NOT_STARTING = "PodNotStarting"  # image pull or container config errors
+    doc: str
+
+    def __new__(cls, value: str, doc: str = "") -> Reason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.doc = doc
+        return member
+
+    # --- the run's lifecycle (operator) ---
+    JOB_CREATED = "JobCreated", "Event: a run's Job was created (or adopted after an operator restart)."
+    SPEC_CHANGED = "SpecChanged", "Event: the spec changed, so run N+1 started and run N was retired to history."
+    JOB_PENDING = "JobPending", "Pending: the run's Job is being created."
+    POD_PENDING = "PodPending", "Pending: the Job exists; its pod is not scheduled or not started yet."
+    QUEUED = "Queued", "Queued: Kueue has not admitted the Job yet (runPolicy.queueName)."
+    SUSPENDED = "Suspended", "Suspended: runPolicy.suspend is true; the Job's pods are gone, its checkpoints stay."
+    RESUMED = "Resumed", "Event: runPolicy.suspend went back to false."
+    NOT_SUSPENDED = "NotSuspended", "Condition Suspended is False."
+    NOT_FAILED = "NotFailed", "Condition Failed is False."
+    NOT_FINISHED = "NotFinished", "Condition Finished is False."
+    STAGE_STARTED = "StageStarted", "Preparing…Uploading: the trainer reported this stage."
+    COMPLETED = "Completed", "Succeeded: the trainer reported its artifacts (manifest) in S3."
+    # --- this generation cannot start (operator) ---
+    INVALID_SPEC = "InvalidSpec", "Failed until the spec changes: a field is invalid (the message names it)."
+    POLICY_DENIED = "PolicyDenied", "Failed until the spec changes: it asks for what the cluster admin did not allow."
+    JOB_REJECTED = "JobRejected", "Failed until the spec changes: the apiserver refused the Job built from the spec."
+    SECRET_NOT_FOUND = "SecretNotFound", "Pending: a referenced Secret (or its key) is missing; retried every 30 s."
+    CONFIGMAP_NOT_FOUND = "ConfigMapNotFound", "Pending: dataset.configMapRef (or its key) is missing; retried."
+    SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound", "Pending: resources.serviceAccountName is missing; retried."
+    # --- the run failed (operator) ---
+    POD_NOT_STARTING = "PodNotStarting", ("Pending while the pod cannot start (image pull, container config); "
+                                          "Failed when it never can (an invalid image name).")
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded", "Failed: the trainer failed runPolicy.backoffLimit+1 times."
+    DEADLINE_EXCEEDED = "DeadlineExceeded", "Failed: the run outlived runPolicy.activeDeadlineSeconds."
+    CONFIG_ERROR = "ConfigError", "Failed: the trainer exited 42 without a reason of its own."
+    JOB_DELETED = "JobDeleted", "Failed: the run's Job was deleted before it finished."
+    NO_COMPLETION_REPORT = "NoCompletionReport", "Failed: the Job completed but the trainer never reported artifacts."
+    # --- the trainer: a retry would fail the same way (exit 42) ---
+    CONFIG_NOT_FOUND = "ConfigNotFound", "(42) the run config file does not exist."
+    UNKNOWN_QUANTIZATION = "UnknownQuantization", "(42) a GGUF quantization type llama.cpp does not know."
+    INVALID_DATASET = "InvalidDataset", "(42) rows are malformed, empty, or too few for the splits asked for."
+    DATASET_NOT_FOUND = "DatasetNotFound", "(42) the dataset source does not exist."
+    MODEL_NOT_FOUND = "ModelNotFound", "(42) the base model does not exist (or is gated without a token)."
+    INVALID_MODEL = "InvalidModel", "(42) the base model cannot be loaded or converted as asked."
+    UNSUPPORTED_METHOD = "UnsupportedMethod", "(42) training.method needs what this pod lacks (qlora: a CUDA GPU)."
+    UNSUPPORTED_OPTIMIZER = "UnsupportedOptimizer", "(42) training.optimizer is not available here."
+    PADDING_FREE_UNSUPPORTED = "PaddingFreeUnsupported", "(42) training.paddingFree is on but the model cannot use it."
+    CHECKPOINT_MISMATCH = "CheckpointMismatch", "(42) the run's newest checkpoint does not fit the model."
+    TRAINING_DIVERGED = "TrainingDiverged", "(42) the loss became NaN or infinite."
+    OUT_OF_MEMORY = "OutOfMemory", "(42) out of (GPU) memory: lower batchSize or maxSeqLength."
+    COMPILE_FAILED = "CompileFailed", "(42) torch.compile failed on this model."
+    CONVERTER_NOT_FOUND = "ConverterNotFound", "(42) llama.cpp's converter is missing from the image."
+    CONVERSION_FAILED = "ConversionFailed", "(42) converting the merged model to GGUF failed."
+    QUANTIZATION_FAILED = "QuantizationFailed", "(42) llama.cpp could not quantize the GGUF."
+    UNKNOWN_TASK = "UnknownTask", "(42) an evaluation task lm-eval does not know (nor evaluation.dataUri has)."
+    EVALUATION_FAILED = "EvaluationFailed", "(42) lm-eval could not evaluate a GGUF file on the tasks."
+    MISSING_STAGE_OUTPUT = "MissingStageOutput", "(42) a stage command ran before the stage it reads from."
+    INVALID_URI = "InvalidURI", "(42) an s3:// URI without a bucket or key."
+    MISSING_CREDENTIALS = "MissingCredentials", "(42) no S3 credentials in the pod."
+    INVALID_CREDENTIALS = "InvalidCredentials", "(42) S3 refused the credentials."
+    ACCESS_DENIED = "AccessDenied", "(42) the credentials may not read or write the bucket."
+    BUCKET_NOT_FOUND = "BucketNotFound", "(42) the output bucket does not exist."
+    OBJECT_NOT_FOUND = "ObjectNotFound", "(42) an s3:// object named in the spec does not exist."
+    STORAGE_ERROR = "StorageError", "(42) S3 answered with an error a retry would get again."
+    PATH_NOT_ALLOWED = "PathNotAllowed", "(42) a local path the operator's egress rule does not allow."
+    EGRESS_DENIED = "EgressDenied", "(42) a connection the operator's egress rule does not allow."
+    # --- the trainer: retried, resuming from the newest checkpoint (exit 75, or any other code) ---
+    STORAGE_UNAVAILABLE = "StorageUnavailable", "(75) S3 did not answer or answered 5xx."
+    DATASET_UNAVAILABLE = "DatasetUnavailable", "(75) the dataset server did not answer."
+    MODEL_UNAVAILABLE = "ModelUnavailable", "(75) the model hub did not answer."
+    STATUS_REPORT_FAILED = "StatusReportFailed", "(75) the completion report could not be written to the status."
+    TERMINATED = "Terminated", "(75) the pod got SIGTERM (preemption, node drain); the retry resumes."
+    INTERRUPTED = "Interrupted", "(75) interrupted."
+    INTERNAL_ERROR = "InternalError", "(1, retried) an unexpected failure: a bug to report, with the pod's log."
+    # --- FinetuneSweep ---
+    STARTING = "Starting", "Sweep Pending: creating the first trials."
+    TRIALS_RUNNING = "TrialsRunning", "Sweep Running: trials are running."
+    TRIAL_CREATED = "TrialCreated", "Sweep Event: a trial FinetuneJob was created."
+    TRIAL_PRUNED = "TrialPruned", "Sweep Event: early stopping pruned a trial."
+    NO_TRIAL_SUCCEEDED = "NoTrialSucceeded", "Sweep Failed: every trial ended without a value of the objective."
 
 
 # A new generation that hits one of these does not start; it waits for a spec change, never a retry.

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from finetune_api.status import now_rfc3339
+
 MAX_MESSAGE = 32768
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool | str, reason: str,
@@ -33,6 +30,3 @@ def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: b
         new["observedGeneration"] = generation
     return [*out, new]
 
-
-def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
-    return next((cond for cond in conditions or [] if cond.get("type") == type_), None)

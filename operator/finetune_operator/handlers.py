@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -22,17 +22,15 @@ from finetune_api import contract as c
 from finetune_api.spec import FinetuneJobSpec
 from finetune_api.status import Phase, Reason
 
-from . import builders, kube, metrics, policy
-from .conditions import now_rfc3339
+from . import builders, kube, lifecycle, metrics, policy
 from .config import OperatorConfig
-from .lifecycle import Observation, completion_reported, gpu_hours, observe, status_update, transition
-from .ratelimit import TokenBucket
+from .lifecycle import Observation, completion_reported, gpu_hours, observe, status_update
 
 LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
-STATUS_WRITES = TokenBucket(CONFIG.status_writes_per_second)
+kube.limit_status_writes(CONFIG.status_writes_per_second)
 
 
 @kopf.on.startup()
@@ -94,23 +92,21 @@ def missing_references(spec: FinetuneJobSpec, namespace: str) -> tuple[str, str]
 
 
 def _not_started(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, obs: Observation,
-                 logger: logging.Logger) -> None:
-    """This generation cannot start (`obs` says why: a Failed spec problem or a Pending wait). A run of
-    an earlier generation is stopped and kept in history, so the status describes one generation only:
-    no old run keeps writing, nothing flaps, and no condition claims a generation that never ran."""
-    namespace, generation = body.metadata.namespace, body.metadata.get("generation")
+                 logger: logging.Logger) -> NoReturn:
+    """This generation cannot start (lifecycle.not_started): stop the earlier run's Job, write the
+    status, then end the handler: for good on a spec problem, retried while waiting for an object."""
+    generation = body.metadata.get("generation")
     if status.get("jobName"):
-        _retire_run(namespace, status, patch)
-        status = {**status, "phase": None, "reason": None, "message": None}
-    fresh = {**status, "conditions": status.get("conditions") or []}
-    update = status_update(fresh, obs, generation)
+        _delete_job(body.metadata.namespace, status["jobName"])
+    update, changed = lifecycle.not_started(status, obs, generation)
     patch.status.update(update)
-    patch.status.update({"observedGeneration": generation, "jobName": None, "specHash": None,
-                         "progress": None, "metrics": None, "artifacts": None, "outputUri": None})
-    if transition(status, obs):  # Events and the error counter count transitions, not retries
+    if changed:
         kopf.event(body, type="Warning", reason=str(obs.reason), message=obs.message[:1024])
         metrics.ERRORS.labels(reason=str(obs.reason)).inc()
         logger.warning("generation %s not started: %s: %s", generation, obs.reason, obs.message)
+    if lifecycle.retried(obs.reason):
+        raise kopf.TemporaryError(obs.message, delay=MISSING_REF_RETRY)
+    raise kopf.PermanentError(f"{obs.reason}: {obs.message}")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -125,14 +121,15 @@ def ensure_run(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kop
     try:
         _ensure_run(body, dict(spec), dict(status), patch, logger)
     finally:
+        if patch.status:  # Kopf applies the patch as the handler returns: under the same rate limit
+            kube.status_write_slot()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
 def _refuse(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, reason: str, message: str,
-            logger: logging.Logger) -> None:
+            logger: logging.Logger) -> NoReturn:
     """A spec problem: Failed until the spec changes; never retried, nothing created."""
     _not_started(body, status, patch, Observation(Phase.FAILED, reason, message), logger)
-    raise kopf.PermanentError(f"{reason}: {message}")
 
 
 def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any], patch: kopf.Patch,
@@ -146,8 +143,7 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
         _refuse(body, status, patch, Reason.INVALID_SPEC, message, logger)
     wanted = builders.spec_hash(raw_spec)
     run = int(status.get("run") or 0)
-    if run and status.get("specHash") == wanted and status.get("jobName"):
-        # The run in hand (a resume, a suspend toggle): it was checked when it started.
+    if lifecycle.in_place(status, wanted):  # it was checked when it started
         _apply_in_place(body, spec, status, patch, logger)
         return
     problems = policy.violations(spec, CONFIG)
@@ -156,7 +152,6 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     missing = missing_references(spec, namespace)
     if missing:
         _not_started(body, status, patch, Observation(Phase.PENDING, *missing), logger)
-        raise kopf.TemporaryError(missing[1], delay=MISSING_REF_RETRY)
 
     # A new run: the first one, or the spec changed. Children first, status last, with deterministic
     # names, so that a crash in between is healed by the next attempt adopting what exists.
@@ -185,19 +180,11 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
                           builders.build_config_map(run_config, owner))
     created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
     if status.get("jobName"):
-        _retire_run(namespace, status, patch)
+        _delete_job(namespace, status["jobName"])
 
-    queued = bool(spec.run_policy.queue_name) and not spec.run_policy.suspend
-    obs = observe(job, [], None, new_run, queued=queued)
-    now = now_rfc3339()
-    fresh = {**status, "conditions": status.get("conditions") or []}
-    patch.status.update(status_update(fresh, obs, generation, now))
-    patch.status.update({"phase": obs.phase.value, "reason": str(obs.reason), "message": obs.message})
-    patch.status.update({
-        "run": new_run, "specHash": wanted, "jobName": job["metadata"]["name"], "outputUri": run_config.output_uri,
-        "observedGeneration": generation, "startTime": now, "completionTime": None,
-        "progress": None, "metrics": None, "artifacts": None,
-    })
+    obs = observe(job, [], None, new_run, queued=lifecycle.queued(spec.run_policy.queue_name, spec.run_policy.suspend))
+    patch.status.update(lifecycle.new_run(status, obs, generation, new_run, wanted, job["metadata"]["name"],
+                                          run_config.output_uri))
     reason = Reason.SPEC_CHANGED if run else Reason.JOB_CREATED
     message = f"run {new_run}: Job {job['metadata']['name']} {'created' if created else 'adopted'}"
     kopf.event(body, type="Normal", reason=str(reason), message=message)
@@ -212,23 +199,6 @@ def _delete_job(namespace: str, name: str) -> None:
             raise
 
 
-def _retire_run(namespace: str, status: dict[str, Any], patch: kopf.Patch) -> None:
-    """Stops the previous run's Job (if still there) and records that run in history."""
-    old_job = status.get("jobName")
-    if old_job:
-        _delete_job(namespace, old_job)
-    phase = status.get("phase") or Phase.PENDING.value
-    entry = {
-        "run": status.get("run"), "generation": status.get("observedGeneration"), "jobName": old_job,
-        "phase": phase if Phase(phase).finished else f"{phase} (superseded)",
-        "startTime": status.get("startTime"), "completionTime": status.get("completionTime") or now_rfc3339(),
-        "reason": status.get("reason"), "message": status.get("message"), "outputUri": status.get("outputUri"),
-        "metrics": status.get("metrics"),
-    }
-    history = [h for h in status.get("history") or [] if h.get("run") != entry["run"]]
-    patch.status["history"] = [*history, {k: v for k, v in entry.items() if v is not None}]
-
-
 def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, Any], patch: kopf.Patch,
                     logger: logging.Logger) -> None:
     """Same run: only runPolicy.suspend may differ. Kueue owns unsuspending a queued Job."""
@@ -237,9 +207,9 @@ def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, An
     job = kube.read_job(namespace, status.get("jobName") or "")
     if job is None or Phase(status.get("phase") or "Pending").finished:
         return
-    want_suspend = spec.run_policy.suspend
-    is_suspended = bool(job["spec"].get("suspend"))
-    if want_suspend and not is_suspended or not want_suspend and is_suspended and not spec.run_policy.queue_name:
+    want_suspend = lifecycle.suspend_change(spec.run_policy.suspend, bool(job["spec"].get("suspend")),
+                                            spec.run_policy.queue_name)
+    if want_suspend is not None:
         kube.batch().patch_namespaced_job(job["metadata"]["name"], namespace, {"spec": {"suspend": want_suspend}})
         reason = Reason.SUSPENDED if want_suspend else Reason.RESUMED
         kopf.event(body, type="Normal", reason=str(reason), message=f"Job {job['metadata']['name']} "
@@ -253,22 +223,19 @@ def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, An
 def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool) -> Observation:
     status = ftj.get("status") or {}
     run = status["run"]
-    phase_before = status.get("phase")
-    if job_deleted or job is None and phase_before and phase_before != Phase.PENDING:
-        return Observation(Phase.FAILED, Reason.JOB_DELETED, f"Job {status.get('jobName')} was deleted before it finished")
+    if lifecycle.job_deleted(status, job, job_deleted):
+        return lifecycle.deleted_observation(status)
     pods = kube.list_job_pods(ftj["metadata"]["namespace"], job["metadata"]["name"]) if job else []
-    queued = bool(job and c.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {}))
-    if queued and (ftj.get("spec") or {}).get("runPolicy", {}).get("suspend"):
-        queued = False
-    return observe(job, pods, status.get("progress"), run, queued, completion_reported(status, run))
+    queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(c.KUEUE_QUEUE_LABEL)
+    suspend = bool(((ftj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    return observe(job, pods, status.get("progress"), run, lifecycle.queued(queue, suspend),
+                   completion_reported(status, run))
 
 
 def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
     meta, status = ftj["metadata"], dict(ftj.get("status") or {})
-    if not status.get("run") or not status.get("jobName"):
-        return  # no run in flight: nothing started, or this generation could not start
-    if Phase(status.get("phase") or "Pending").finished and (job is None or job_deleted):
-        return  # a finished run's Job may be garbage-collected by its TTL; the result stands
+    if not lifecycle.in_flight(status) or lifecycle.settled(status, job, job_deleted):
+        return
     obs = _observe_ftj(ftj, job, job_deleted)
     if obs.reason == Reason.NO_COMPLETION_REPORT:
         # The event may predate the trainer's last patch: judge on the object as it is now.
@@ -281,9 +248,8 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     update = status_update(status, obs, status.get("observedGeneration"))
     if not update:
         return
-    if obs.phase is Phase.FAILED and obs.reason == Reason.POD_NOT_STARTING and job is not None:
+    if lifecycle.abandon_job(obs) and job is not None:
         _delete_job(meta["namespace"], job["metadata"]["name"])  # it would wait for ever
-    metrics.STATUS_WRITE_WAIT.inc(STATUS_WRITES.acquire())
     if not kube.patch_finetunejob_status(meta["namespace"], meta["name"], update, status["jobName"]):
         return  # judged on a view of a run that is no longer the object's
     if update.get("phase"):
@@ -292,8 +258,11 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
             gpus = ((ftj.get("spec") or {}).get("resources") or {}).get("gpus", 1)
             metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(
                 gpu_hours(status.get("startTime"), update["completionTime"], gpus))
-        kind = "Warning" if obs.phase is Phase.FAILED else "Normal"
         run = status.get("run")
+        kind = "Normal"
+        if lifecycle.warns(obs):  # the error counter counts Warning Events: one per transition
+            kind = "Warning"
+            metrics.ERRORS.labels(reason=str(obs.reason)).inc()
         kopf.event(ftj, type=kind, reason=obs.phase.value, message=f"run {run}: {obs.message}"[:1024])
         LOG.info("%s/%s run %s: %s (%s) %s", meta["namespace"], meta["name"], run, obs.phase.value, obs.reason,
                  obs.message[:200])

@@ -1,4 +1,5 @@
-"""Thin wrappers over the Kubernetes client: idempotent create, reads that return None on 404."""
+"""Thin wrappers over the Kubernetes client: idempotent create, reads that return None on 404, and the
+one rate limit every status write of the operator (FinetuneJobs and FinetuneSweeps) goes through."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from finetune_api import GROUP, PLURAL, VERSION
+from finetune_api import GROUP, PLURAL, SWEEP_PLURAL, VERSION
+
+from . import metrics
+from .ratelimit import TokenBucket
 
 _api: kubernetes.client.ApiClient | None = None
+_status_writes: TokenBucket | None = None  # limit_status_writes sets it as the operator starts
 
 
 def api() -> kubernetes.client.ApiClient:
@@ -82,12 +87,30 @@ def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     return read_or_none(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
 
+def limit_status_writes(per_second: float) -> None:
+    global _status_writes
+    _status_writes = TokenBucket(per_second)
+
+
+def status_write_slot() -> None:
+    """Waits for the rate limit's next token (handlers run in worker threads): waiting is better than
+    dropping, which could leave a stale phase; status is level-derived, so a late write is never wrong."""
+    if _status_writes is not None:
+        metrics.STATUS_WRITE_WAIT.inc(_status_writes.acquire())
+
+
+def patch_sweep_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    status_write_slot()
+    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, SWEEP_PLURAL, name, {"status": status})
+
+
 def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any], job_name: str) -> bool:
     """Writes what was derived from run `job_name`, only if that run is still the object's (a JSON Patch
     whose first operation tests /status/jobName): a view of the object read before ensure_run started
     another run, or stopped this one, can never write over it. False when the run moved on."""
     ops = [{"op": "test", "path": "/status/jobName", "value": job_name}]
     ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in status.items()]
+    status_write_slot()
     try:
         custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, ops,
                                                        _content_type="application/json-patch+json")

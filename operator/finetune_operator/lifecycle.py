@@ -1,4 +1,12 @@
-"""The run's state machine, as pure functions: (Job, Pods, trainer progress) → phase and conditions.
+"""The run's state machine, as pure functions; the handlers act on what these decide.
+
+- A spec edit: the run in hand (`in_place`, only runPolicy.suspend applied: `suspend_change`), or a
+  new run (`new_run`), which retires the previous one to history (`retire`).
+- A generation that cannot start (`not_started`): Failed until the spec changes for a spec problem
+  (`SPEC_REASONS`: never retried), Pending while it waits for an object only the cluster can
+  provide (`WAITING_REASONS`: retried); either way the earlier run is retired.
+- A run in flight: (Job, Pods, trainer progress) → phase and conditions (`observe`), with Kueue's
+  queue (`queued`), a deleted Job (`job_deleted`) and a finished result that stands (`settled`).
 
 The operator owns `phase`, `reason`, `message`, `conditions` and `completionTime`; it derives them
 level-style from what it observes each time, so a restarted operator converges to the same status.
@@ -8,12 +16,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from finetune_api.status import STAGES, ConditionType, Phase, Reason
+from finetune_api.status import (
+    SPEC_REASONS,
+    STAGES,
+    WAITING_REASONS,
+    ConditionType,
+    Phase,
+    Reason,
+    now_rfc3339,
+    parse_rfc3339,
+)
 
-from .conditions import now_rfc3339, set_condition
+from .conditions import set_condition
 
 
 @dataclass(frozen=True)
@@ -86,7 +102,7 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
             run: int, queued: bool, reported: bool = False) -> Observation:
     """`reported`: the trainer's completion report for this run is in the status (completion_reported)."""
     if job is None:
-        return Observation(Phase.PENDING, "JobPending", "creating the training Job")
+        return Observation(Phase.PENDING, Reason.JOB_PENDING, "creating the training Job")
     conds = _true_conditions(job)
     if "Complete" in conds:
         # A Job's Complete only says a pod exited 0. Success is the trainer's own report of its artifacts.
@@ -113,15 +129,14 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
         return Observation(phase, Reason.POD_NOT_STARTING, stuck[1])
     if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
         return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
-    return Observation(Phase.PENDING, "PodPending", _pending_message(pods))
+    return Observation(Phase.PENDING, Reason.POD_PENDING, _pending_message(pods))
 
 
 def gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
     """GPU-hours of a run from its RFC 3339 start and completion times."""
     if not (start and end and gpus):
         return 0.0
-    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)  # noqa: E731
-    return max(0.0, (parse(end) - parse(start)).total_seconds()) / 3600 * gpus
+    return max(0.0, (parse_rfc3339(end) - parse_rfc3339(start)).total_seconds()) / 3600 * gpus
 
 
 def status_update(status: dict[str, Any], obs: Observation, generation: int | None,
@@ -134,16 +149,16 @@ def status_update(status: dict[str, Any], obs: Observation, generation: int | No
     conds = set_condition(conds, ConditionType.RUNNING, running, obs.reason if running else phase.value,
                           obs.message if running else "", generation, now)
     paused = phase in (Phase.SUSPENDED, Phase.QUEUED)
-    conds = set_condition(conds, ConditionType.SUSPENDED, paused, obs.reason if paused else "NotSuspended",
+    conds = set_condition(conds, ConditionType.SUSPENDED, paused, obs.reason if paused else Reason.NOT_SUSPENDED,
                           obs.message if paused else "", generation, now)
     conds = set_condition(conds, ConditionType.SUCCEEDED, phase is Phase.SUCCEEDED,
                           obs.reason if phase in (Phase.SUCCEEDED, Phase.FAILED) else phase.value,
                           obs.message if phase is Phase.SUCCEEDED else "", generation, now)
     conds = set_condition(conds, ConditionType.FAILED, phase is Phase.FAILED,
-                          obs.reason if phase is Phase.FAILED else "NotFailed",
+                          obs.reason if phase is Phase.FAILED else Reason.NOT_FAILED,
                           obs.message if phase is Phase.FAILED else "", generation, now)
     conds = set_condition(conds, ConditionType.FINISHED, phase.finished,
-                          obs.reason if phase.finished else "NotFinished",
+                          obs.reason if phase.finished else Reason.NOT_FINISHED,
                           obs.message if phase.finished else "", generation, now)
     update: dict[str, Any] = {}
     if status.get("phase") != phase.value:
@@ -163,3 +178,110 @@ def transition(status: dict[str, Any], obs: Observation) -> bool:
     """Whether `obs` differs from what the status says: one Event and one log line per transition."""
     return (status.get("phase"), status.get("reason"), status.get("message")) != (
         obs.phase.value, str(obs.reason), obs.message)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def in_place(status: dict[str, Any], spec_hash: str) -> bool:
+    """The spec still describes the run in hand (an operator restart, a runPolicy.suspend toggle)."""
+    return bool(status.get("run")) and status.get("specHash") == spec_hash and bool(status.get("jobName"))
+
+
+def suspend_change(want: bool, job_suspended: bool, queue_name: str | None) -> bool | None:
+    """The value to set on the run's Job's spec.suspend for an in-place edit, or None. Kueue owns
+    unsuspending a queued Job: the operator never does."""
+    if want and not job_suspended:
+        return True
+    if not want and job_suspended and not queue_name:
+        return False
+    return None
+
+
+def queued(queue_name: str | None, suspend: bool) -> bool:
+    """A Job with a Kueue queue is created suspended for Kueue to admit; suspended by the user, it is not queued."""
+    return bool(queue_name) and not suspend
+
+
+def retire(status: dict[str, Any], now: str | None = None) -> list[dict[str, Any]]:
+    """status.history with the current run recorded (its Job is stopped by the caller)."""
+    phase = status.get("phase") or Phase.PENDING.value
+    entry = {
+        "run": status.get("run"), "generation": status.get("observedGeneration"), "jobName": status.get("jobName"),
+        "phase": phase if Phase(phase).finished else f"{phase} (superseded)",
+        "startTime": status.get("startTime"), "completionTime": status.get("completionTime") or now or now_rfc3339(),
+        "reason": status.get("reason"), "message": status.get("message"), "outputUri": status.get("outputUri"),
+        "metrics": status.get("metrics"),
+    }
+    history = [h for h in status.get("history") or [] if h.get("run") != entry["run"]]
+    return [*history, {k: v for k, v in entry.items() if v is not None}]
+
+
+# Fields of a run; a generation that does not start has none of them.
+_RUN_FIELDS = ("jobName", "specHash", "progress", "metrics", "artifacts", "outputUri")
+
+
+def not_started(status: dict[str, Any], obs: Observation, generation: int | None,
+                now: str | None = None) -> tuple[dict[str, Any], bool]:
+    """(status update, whether it is a transition) for a generation that cannot start, `obs` saying why.
+    An earlier run is retired to history, so the status describes this generation only: no old run
+    keeps writing, nothing flaps, and no condition claims a generation that never ran. Events and the
+    error counter go by the transition: one per change, not one per retry."""
+    update: dict[str, Any] = {}
+    if status.get("jobName"):
+        update["history"] = retire(status, now)
+        status = {**status, "phase": None, "reason": None, "message": None}
+    update.update(status_update(status, obs, generation, now))
+    update.update({"observedGeneration": generation, **dict.fromkeys(_RUN_FIELDS)})
+    return update, transition(status, obs)
+
+
+def retried(reason: str) -> bool:
+    """Whether a generation that cannot start for `reason` is tried again: a spec problem waits for a
+    spec change (Failed, sticky); a missing Secret, ConfigMap or ServiceAccount may appear (Pending)."""
+    return reason not in SPEC_REASONS
+
+
+def new_run(status: dict[str, Any], obs: Observation, generation: int | None, run: int, spec_hash: str,
+            job_name: str, output_uri: str, now: str | None = None) -> dict[str, Any]:
+    """The status of run `run` just started (its Job created or adopted); the previous run is retired."""
+    now = now or now_rfc3339()
+    update = {"history": retire(status, now)} if status.get("jobName") else {}
+    update.update(status_update(status, obs, generation, now))
+    update.update({"phase": obs.phase.value, "reason": str(obs.reason), "message": obs.message,
+                   "run": run, "specHash": spec_hash, "jobName": job_name, "outputUri": output_uri,
+                   "observedGeneration": generation, "startTime": now, "completionTime": None,
+                   "progress": None, "metrics": None, "artifacts": None})
+    return update
+
+
+# ----------------------------------------------------------------------------- a run in flight
+
+
+def in_flight(status: dict[str, Any]) -> bool:
+    """A run whose status the operator follows: one started and not replaced by a generation that could not start."""
+    return bool(status.get("run")) and bool(status.get("jobName"))
+
+
+def settled(status: dict[str, Any], job: dict[str, Any] | None, deleted: bool) -> bool:
+    """A finished run whose Job is gone (its TTL, or by hand): the result stands."""
+    return Phase(status.get("phase") or Phase.PENDING.value).finished and (job is None or deleted)
+
+
+def job_deleted(status: dict[str, Any], job: dict[str, Any] | None, deleted: bool) -> bool:
+    """The run's Job went away before the run finished (a Job not created yet is not deleted)."""
+    return deleted or job is None and status.get("phase") not in (None, Phase.PENDING.value)
+
+
+def deleted_observation(status: dict[str, Any]) -> Observation:
+    return Observation(Phase.FAILED, Reason.JOB_DELETED, f"Job {status.get('jobName')} was deleted before it finished")
+
+
+def abandon_job(obs: Observation) -> bool:
+    """A pod that can never start: its Job would wait for ever, so the operator deletes it."""
+    return obs.phase is Phase.FAILED and obs.reason == Reason.POD_NOT_STARTING
+
+
+def warns(obs: Observation) -> bool:
+    """A Warning Event (and one count of finetune_errors_total): a failure or a wait on a person."""
+    return obs.phase is Phase.FAILED or obs.reason in WAITING_REASONS

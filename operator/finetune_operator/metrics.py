@@ -12,7 +12,9 @@ from finetune_api.status import Phase
 log = logging.getLogger(__name__)
 
 RECONCILE_SECONDS = Histogram("finetune_reconcile_seconds", "Time spent in ensure_run")
-ERRORS = Counter("finetune_errors_total", "FinetuneJobs failed by the operator, by reason", ["reason"])
+# One per Warning Event (a run failed, or a generation waits on a missing object): transitions, not retries.
+ERRORS = Counter("finetune_errors_total", "Warning Events of FinetuneJobs (failures and waits), by reason",
+                 ["reason"])
 TRANSITIONS = Counter("finetune_phase_transitions_total", "Phase transitions written, by new phase", ["phase"])
 JOBS = Gauge("finetune_jobs", "FinetuneJobs seen, by phase", ["phase"])
 GPU_HOURS = Counter("finetune_gpu_hours_total", "GPU-hours of finished runs (start to completion x GPUs), by namespace",

@@ -19,6 +19,7 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_api import GROUP, PLURAL, SWEEP_PLURAL, VERSION
+from finetune_api.status import Reason
 from finetune_api.sweep import FinetuneSweepSpec, SweepPhase, TrialState
 
 from . import kube
@@ -84,7 +85,7 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
     try:
         spec = FinetuneSweepSpec.model_validate(sweep.get("spec") or {})
     except ValidationError as exc:
-        _write_status(sweep, {"phase": SweepPhase.FAILED, "reason": "InvalidSpec", "message": _format_error(exc),
+        _write_status(sweep, {"phase": SweepPhase.FAILED, "reason": Reason.INVALID_SPEC, "message": _format_error(exc),
                               "observedGeneration": generation})
         return
 
@@ -97,7 +98,7 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
             _patch_trial(namespace, rec.name, {"metadata": {"annotations": {study.PRUNED_ANNOTATION: reason}},
                                                "spec": {"runPolicy": {"suspend": True}}})
             rec.state, rec.message, rec.suspended = TrialState.PRUNED, reason, True
-            kopf.event(sweep, type="Normal", reason="TrialPruned", message=f"{rec.name}: {reason}"[:1024])
+            kopf.event(sweep, type="Normal", reason=Reason.TRIAL_PRUNED, message=f"{rec.name}: {reason}"[:1024])
             logger.info("trial %s pruned: %s", rec.name, reason)
         unfinished = rec.state == TrialState.RUNNING
         want = spec.suspend or template_suspend
@@ -119,7 +120,7 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
         child = body if created else kube.read_finetunejob(namespace, body["metadata"]["name"]) or body
         records.append(study.record_from_child(child, spec))
         if created:
-            kopf.event(sweep, type="Normal", reason="TrialCreated",
+            kopf.event(sweep, type="Normal", reason=Reason.TRIAL_CREATED,
                        message=f"{body['metadata']['name']}: {json.dumps(params, sort_keys=True)}"[:1024])
             logger.info("trial %s created with %s", body["metadata"]["name"], params)
 
@@ -144,5 +145,4 @@ def _write_status(sweep: dict[str, Any], update: dict[str, Any]) -> None:
         kopf.event(sweep, type="Warning" if phase == SweepPhase.FAILED else "Normal", reason=phase,
                    message=message[:1024])
     meta = sweep["metadata"]
-    kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], SWEEP_PLURAL,
-                                                        meta["name"], {"status": update})
+    kube.patch_sweep_status(meta["namespace"], meta["name"], update)

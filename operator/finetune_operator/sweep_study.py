@@ -23,7 +23,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState as OptunaState
 
 from finetune_api import API_VERSION, KIND, SWEEP_KIND
-from finetune_api.status import Phase
+from finetune_api.status import WAITING_REASONS, Phase, Reason
 from finetune_api.sweep import (
     BestTrial,
     FinetuneSweepSpec,
@@ -38,9 +38,6 @@ SWEEP_LABEL = "finetune.dev/sweep"
 TRIAL_LABEL = "finetune.dev/trial"
 PARAMS_ANNOTATION = "finetune.dev/trial-parameters"
 PRUNED_ANNOTATION = "finetune.dev/pruned"  # the early-stopping verdict, kept on the trial itself
-# A FinetuneJob Failed for one of these recovers by itself once the object appears (the operator
-# retries), so its trial is still waiting, not finished.
-WAITING_REASONS = {"SecretNotFound", "ConfigMapNotFound", "ServiceAccountNotFound"}
 MAX_LOSS_POINTS = 50  # per trial in the sweep's status: enough for the median rule, bounded in size
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -109,7 +106,7 @@ def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
             record.message = f"succeeded without a number at status.{spec.objective.metric}"
         else:
             record.state = TrialState.COMPLETE
-    elif status.get("phase") == Phase.FAILED and status.get("reason") in WAITING_REASONS:
+    elif status.get("reason") in WAITING_REASONS:  # Pending until the Secret/ConfigMap appears
         record.message = f"waiting: {status.get('message') or status.get('reason')}"[:1024]
     elif status.get("phase") == Phase.FAILED:
         record.state = TrialState.FAILED
@@ -302,17 +299,17 @@ def sweep_status(spec: FinetuneSweepSpec, records: list[TrialRecord], suspended:
     complete = sum(r.state == TrialState.COMPLETE for r in records)
     if finished >= total and len(records) >= total:
         if complete:
-            out.update(phase=SweepPhase.SUCCEEDED, reason="Completed",
+            out.update(phase=SweepPhase.SUCCEEDED, reason=Reason.COMPLETED,
                        message=f"{complete} of {total} trials completed; best {top.name} "
                                f"({spec.objective.metric}={top.value:.6g})")
         else:
-            out.update(phase=SweepPhase.FAILED, reason="NoTrialSucceeded",
+            out.update(phase=SweepPhase.FAILED, reason=Reason.NO_TRIAL_SUCCEEDED,
                        message=f"none of {total} trials reported {spec.objective.metric}")
     elif suspended:
-        out.update(phase=SweepPhase.SUSPENDED, reason="Suspended", message="spec.suspend is true")
+        out.update(phase=SweepPhase.SUSPENDED, reason=Reason.SUSPENDED, message="spec.suspend is true")
     elif records:
-        out.update(phase=SweepPhase.RUNNING, reason="TrialsRunning",
+        out.update(phase=SweepPhase.RUNNING, reason=Reason.TRIALS_RUNNING,
                    message=f"{finished} of {total} trials finished, {len(records) - finished} running")
     else:
-        out.update(phase=SweepPhase.PENDING, reason="Starting", message="creating the first trials")
+        out.update(phase=SweepPhase.PENDING, reason=Reason.STARTING, message="creating the first trials")
     return out

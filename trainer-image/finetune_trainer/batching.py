@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from .data import IGNORE
+
 MIN_BUCKET = 64
 
 

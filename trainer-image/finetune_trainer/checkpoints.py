@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune_api.status import Reason
+
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 STATE = "state.json"
 NAME = re.compile(r"^step-(\d{8})$")
@@ -126,7 +130,9 @@ class Checkpoints:
         result = set_peft_model_state_dict(model, adapter)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise RuntimeError(f"checkpoint {path.name} does not fit the model: unexpected {unexpected[:3]}")
+            # The same checkpoint is the newest on every retry, so a retry would fail the same way.
+            raise ConfigError(Reason.CHECKPOINT_MISMATCH, f"checkpoint {path.name} does not fit the model: "
+                              f"unexpected {unexpected[:3]}")
         device = next(model.parameters()).device
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

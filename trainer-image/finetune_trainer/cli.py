@@ -4,12 +4,13 @@
     finetune prepare-dataset --source data.jsonl --output-dir work/dataset [--base-model M]
     finetune train --dataset work/dataset --output-dir work [--base-model M] [--max-steps N]
     finetune export-gguf --checkpoint-dir work/adapter --quantization q4_k_m --output-file out/model.gguf
-    finetune eval --gguf out/model.gguf --tasks arc_easy --limit 100
+    finetune eval --gguf f16=out/model-f16.gguf --tasks arc_easy --limit 100 --output-dir out/eval
     finetune upload --config run.yaml --workdir work
     finetune tools --json
 
 With --config, a stage command runs that stage of the run config in --workdir (what `run` does in
-order). Exit codes: 0 ok, 42 configuration error (do not retry), 75 transient (retry, resume), and the
+order). A stage command's own flags are the API's fields (flags.py): the same names, types, choices,
+help and defaults as the FinetuneJob spec. Exit codes: 0 ok, 42 configuration error (do not retry), 75 transient (retry, resume), and the
 reason goes to $FINETUNE_TERMINATION_LOG as one JSON line.
 """
 
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api import contract
+from finetune_api.status import Reason
 
 from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
+from .flags import add_flags, from_flags
 
 log = logging.getLogger("finetune")
 
@@ -61,9 +64,9 @@ def load_config(path: str | None):
 
     path = path or os.environ.get(contract.ENV_CONFIG)
     if not path:
-        raise ConfigError("InvalidSpec", "no run config: pass --config or set FINETUNE_CONFIG")
+        raise ConfigError(Reason.INVALID_SPEC, "no run config: pass --config or set FINETUNE_CONFIG")
     if not Path(path).is_file():
-        raise ConfigError("ConfigNotFound", f"{path} does not exist")
+        raise ConfigError(Reason.CONFIG_NOT_FOUND, f"{path} does not exist")
     try:
         return RunConfig.load(path)
     except ValidationError as exc:
@@ -72,10 +75,10 @@ def load_config(path: str | None):
         first = quant[0] if quant else errors[0]
         where = ".".join(str(p) for p in first["loc"])
         if quant:
-            raise ConfigError("UnknownQuantization", f"{where}: {first['msg']} (input {first.get('input')!r})") from exc
-        raise ConfigError("InvalidSpec", f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from exc
+            raise ConfigError(Reason.UNKNOWN_QUANTIZATION, f"{where}: {first['msg']} (input {first.get('input')!r})") from exc
+        raise ConfigError(Reason.INVALID_SPEC, f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from exc
     except Exception as exc:  # YAML syntax and the like
-        raise ConfigError("InvalidSpec", f"{path}: {exc}") from exc
+        raise ConfigError(Reason.INVALID_SPEC, f"{path}: {exc}") from exc
 
 
 def default_workdir() -> Path:
@@ -120,11 +123,9 @@ def cmd_prepare(args) -> Any:
     if args.config:
         return stage_prepare(_context(args))
     if not (args.source and args.output_dir):
-        raise ConfigError("InvalidSpec", "prepare-dataset needs --source and --output-dir (or --config)")
-    dataset = DatasetSpec(source=args.source, split=args.split, format=args.format,
-                          validation_split=args.validation_split, max_samples=args.max_samples)
-    training = TrainingSpec(max_seq_length=args.max_seq_length, chat_template=args.chat_template,
-                            train_on_responses_only=not args.train_on_all_tokens)
+        raise ConfigError(Reason.INVALID_SPEC, "prepare-dataset needs --source and --output-dir (or --config)")
+    dataset = from_flags(args, DatasetSpec)
+    training = from_flags(args, TrainingSpec)
     base = model_loading.resolve(base_model_spec(args.base_model), Path(args.workdir) / "base-model")
     tokenizer = model_loading.load_tokenizer(base)
     template = chat_templates.resolve(training.chat_template, tokenizer)
@@ -134,12 +135,9 @@ def cmd_prepare(args) -> Any:
 def training_spec(args):
     from finetune_api.spec import LoraSpec, TrainingSpec
 
-    steps = {"max_steps": args.max_steps} if args.max_steps else {"epochs": args.epochs}
-    return TrainingSpec(
-        method=args.method, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_seq_length=args.max_seq_length,
-        packing=args.packing, checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
-        lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha or args.lora_r), **steps)
+    if args.lora_alpha is None and args.lora_r is not None:
+        args.lora_alpha = args.lora_r  # the command line keeps Unsloth's alpha = r when only r is given
+    return from_flags(args, TrainingSpec, lora=from_flags(args, LoraSpec, prefix="lora"))
 
 
 def cmd_train(args) -> Any:
@@ -153,19 +151,22 @@ def cmd_train(args) -> Any:
     if args.config:
         return asdict(stage_train(_context(args)))
     if not (args.dataset and args.output_dir):
-        raise ConfigError("InvalidSpec", "train needs --dataset and --output-dir (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "train needs --dataset and --output-dir (or --config)")
+    training = training_spec(args)  # a bad flag fails before any model is loaded
     wd = Workdir(Path(args.output_dir)).ensure()
     base = model_loading.resolve(base_model_spec(args.base_model), wd.base_model)
     tokenizer = model_loading.load_tokenizer(base)
     reporter = Reporter.from_env(metric_loggers=[JsonlLogger(wd.train_log)])
     reporter.stage("Training")
-    result = recipe.train(base, training_spec(args), Path(args.dataset), wd, reporter, resume=args.resume,
+    result = recipe.train(base, training, Path(args.dataset), wd, reporter, resume=args.resume,
                           pad_id=tokenizer.pad_token_id or 0)
     plots.loss_curve(wd.train_log, wd.loss_plot, result.eval_loss)
     return asdict(result)
 
 
 def cmd_export(args) -> Any:
+    from finetune_api.spec import DEFAULT_GGUF, TrainingSpec
+
     from . import chat_templates, export, model_loading, parity
     from .data.prepare import load_split
     from .pipeline import stage_export
@@ -174,22 +175,23 @@ def cmd_export(args) -> Any:
         files, parity_results = stage_export(_context(args))
         return {"gguf": {q: str(p) for q, p in files.items()}, "parity": parity_results}
     if not args.checkpoint_dir:
-        raise ConfigError("InvalidSpec", "export-gguf needs --checkpoint-dir (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "export-gguf needs --checkpoint-dir (or --config)")
     ckpt = Path(args.checkpoint_dir)
-    quants = [q for item in (args.quantization or ["q4_k_m"]) for q in item.split(",") if q]
+    chat_template = from_flags(args, TrainingSpec).chat_template
+    quants = [q for item in (args.quantization or [DEFAULT_GGUF]) for q in item.split(",") if q]
     out_dir = Path(args.output_file).parent if args.output_file else Path(args.output_dir or "gguf")
     name = args.name or (Path(args.output_file).stem if args.output_file else "model")
     if (ckpt / "adapter_config.json").exists():
         base_ref = args.base_model or json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
         base = model_loading.resolve(base_model_spec(base_ref), out_dir / "base-model")
         tokenizer = model_loading.load_tokenizer(base)
-        template = chat_templates.resolve(args.chat_template, tokenizer)
+        template = chat_templates.resolve(chat_template, tokenizer)
         merged = export.merge(base, ckpt, out_dir / "merged", tokenizer, template)
     elif (ckpt / "config.json").exists():
         merged = ckpt
-        template = chat_templates.resolve(args.chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
+        template = chat_templates.resolve(chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
     else:
-        raise ConfigError("ModelNotFound", f"{ckpt} is neither a LoRA adapter nor a model folder")
+        raise ConfigError(Reason.MODEL_NOT_FOUND, f"{ckpt} is neither a LoRA adapter nor a model folder")
     result = export.export(merged, out_dir, quants, name, template)
     files = dict(result.gguf)
     if args.output_file and len(quants) == 1:  # the exact file asked for
@@ -218,23 +220,28 @@ def cmd_eval(args) -> Any:
         files = {q: ctx.wd.gguf / f"{ctx.cfg.job.name}-{q}.gguf" for q in ctx.spec.export.gguf}
         return stage_eval(ctx, files)
     if not (args.gguf and args.tasks):
-        raise ConfigError("InvalidSpec", "eval needs --gguf and --tasks (or --config)")
+        raise ConfigError(Reason.INVALID_SPEC, "eval needs --gguf and --tasks (or --config)")
     from .evaluation import run_eval
 
     files = {}
     for item in args.gguf:
-        quant, _, path = item.rpartition("=")
-        files[quant or Path(path).stem.rsplit("-", 1)[-1]] = Path(path)
-    spec = EvaluationSpec(tasks=args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
-                          data_uri=args.data_uri, include_base="base" in files)
-    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg))
+        quant, sep, path = item.partition("=")
+        if not sep:  # a bare path: the type is the file name's last dash-separated part (model-q4_k_m.gguf)
+            quant, path = Path(item).stem.rsplit("-", 1)[-1], item
+        files[quant.strip().lower()] = Path(path)
+    if args.data_uri and not args.data_uri.startswith("s3://"):
+        args.data_uri = str(Path(args.data_uri).expanduser().resolve())
+    spec = from_flags(args, EvaluationSpec, include_base="base" in files)
+    model_args = {k: v for k in ("n_ctx", "n_gpu_layers", "n_threads") if (v := getattr(args, k)) is not None}
+    return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg),
+                    model_args=model_args)
 
 
 def cmd_upload(args) -> Any:
     from .pipeline import finish
 
     if not args.config:
-        raise ConfigError("InvalidSpec", "upload needs --config (for the bucket and the run's prefix)")
+        raise ConfigError(Reason.INVALID_SPEC, "upload needs --config (for the bucket and the run's prefix)")
     ctx = _context(args)
     ctx.store.check_access(ctx.cfg.output_uri)
     return finish(ctx)
@@ -267,55 +274,52 @@ def parser() -> argparse.ArgumentParser:
     r = staged("run", "all stages from a run config")
     r.set_defaults(fn=cmd_run)
 
+    from finetune_api.spec import (
+        DEFAULT_GGUF,
+        GGUF_QUANT_TYPES,
+        DatasetSpec,
+        EvaluationSpec,
+        LoraSpec,
+        TrainingSpec,
+    )
+
     s = staged("prepare-dataset", "load, format, tokenize and split a dataset")
-    s.add_argument("--source")
     s.add_argument("--output-dir")
-    s.add_argument("--split", default="train")
-    s.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text", "prompt-completion"])
-    s.add_argument("--validation-split", type=float, default=0.0)
-    s.add_argument("--max-samples", type=int)
     s.add_argument("--base-model", help="tokenizer and chat template source (default unsloth/gemma-3-270m-it)")
-    s.add_argument("--max-seq-length", type=int, default=1024)
-    s.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
-    s.add_argument("--train-on-all-tokens", action="store_true", help="loss on prompts too, not only responses")
+    add_flags(s, DatasetSpec, exclude={"config_map_ref"})
+    add_flags(s, TrainingSpec, only={"max_seq_length", "chat_template", "train_on_responses_only"})
     s.set_defaults(fn=cmd_prepare)
 
     t = staged("train", "LoRA/QLoRA fine-tuning on a prepared dataset")
     t.add_argument("--base-model")
     t.add_argument("--dataset", help="folder written by prepare-dataset")
     t.add_argument("--output-dir")
-    t.add_argument("--method", default="lora", choices=["lora", "qlora"])
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--learning-rate", type=float, default=2e-4)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    t.add_argument("--max-seq-length", type=int, default=1024)
-    t.add_argument("--lora-r", type=int, default=16)
-    t.add_argument("--lora-alpha", type=int)
-    t.add_argument("--packing", action="store_true")
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--seed", type=int, default=3407)
+    add_flags(t, TrainingSpec, aliases={"checkpoint_every_steps": ["--checkpoint-every"]})
+    add_flags(t, LoraSpec, prefix="lora")
     t.set_defaults(fn=cmd_train)
 
     e = staged("export-gguf", "merge the adapter and write GGUF files")
     e.add_argument("--checkpoint-dir", help="adapter folder or merged model folder")
     e.add_argument("--base-model")
-    e.add_argument("--quantization", action="append", help="q4_k_m, q8_0, f16, ... (repeat or comma-separate)")
+    e.add_argument("--quantization", action="append",
+                   help=f"{', '.join(GGUF_QUANT_TYPES)} (repeat or comma-separate; default {DEFAULT_GGUF})")
     e.add_argument("--output-file")
     e.add_argument("--output-dir")
     e.add_argument("--name")
-    e.add_argument("--chat-template", default="auto", choices=["auto", "gemma3", "chatml", "llama3"])
+    add_flags(e, TrainingSpec, only={"chat_template"})
     e.add_argument("--parity-dataset", help="prepared dataset folder whose parity split to check against")
     e.set_defaults(fn=cmd_export)
 
-    v = staged("eval", "evaluate GGUF files with lm-evaluation-harness")
-    v.add_argument("--gguf", action="append", help="[quant=]path, repeatable")
-    v.add_argument("--tasks", help="comma-separated lm-eval task names")
-    v.add_argument("--limit", type=int)
-    v.add_argument("--num-fewshot", type=int)
-    v.add_argument("--data-uri", help="offline task data: a local folder or s3:// prefix of task YAMLs + JSONL")
-    v.add_argument("--output-dir", default="eval")
+    v = staged("eval", "evaluate GGUF files with lm-evaluation-harness, in process through llama.cpp")
+    v.add_argument("--gguf", action="append", metavar="[TYPE=]PATH",
+                   help="a GGUF file and its quantization type (f16, q8_0, q4_k_m, ...; 'base' for the base "
+                        "model); repeat for several")
+    add_flags(v, EvaluationSpec, only={"tasks", "limit", "num_fewshot", "data_uri"},
+              aliases={"data_uri": ["--include-path"]})
+    v.add_argument("--output-dir", "--output", default="eval", help="folder for eval.json and eval.md")
+    v.add_argument("--n-ctx", type=int, help="llama.cpp context size (default 4096)")
+    v.add_argument("--n-gpu-layers", type=int, help="layers offloaded to a GPU (-1: all)")
+    v.add_argument("--n-threads", type=int, help="CPU threads (default: all usable)")
     v.set_defaults(fn=cmd_eval)
 
     u = staged("upload", "upload artifacts and manifest.json to the run's S3 prefix")
@@ -349,27 +353,27 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         if not isinstance(exc, ConfigError) and egress_guard.last_denial:
             # The egress policy refused a connection on the way to this failure: retrying cannot help.
-            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
+            return _fail(Reason.EGRESS_DENIED, egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         return _fail(exc.reason, exc.message, exc.exit_code)
     except KeyboardInterrupt:
-        return _fail("Interrupted", "interrupted", contract.EXIT_TRANSIENT)
+        return _fail(Reason.INTERRUPTED, "interrupted", contract.EXIT_TRANSIENT)
     except MemoryError as exc:
-        return _fail("OutOfMemory", f"out of memory: {exc}; lower batchSize or maxSeqLength", contract.EXIT_CONFIG_ERROR)
+        return _fail(Reason.OUT_OF_MEMORY, f"out of memory: {exc}; lower batchSize or maxSeqLength", contract.EXIT_CONFIG_ERROR)
     except Exception as exc:  # noqa: BLE001 - the operator needs a reason line whatever happened
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            return _fail("OutOfMemory", f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
+            return _fail(Reason.OUT_OF_MEMORY, f"GPU out of memory; lower batchSize or maxSeqLength ({exc})".splitlines()[0],
                          contract.EXIT_CONFIG_ERROR)
         if any(c.__name__ == "BackendCompilerFailed" for c in type(exc).__mro__):  # Inductor's own failures too
             # Deterministic for a model in this image (Gemma 2 under Unsloth is one: docs/benchmarks.md):
             # a retry would only spend another GPU start compiling to the same failure.
             log.exception("compilation failed")
             detail = (str(exc).strip().splitlines() or [""])[0]
-            return _fail("CompileFailed", f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
+            return _fail(Reason.COMPILE_FAILED, f"torch.compile failed compiling the model ({type(exc).__name__}: {detail}); "
                          "it fails the same way on every try, so the run is not retried", contract.EXIT_CONFIG_ERROR)
         if egress_guard.last_denial:
-            return _fail("EgressDenied", egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
+            return _fail(Reason.EGRESS_DENIED, egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         log.exception("unexpected failure")
-        return _fail("InternalError", f"{type(exc).__name__}: {exc}", 1)
+        return _fail(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", 1)
     if result is not None:
         _print(result)
     return contract.EXIT_OK
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 def _terminated(signum, frame) -> None:
     from .errors import TransientError
 
-    raise TransientError("Terminated", f"{signal.Signals(signum).name} outside the training loop; a retry resumes "
+    raise TransientError(Reason.TERMINATED, f"{signal.Signals(signum).name} outside the training loop; a retry resumes "
                                        "from the newest checkpoint")
 
 

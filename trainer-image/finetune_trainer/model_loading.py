@@ -98,7 +98,10 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
-    tokenizer_from_gguf(gguf_file, out_dir)
+    try:
+        tokenizer_from_gguf(gguf_file, out_dir)
+    except ValueError as exc:  # a vocabulary it cannot rebuild: the same on every retry
+        raise ConfigError("InvalidModel", str(exc)) from exc
     (out_dir / READY).write_text(gguf_file.name)
     return out_dir
 

@@ -11,7 +11,9 @@ IMAGE_CONVERTER_DIR = Path("/opt/llama.cpp")
 
 
 def cache_dir() -> Path:
-    """Same rule as hack/bootstrap.sh: $FTO_CACHE, else $XDG_CACHE_HOME/finetune-operator."""
+    """The project's cache outside the checkout: $FTO_CACHE, else $XDG_CACHE_HOME/finetune-operator.
+    The one rule for Python (devstack and evaluation use it too); hack/bootstrap.sh and
+    hack/build-stack.sh spell it in shell, since they run before any virtualenv exists."""
     if os.environ.get("FTO_CACHE"):
         return Path(os.environ["FTO_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

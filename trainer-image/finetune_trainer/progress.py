@@ -14,12 +14,11 @@ import logging
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from finetune_api import contract
-from finetune_api.status import Artifact, Progress
+from finetune_api.status import Artifact, Progress, now_rfc3339
 
 from .errors import TransientError
 
@@ -40,10 +39,6 @@ class JsonlLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Reporter:
@@ -118,7 +113,7 @@ class Reporter:
         so a report that cannot be delivered fails the attempt (the Job retries; every stage is done)."""
         self._close_bar()
         self.progress = self.progress.model_copy(update={"message": "done", "percent": 100,
-                                                         "updated_at": _now()})
+                                                         "updated_at": now_rfc3339()})
         if self.patcher is None:
             return
         for attempt in range(attempts):
@@ -137,7 +132,7 @@ class Reporter:
         if not force and now - self._last_sent < self.interval:
             return False
         self._last_sent = now
-        self.progress = self.progress.model_copy(update={"updated_at": _now()})
+        self.progress = self.progress.model_copy(update={"updated_at": now_rfc3339()})
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss={self.progress.loss} lr={self.progress.learning_rate:.2e}")
         if self.patcher is not None:

@@ -203,10 +203,8 @@ class S3Store:
         for key in self.list_keys(f"s3://{bucket}/{prefix}"):
             rel = key[len(prefix):]
             if rel and not rel.endswith("/"):
-                out.append(self.download_file(f"s3://{bucket}/{key}", dest / rel))
+                parts = rel.split("/")
+                if rel.startswith("/") or ".." in parts:  # a key must not write outside dest
+                    raise ConfigError("PathNotAllowed", f"refusing object key outside the prefix: {key!r}")
+                out.append(self.download_file(f"s3://{bucket}/{key}", dest.joinpath(*parts)))
         return out
-
-    def upload_dir(self, src: Path, uri: str) -> list[Uploaded]:
-        uri = uri if uri.endswith("/") else uri + "/"
-        return [self.upload_file(p, uri + p.relative_to(src).as_posix())
-                for p in sorted(src.rglob("*")) if p.is_file()]

@@ -21,6 +21,7 @@ from pydantic_core import PydanticUndefined
 from finetune_api.spec import (
     DEFAULT_BASE_MODEL,
     BaseModelSpec,
+    DatasetFormat,
     DatasetSpec,
     EvaluationSpec,
     GgufQuant,
@@ -53,7 +54,7 @@ class PrepareDataset(Tool):
     source: str = _like(DatasetSpec, "source", default=...)
     output_dir: str = Field(description="Folder for train/validation/parity Parquet files and report.json.")
     split: str = _like(DatasetSpec, "split")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt-completion"] = _like(DatasetSpec, "format")
+    format: DatasetFormat = _like(DatasetSpec, "format")
     validation_split: float = _like(DatasetSpec, "validation_split")
     base_model: str = Field(DEFAULT_BASE_MODEL, description=(
         "Model whose tokenizer and chat template are used: " + (BaseModelSpec.model_fields["name"].description or "")))

@@ -12,11 +12,10 @@ Layout under the run's prefix:
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_api.status import Artifact
+from finetune_api.status import Artifact, now_rfc3339
 
 from .paths import Workdir
 from .s3 import S3Store, sha256_file
@@ -63,7 +62,7 @@ def upload(wd: Workdir, output_uri: str, store: S3Store, manifest_extra: dict[st
                                   sha256=up.sha256))
     manifest = {
         "apiVersion": "finetune.dev/v1alpha1", "kind": "Manifest",
-        "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "outputUri": base,
+        "createdAt": now_rfc3339(), "outputUri": base,
         **manifest_extra,
         "artifacts": [a.wire() for a in artifacts],
     }

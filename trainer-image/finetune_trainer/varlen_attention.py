@@ -46,6 +46,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from finetune_api.status import Reason
+
 from .errors import ConfigError
 
 NAME = "finetune_varlen"
@@ -78,8 +80,9 @@ def _count(key: str) -> None:
 def require_reached() -> None:
     """After a first padding-free forward: stop rather than train with attention across sequences."""
     if not STATS["calls"]:
-        raise RuntimeError("padding-free batches did not reach the varlen attention kernel; "
-                           "set training.paddingFree: off to train on padded batches")
+        # The model's attention path does not route through the kernel: a retry would miss it again.
+        raise ConfigError(Reason.PADDING_FREE_UNSUPPORTED, "padding-free batches did not reach the varlen "
+                          "attention kernel; set training.paddingFree: off to train on padded batches")
 
 
 def unservable(config, on_unsloth_decoder: bool = False) -> str | None:

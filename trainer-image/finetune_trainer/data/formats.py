@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt-completion", "text")
-# The columns that identify each format.
+# The columns that identify each format (every DatasetFormat of the API but auto).
 SIGNATURES: dict[str, frozenset[str]] = {
     "alpaca": frozenset({"instruction", "output"}),
     "sharegpt": frozenset({"conversations"}),

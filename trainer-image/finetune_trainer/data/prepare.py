@@ -33,12 +33,12 @@ from finetune_api.spec import DatasetSpec, S3Spec, TrainingSpec
 from ..cache import Lookup, S3Cache, digest, sha256_files
 from ..chat_templates import ChatTemplate
 from ..errors import ConfigError
+from . import IGNORE
 from .formats import AmbiguousFormat, RowError, detect, normalize
 from .sources import Rows, load_rows
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of tokens that carry no loss
 MAX_MALFORMED_FRACTION = 0.10  # more than this and the data is wrong, not noisy: fail the run
 REPORTED_ERRORS = 50  # row errors listed in report.json (all are counted)
 SPLITS = ("train", "validation", "parity")

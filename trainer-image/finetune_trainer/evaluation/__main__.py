@@ -1,7 +1,7 @@
-"""python -m finetune_trainer.evaluation --gguf f16=model-f16.gguf --tasks arc_easy --output eval/"""
+"""python -m finetune_trainer.evaluation ...: the same as `finetune eval ...` (cli.py)."""
 
 import sys
 
-from .runner import main
+from ..cli import main
 
-sys.exit(main())
+sys.exit(main(["eval", *sys.argv[1:]]))

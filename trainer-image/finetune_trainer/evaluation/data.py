@@ -15,17 +15,16 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from finetune_api.status import Reason
+
+from ..errors import ConfigError
+from ..paths import cache_dir
+
 log = logging.getLogger(__name__)
 
-# A task folder used when the spec names no dataUri; default: <cache>/lm-eval-tasks, where
-# hack/bootstrap.sh builds the offline MMLU (FTO_CACHE / XDG_CACHE_HOME as in bootstrap.sh).
+# A task folder used when the spec names no dataUri; default: <cache>/lm-eval-tasks (paths.cache_dir),
+# where hack/bootstrap.sh builds the offline MMLU.
 ENV_TASK_LIBRARY = "FINETUNE_EVAL_TASKS"
-
-
-def cache_dir() -> Path:
-    """The project's download cache (hack/bootstrap.sh's $CACHE)."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("FTO_CACHE") or Path(xdg) / "finetune-operator")
 
 
 def task_library() -> Path | None:
@@ -38,10 +37,10 @@ def task_library() -> Path | None:
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix/"); the prefix always ends with "/" or is empty."""
     if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise ConfigError(Reason.INVALID_URI, f"not an s3:// URI: {uri!r}")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     if not bucket:
-        raise ValueError(f"no bucket in {uri!r}")
+        raise ConfigError(Reason.INVALID_URI, f"no bucket in {uri!r}")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
 
@@ -62,25 +61,30 @@ def s3_client(endpoint_url: str | None = None):
 
 def download_prefix(uri: str, dest: Path, client: Any = None) -> list[Path]:
     """Copy every object under an s3:// prefix into ``dest``, keeping the key layout below the prefix."""
+    from ..s3 import classify
+
     bucket, prefix = split_s3_uri(uri)
     client = client or s3_client()
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     written: list[Path] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            rel = PurePosixPath(key[len(prefix):])
-            if key.endswith("/") or not rel.parts:
-                continue  # "folder" marker objects
-            if rel.is_absolute() or ".." in rel.parts:
-                raise ValueError(f"refusing object key outside the prefix: {key!r}")
-            target = root.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(target))
-            written.append(target)
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                rel = PurePosixPath(key[len(prefix):])
+                if key.endswith("/") or not rel.parts:
+                    continue  # "folder" marker objects
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise ConfigError(Reason.PATH_NOT_ALLOWED, f"refusing object key outside the prefix: {key!r}")
+                target = root.joinpath(*rel.parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(target))
+                written.append(target)
+    except Exception as exc:  # noqa: BLE001 - S3's failures, classified as the rest of the trainer's
+        raise classify(exc, f"evaluation.dataUri {uri}") from exc
     if not written:
-        raise FileNotFoundError(f"no objects under {uri}")
+        raise ConfigError(Reason.OBJECT_NOT_FOUND, f"evaluation.dataUri: no objects under {uri}")
     log.info("downloaded %d task files from %s", len(written), uri)
     return written
 
@@ -97,7 +101,7 @@ def resolve_task_dir(data_uri: str | None, workdir: Path, client: Any = None) ->
         return dest
     path = Path(data_uri).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"evaluation dataUri {data_uri} is not a folder")
+        raise ConfigError(Reason.OBJECT_NOT_FOUND, f"evaluation.dataUri {data_uri} is not a folder")
     if not any(path.rglob("*.yaml")):
-        raise FileNotFoundError(f"evaluation dataUri {data_uri} holds no task *.yaml file")
+        raise ConfigError(Reason.OBJECT_NOT_FOUND, f"evaluation.dataUri {data_uri} holds no task *.yaml file")
     return path.resolve()

@@ -1,8 +1,8 @@
 """lm-eval model ``llama-cpp-inprocess``: a GGUF file scored in this process through llama-cpp-python.
 
 lm-eval's own ``gguf`` model sends one HTTP request per (context, continuation) to a llama.cpp
-server and reads top-10 logprobs back; measured here it took 6 min 19 s for 32 requests that this
-class scores in seconds. This class calls ``llama_decode`` directly and asks llama.cpp for logits
+server and reads top-10 logprobs back, which is orders of magnitude slower (docs/benchmarks.md,
+"Evaluation speed"). This class calls ``llama_decode`` directly and asks llama.cpp for logits
 only at the positions that are scored, so nothing else crosses the C boundary.
 
 How requests are batched:

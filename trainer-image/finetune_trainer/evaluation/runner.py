@@ -1,25 +1,25 @@
 """run_eval: every selected GGUF file through lm-evaluation-harness, then eval.json and eval.md.
 
     finetune eval --gguf f16=out/model-f16.gguf --gguf q4_k_m=out/model-q4_k_m.gguf \\
-        --tasks arc_easy,hellaswag --limit 200 --output out/eval
+        --tasks arc_easy,hellaswag --limit 200 --output-dir out/eval      (cli.py)
 
 One GGUF at a time is loaded (in process, through llama.cpp), evaluated on every task, and freed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from finetune_api.spec import EvaluationSpec
+from finetune_api.status import Reason
 
+from ..errors import ConfigError
 from . import results as R
 from .data import resolve_task_dir
 
@@ -37,16 +37,17 @@ def select_models(gguf_files: Mapping[str, Path], spec: EvaluationSpec) -> list[
     wanted = list(spec.quantizations) if spec.quantizations is not None else quants
     missing = [q for q in wanted if q not in gguf_files]
     if missing:
-        raise ValueError(f"evaluation.quantizations {missing} have no GGUF file (have {sorted(gguf_files)})")
+        raise ConfigError(Reason.INVALID_SPEC, f"evaluation.quantizations {missing} have no GGUF file "
+                          f"(have {sorted(gguf_files)}): list them in export.gguf")
     if spec.include_base:
         if R.BASE not in gguf_files:
-            raise ValueError("evaluation.includeBase is set but no base-model GGUF was given")
+            raise ConfigError(Reason.INVALID_SPEC, "evaluation.includeBase is set but no base-model GGUF was given")
         wanted.append(R.BASE)
     if not wanted:
-        raise ValueError("nothing to evaluate: no GGUF file selected")
+        raise ConfigError(Reason.INVALID_SPEC, "nothing to evaluate: no GGUF file selected")
     for name in wanted:
         if not Path(gguf_files[name]).is_file():
-            raise FileNotFoundError(f"GGUF file for {name} not found: {gguf_files[name]}")
+            raise ConfigError(Reason.MISSING_STAGE_OUTPUT, f"GGUF file for {name} not found: {gguf_files[name]}")
     return [(name, Path(gguf_files[name]).resolve()) for name in R.order_models(wanted)]
 
 
@@ -142,20 +143,25 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
                 n * share + share * done / max(total, 1), eta, force=done == total)
 
         t0 = time.monotonic()
-        lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
         try:
-            with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
-                out = evaluator.simple_evaluate(
-                    model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
-                    task_manager=manager, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
-                    random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
-        finally:
-            lm.close()
+            lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
+            try:
+                with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
+                    out = evaluator.simple_evaluate(
+                        model=lm, tasks=tasks, num_fewshot=spec.num_fewshot, limit=spec.limit,
+                        task_manager=manager, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
+                        random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED)
+            finally:
+                lm.close()
+        except (ValueError, RuntimeError) as exc:
+            # The same file, tasks and settings fail the same way on a retry (a model llama.cpp cannot
+            # load, a task whose requests do not fit the context): not a transient failure.
+            raise ConfigError(Reason.EVALUATION_FAILED, f"evaluating {name} ({path.name}): {exc}") from exc
         if out is None:
-            raise RuntimeError(f"lm-eval returned no results for {name}")
+            raise ConfigError(Reason.EVALUATION_FAILED, f"lm-eval returned no results for {name}")
         missing = [t for t in tasks if t not in (out.get("results") or {}) and t not in (out.get("groups") or {})]
         if missing:
-            raise RuntimeError(f"lm-eval produced no results for tasks {missing}")
+            raise ConfigError(Reason.EVALUATION_FAILED, f"lm-eval produced no results for tasks {missing}")
         per_model[name], details[name] = R.summarize(out, tasks)
         better.update(R.higher_is_better(out))
         info[name] = {"file": path.name, "sizeBytes": path.stat().st_size,
@@ -184,49 +190,3 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
     (workdir / "eval.md").write_text(R.render_markdown(per_model, better, header))
     say(f"evaluation done in {document['seconds']} s", 100.0, 0, force=True)
     return metrics
-
-
-# -- CLI -----------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="finetune eval",
-        description="Evaluate GGUF files with lm-evaluation-harness, in process through llama.cpp.")
-    p.add_argument("--gguf", action="append", required=True, metavar="TYPE=PATH",
-                   help="a GGUF file and its quantization type (f16, q8_0, q4_k_m, ...; 'base' for the base "
-                        "model); repeat for several")
-    p.add_argument("--tasks", action="append", required=True, metavar="TASK[,TASK...]",
-                   help="lm-eval task or group names, comma-separated or repeated")
-    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
-    p.add_argument("--include-path", default=None, metavar="DIR|s3://BUCKET/PREFIX",
-                   help="offline task folder: lm-eval task YAMLs with their JSON Lines data")
-    p.add_argument("--output", required=True, type=Path, help="folder for eval.json and eval.md")
-    p.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context size (default 4096)")
-    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers offloaded to a GPU (-1: all)")
-    p.add_argument("--n-threads", type=int, default=None, help="CPU threads (default: all usable)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``finetune eval ...``; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    files: dict[str, Path] = {}
-    for item in args.gguf:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--gguf wants TYPE=PATH, got {item!r}")
-        files[name.strip().lower()] = Path(path)
-    tasks = list(dict.fromkeys(t.strip() for group in args.tasks for t in group.split(",") if t.strip()))
-    data_uri = args.include_path
-    if data_uri and not data_uri.startswith("s3://"):
-        data_uri = str(Path(data_uri).expanduser().resolve())
-    spec = EvaluationSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, data_uri=data_uri,
-                          include_base=R.BASE in files)
-    model_args = {k: v for k, v in {"n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers,
-                                     "n_threads": args.n_threads}.items() if v is not None}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_eval(files, spec, args.output, model_args=model_args)
-    sys.stdout.write((args.output / "eval.md").read_text())
-    return 0
