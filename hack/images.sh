@@ -52,6 +52,9 @@ FTO_TRAINER_IMAGE=$TRAINER_IMAGE
 ENV
 }
 if [[ ${1:-} == --print-env ]]; then write_env; cat "$DIR/images.env"; exit 0; fi
+# One build at a time per cache (worktrees share it): a second run waits, then finds the layers built.
+exec 9>"$DIR/.lock"
+flock 9
 
 bah() { nice -n 10 buildah --root "$STORE" --runroot "$RUNROOT" --storage-driver overlay "$@"; }
 have_image() { bah inspect --type image "$1" >/dev/null 2>&1; }
