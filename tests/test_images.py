@@ -187,7 +187,7 @@ def test_finetunejob_runs_in_the_trainer_image_and_uploads_to_s3(kubeconfig, rel
     assert status["phase"] == "Succeeded", (status, container_node.log_tails(8000, pods=4))
 
     # The trainer's pod ran on the container node, from the trainer image.
-    (pod,) = pods(kubeconfig, namespace, "job-name")
+    (pod,) = [p for p in pods(kubeconfig, namespace, "job-name") if p["metadata"]["labels"]["job-name"].startswith("boxed")]
     assert pod["spec"]["nodeName"] == container_node.node_name
     assert pod["spec"]["containers"][0]["image"] == images_ref(container_node, "trainer")
     # ...under the runtime spec runc was given: uid 1000, read-only root, emptyDirs at /workspace and /tmp.
