@@ -74,6 +74,12 @@ def kubelet_config(sock: Path, port: int) -> dict:
         "address": "127.0.0.1", "port": port, "readOnlyPort": 0, "healthzPort": 0,
         # No QoS cgroup tree or allocatable enforcement: the host's cgroups are not the kubelet's.
         "cgroupsPerQOS": False, "enforceNodeAllocatable": [],
+        # The disk is the dev machine's, shared with builds: the default thresholds (imagefs 15 %
+        # free) put the node under DiskPressure and evicted the tests' pods. Nor may image GC
+        # delete the images imported for the tests.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
+                         "nodefs.inodesFree": "1%"},
+        "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
     }
 
 
