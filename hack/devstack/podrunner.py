@@ -79,7 +79,7 @@ class PodRun:
 
 class LocalPodRunner:
     def __init__(self, kubeconfig: str | Path, workdir: Path | None = None, extra_env: dict[str, str] | None = None,
-                 node_name: str = NODE_NAME):
+                 node_name: str = NODE_NAME, labels: dict[str, str] | None = None):
         self.kube = Kube.from_kubeconfig(kubeconfig)
         self.node_name = node_name
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="fto-runner-"))
@@ -97,7 +97,7 @@ class LocalPodRunner:
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.node = RunnerNode(self.kube, node_name)
+        self.node = RunnerNode(self.kube, node_name, labels)
 
     # --- public ----------------------------------------------------------------------------------
     def start(self) -> LocalPodRunner:
@@ -234,11 +234,16 @@ class LocalPodRunner:
                 self._log(f"delete {ns}/{name} failed: {e}")
 
     # --- running ---------------------------------------------------------------------------------
+    def _sandbox(self, run: PodRun) -> PodSandbox:
+        """How this runner turns the pod's containers into processes (devstack.containers: in runc)."""
+        return PodSandbox(run.pod, run.root, self.kube, self.base_env, self.service_env)
+
     def _run_pod(self, run: PodRun) -> None:
+        sandbox = None
         try:
             self._log(f"starting {run.ns}/{run.name}")
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
-            sandbox = PodSandbox(run.pod, run.root, self.kube, self.base_env, self.service_env)
+            sandbox = self._sandbox(run)
             spec = run.pod["spec"]
             while not run.deleting.is_set():
                 try:
@@ -273,6 +278,8 @@ class LocalPodRunner:
         except Exception:
             self._log(f"{run.ns}/{run.name} runner error:\n{traceback.format_exc()}")
         finally:
+            if sandbox is not None:
+                sandbox.close()
             run.done.set()
 
     def _run_container(self, run: PodRun, c: ContainerRun, init: bool = False) -> int:

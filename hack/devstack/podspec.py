@@ -158,6 +158,9 @@ class PodSandbox:
         path.write_bytes(data)
         path.chmod(mode if mode is not None else 0o644)
 
+    def close(self) -> None:
+        """Release what launching took (processes need nothing; containers do)."""
+
     # --- env -------------------------------------------------------------------------------------
     def field(self, path: str) -> str:
         pod = self.pod
