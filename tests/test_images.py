@@ -158,6 +158,7 @@ def images_ref(runner: ContainerPodRunner, kind: str) -> str:
     return runner.store.images[kind]
 
 
+@pytest.mark.trainer_image
 def test_finetunejob_runs_in_the_trainer_image_and_uploads_to_s3(kubeconfig, release, container_node, s3,
                                                                  tiny_model):
     built(container_node.store, "trainer")

@@ -82,6 +82,7 @@ def test_operator_image_runs_as_a_real_pod(kubeconfig, namespace, real_node):
     assert f"namespace {namespace}" in log, log
 
 
+@pytest.mark.trainer_image
 def test_trainer_image_runs_as_a_real_pod(kubeconfig, namespace, real_node):
     # The trainer's own stack imports and its CLI answers, as uid 1000 with only its emptyDirs writable.
     script = ("import os, subprocess, torch, transformers, peft, llama_cpp, finetune_trainer; "
