@@ -106,6 +106,7 @@ def _not_started(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, obs
     update = status_update(fresh, obs, generation)
     patch.status.update(update)
     patch.status.update({"observedGeneration": generation, "jobName": None, "specHash": None,
+                         "worldSize": None, "gpus": None,
                          "progress": None, "metrics": None, "artifacts": None, "outputUri": None})
     if transition(status, obs):  # Events and the error counter count transitions, not retries
         kopf.event(body, type="Warning", reason=str(obs.reason), message=obs.message[:1024])
@@ -183,6 +184,9 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
     kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
                           builders.build_config_map(run_config, owner))
+    if spec.resources.nodes > 1:  # the pods' names resolve (for the rendezvous) once they start
+        kube.create_if_absent(kube.core().create_namespaced_service, namespace,
+                              builders.build_service(spec, owner, new_run))
     created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
     if status.get("jobName"):
         _retire_run(namespace, status, patch)
@@ -196,6 +200,7 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     patch.status.update({
         "run": new_run, "specHash": wanted, "jobName": job["metadata"]["name"], "outputUri": run_config.output_uri,
         "observedGeneration": generation, "startTime": now, "completionTime": None,
+        "worldSize": spec.resources.world_size, "gpus": spec.resources.gpus * spec.resources.nodes,
         "progress": None, "metrics": None, "artifacts": None,
     })
     reason = Reason.SPEC_CHANGED if run else Reason.JOB_CREATED
@@ -223,7 +228,7 @@ def _retire_run(namespace: str, status: dict[str, Any], patch: kopf.Patch) -> No
         "phase": phase if Phase(phase).finished else f"{phase} (superseded)",
         "startTime": status.get("startTime"), "completionTime": status.get("completionTime") or now_rfc3339(),
         "reason": status.get("reason"), "message": status.get("message"), "outputUri": status.get("outputUri"),
-        "metrics": status.get("metrics"),
+        "worldSize": status.get("worldSize"), "gpus": status.get("gpus"), "metrics": status.get("metrics"),
     }
     history = [h for h in status.get("history") or [] if h.get("run") != entry["run"]]
     patch.status["history"] = [*history, {k: v for k, v in entry.items() if v is not None}]
@@ -289,7 +294,8 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     if update.get("phase"):
         metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()
         if obs.phase.finished and update.get("completionTime"):
-            gpus = ((ftj.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+            resources = (ftj.get("spec") or {}).get("resources") or {}
+            gpus = status.get("gpus", resources.get("gpus", 1) * resources.get("nodes", 1))
             metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(
                 gpu_hours(status.get("startTime"), update["completionTime"], gpus))
         kind = "Warning" if obs.phase is Phase.FAILED else "Normal"
