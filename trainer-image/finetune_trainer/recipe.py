@@ -226,6 +226,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 if world.main:
                     checkpoints.save(step, model, optimizer, scheduler,
                                      {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+                distributed.barrier()  # torchrun stops a pod's processes once one of them exits
                 raise TransientError("Terminated", f"{stop.requested or 'another process stopped'} at step {step}; "
                                      "checkpoint saved, resume continues")
             n_labels = n_labels or 1

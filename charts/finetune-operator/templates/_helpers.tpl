@@ -108,7 +108,7 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 # The headless Service of a multi-pod run (its pods' DNS names, for torchrun's rendezvous).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
