@@ -1,8 +1,9 @@
 """Two training pods through the operator: `resources.nodes: 2` → an Indexed Job and a headless Service,
 torchrun's c10d rendezvous on pod 0 (the dev pod runner maps the Service's names to this host), one
 gloo process per pod on CPU. Rank 1 is killed mid-run; the Job's retry restarts both pods, which resume
-from the S3 checkpoint, and the run ends with the loss curve and GGUF tensors of a one-process run
-with the same global batch."""
+from the S3 checkpoint, and the run ends with the loss curve and the adapter of a one-process run with
+the same global batch. (The GGUF export of the same weights is compared in test_trainer_distributed.py;
+here it would only add minutes of conversion on CPU.)"""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def manifest(name, base, s3, bucket, nodes):
             "dataset": {"configMapRef": {"name": "rows", "key": "train.jsonl"}, "format": "alpaca"},
             "training": {"maxSteps": STEPS, "batchSize": 2, "gradientAccumulationSteps": 2, "maxSeqLength": 64,
                          "learningRate": 5e-3, "checkpointEverySteps": 2},
-            "export": {"gguf": ["f16"], "parityCheck": False},
+            "export": {"gguf": [], "adapter": True},
             "output": {"s3": {"bucket": bucket, "endpoint": s3.endpoint, "forcePathStyle": True,
                               "credentialsSecretRef": {"name": "s3"}}},
             "resources": {"gpus": 0, "nodes": nodes, "nodeSelector": RUNNER},
@@ -57,13 +58,13 @@ def final_state(s3, bucket, status) -> dict:
     return json.loads(body.read())
 
 
-def f16_tensors(s3, bucket, status, tmp_path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader
+def adapter_tensors(s3, bucket, status, tmp_path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
 
-    uri = next(a["uri"] for a in status["artifacts"] if a.get("quantization") == "f16")
-    path = tmp_path / uri.rsplit("/", 1)[1]
+    uri = next(a["uri"] for a in status["artifacts"] if a["kind"] == "adapter" and a["uri"].endswith(".safetensors"))
+    path = tmp_path / f"{status['outputUri'].rstrip('/').split('/')[-3]}.safetensors"
     s3.client().download_file(bucket, uri.removeprefix(f"s3://{bucket}/"), str(path))
-    return {t.name: np.array(t.data, dtype=np.float32) for t in GGUFReader(str(path)).tensors}
+    return load_file(str(path))
 
 
 def rank_one_pod(k8s, pod_runner, namespace, job):
@@ -108,12 +109,12 @@ def test_two_pods_train_like_one_and_resume_after_rank_one_dies(operator, k8s, k
                    for p in k8s.get("pods", selector="job-name=two-r1")["items"])
     assert "resuming from step-" in logs
 
-    # Same global batch, same curve (the resumed steps included), same exported tensors.
+    # Same global batch, same curve (the resumed steps included), same trained weights.
     curve_one, curve_two = final_state(s3, bucket, one)["losses"], final_state(s3, bucket, two)["losses"]
     assert len(curve_two) == STEPS and curve_one[-1] < curve_one[0]
     np.testing.assert_allclose(curve_two, curve_one, rtol=1e-4)
     assert two["metrics"]["tokens"] == one["metrics"]["tokens"]
-    a, b = f16_tensors(s3, bucket, one, tmp_path), f16_tensors(s3, bucket, two, tmp_path)
-    assert a.keys() == b.keys()
+    a, b = adapter_tensors(s3, bucket, one, tmp_path), adapter_tensors(s3, bucket, two, tmp_path)
+    assert a.keys() == b.keys() and a
     for name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=2e-3, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -232,6 +232,7 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         steps["parity"] = round(time.monotonic() - t_parity, 2)
     # Where the export's time goes (merge, 16-bit convert, each quantization, parity), for the status.
     ctx.timings["exportSteps"] = steps
+    ctx.wd.gguf.mkdir(parents=True, exist_ok=True)  # absent where export.gguf is empty (adapter only)
     (ctx.wd.gguf / "parity.json").write_text(json.dumps(parity_results, indent=2))
     ctx.mark("export")
     _timed(ctx, "export", t0)
