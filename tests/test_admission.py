@@ -61,6 +61,9 @@ CASES = [
     ("duplicate quant", with_("spec.export.gguf", ["q8_0", "q8_0"]), "spec.export.gguf"),
     ("qlora without gpu", with_("spec.resources", {"gpus": 0}) | {}, None),  # replaced below
     ("too many gpus", with_("spec.resources.gpus", 64), "spec.resources.gpus"),
+    ("zero nodes", with_("spec.resources.nodes", 0), "spec.resources.nodes"),
+    ("accumulation not shared by the processes", with_("spec.resources", {"gpus": 2, "nodes": 2}),
+     "spec.training.gradientAccumulationSteps"),
     ("bad memory quantity", with_("spec.resources.memory", "lots"), "spec.resources.memory"),
     ("bad pull policy", with_("spec.resources.imagePullPolicy", "Sometimes"), "spec.resources.imagePullPolicy"),
     ("negative backoff", with_("spec.runPolicy.backoffLimit", -1), "spec.runPolicy.backoffLimit"),

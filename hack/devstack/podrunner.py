@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -94,6 +95,8 @@ class LocalPodRunner:
         # The trainer image's own ENV, then the caller's additions.
         self.base_env = {**clean_env(), **trainer_image_env(), **(extra_env or {})}
         self._runs: dict[str, PodRun] = {}  # by pod uid
+        self._service_ports: dict[tuple[str, int], int] = {}  # (headless Service, its port) → a free local port
+        self._ports_lock = threading.Lock()
         self._runs_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -138,6 +141,15 @@ class LocalPodRunner:
         parts = [f"===== pod runner ({self.runner_log}) =====\n{tail(self.runner_log, max_bytes)}"]
         parts += [f"===== pod {r.ns}/{r.name} ({r.log_path}) =====\n{tail(r.log_path, max_bytes)}" for r in recent]
         return "\n".join(parts)
+
+    def service_port(self, service: str, port: int) -> int:
+        """The local port standing in for a headless Service's port (ServiceHosts in podspec.py)."""
+        with self._ports_lock:
+            if (service, port) not in self._service_ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    self._service_ports[(service, port)] = s.getsockname()[1]
+            return self._service_ports[(service, port)]
 
     def _log(self, msg: str) -> None:
         with open(self.runner_log, "a") as f:
@@ -236,7 +248,8 @@ class LocalPodRunner:
     # --- running ---------------------------------------------------------------------------------
     def _sandbox(self, run: PodRun) -> PodSandbox:
         """How this runner turns the pod's containers into processes (devstack.containers: in runc)."""
-        return PodSandbox(run.pod, run.root, self.kube, self.base_env, self.service_env)
+        return PodSandbox(run.pod, run.root, self.kube, self.base_env, self.service_env,
+                          lambda service, port: self.service_port(f"{run.ns}/{service}", port))
 
     def _run_pod(self, run: PodRun) -> None:
         sandbox = None

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +60,32 @@ class PathMap:
         return self._re.sub(lambda m: self._hosts[m.group(1)], s)
 
 
+class ServiceHosts:
+    """Names under a pod's headless Service (<host>.<subdomain>[.<ns>[.svc[.cluster.local]]]) → this host.
+
+    Every pod here shares the host's network, so pod i of an Indexed Job is 127.0.0.1 too; a port
+    after such a name becomes one the runner picked for that Service and port (`port_for`), so that
+    two runs' rendezvous on this host never collide."""
+
+    def __init__(self, subdomain: str | None, namespace: str, port_for: Callable[[str, int], int]):
+        self.port_for = port_for
+        self._re = None
+        if subdomain:
+            domain = rf"{re.escape(subdomain)}(?:\.{re.escape(namespace)}(?:\.svc(?:\.cluster\.local)?)?)?"
+            self._re = re.compile(rf"(?<![\w.-])[a-z0-9]([-a-z0-9]*[a-z0-9])?\.{domain}(?::(\d+))?(?![\w.-])")
+        self.subdomain = subdomain
+
+    def __call__(self, s: str) -> str:
+        if self._re is None:
+            return s
+
+        def local(m: re.Match) -> str:
+            port = m.group(2)
+            return "127.0.0.1" + (f":{self.port_for(self.subdomain, int(port))}" if port else "")
+
+        return self._re.sub(local, s)
+
+
 def expand(s: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: $$ escapes, unknown references stay as they are."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
@@ -68,7 +95,8 @@ def expand(s: str, env: dict[str, str]) -> str:
 class PodSandbox:
     """Materialises one pod's volumes under `root` and builds a Launch per container."""
 
-    def __init__(self, pod: dict, root: Path, kube: Kube, base_env: dict[str, str], service_env: dict[str, str]):
+    def __init__(self, pod: dict, root: Path, kube: Kube, base_env: dict[str, str], service_env: dict[str, str],
+                 port_for: Callable[[str, int], int] | None = None):
         self.pod = pod
         self.root = root
         self.kube = kube
@@ -76,6 +104,7 @@ class PodSandbox:
         self.service_env = service_env
         self.ns = pod["metadata"]["namespace"]
         self.volume_dirs: dict[str, Path] = {}
+        self.hosts = ServiceHosts(pod["spec"].get("subdomain"), self.ns, port_for or (lambda _service, port: port))
 
     # --- volumes ---------------------------------------------------------------------------------
     def materialise_volumes(self) -> None:
@@ -236,13 +265,13 @@ class PodSandbox:
         raw_env = self._env(container)
         argv_raw = [*(container.get("command") or []), *(container.get("args") or [])]
         # $(VAR) is expanded with the unmapped values; each string is then remapped exactly once.
-        argv = [remap(expand(a, raw_env)) for a in argv_raw]
+        argv = [self.hosts(remap(expand(a, raw_env))) for a in argv_raw]
         env = {**self.base_env, **self.service_env, "HOSTNAME": self.pod["metadata"]["name"]}
         sa_dir = next((h for m, h in pairs if m.rstrip("/") == SA_MOUNT), None)
         if sa_dir:
             # The trainer reads its in-cluster credentials from here instead of the fixed path.
             env["FINETUNE_SERVICEACCOUNT_DIR"] = sa_dir
-        env.update({k: remap(v) for k, v in raw_env.items()})
+        env.update({k: self.hosts(remap(v)) for k, v in raw_env.items()})
         return Launch(name=name, argv=argv, env=env, cwd=cwd, termination_file=term_file,
                       termination_policy=container.get("terminationMessagePolicy", "File"),
                       restart_policy=self.pod["spec"].get("restartPolicy", "Always"), mapping=remap.pairs)

@@ -164,6 +164,7 @@ def build_crd() -> dict[str, Any]:
         model_schema(FinetuneJobSpec), status_schema(), MAX_NAME, "it names the training Job and pods",
         [
             ("Phase", "string", ".status.phase", "Lifecycle phase"),
+            ("GPUs", "integer", ".status.gpus", "GPUs of the current run, all its pods together"),
             ("Progress", "integer", ".status.progress.percent", "Percent of training done"),
             ("Loss", "number", ".status.progress.loss", "Training loss"),
             ("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput"),

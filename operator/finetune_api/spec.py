@@ -320,7 +320,17 @@ class ResourcesSpec(ApiModel):
              "spec.resources.priorityClassName: system- priority classes are reserved for the cluster",
              lambda s: not (s.priority_class_name or "").startswith("system-"), field_path=".priorityClassName"),
     )
-    gpus: int = Field(1, ge=0, le=16, description="GPUs for the training pod; 0 trains on CPU (tiny models only).")
+    gpus: int = Field(1, ge=0, le=16, description=(
+        "GPUs for each training pod; 0 trains on CPU (tiny models only). More than one runs the trainer "
+        "under torchrun, one data-parallel process per GPU (DDP)."))
+    nodes: int = Field(1, ge=1, le=64, description=(
+        "Training pods (an Indexed Job with a headless Service; torchrun's c10d rendezvous on pod 0). "
+        "The run has gpus x nodes processes (nodes on CPU). Whatever their number, a step is the same "
+        "gradientAccumulationSteps micro-batches of batchSize rows in the same order, each process taking "
+        "an equal share of them, so the global batch, the data order, the step count and the learning-"
+        "rate schedule do not depend on gpus or nodes (hence gradientAccumulationSteps must be a multiple "
+        "of the process count). Process 0 alone reports progress, checkpoints, exports and uploads; "
+        "every process resumes from the same checkpoint, and a failed process fails the attempt."))
     gpu_resource_name: str = Field("nvidia.com/gpu", description=(
         "Extended resource name of a GPU; only names the operator allows (Helm value "
         "security.allowedGpuResources)."),
@@ -351,6 +361,16 @@ class ResourcesSpec(ApiModel):
         pattern=K8S_NAME, max_length=253)
 
 
+    @property
+    def processes_per_node(self) -> int:
+        """torchrun's --nproc-per-node: one process per GPU, one on CPU."""
+        return max(self.gpus, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+
 class RunPolicySpec(ApiModel):
     backoff_limit: int = Field(2, ge=0, le=20, description="Retries of the training pod on transient failures.")
     active_deadline_seconds: int | None = Field(None, ge=1, le=86_400 * 60,
@@ -362,6 +382,13 @@ class RunPolicySpec(ApiModel):
                                    pattern=K8S_NAME, max_length=63)
 
 
+# Fields as CEL sees them in a stored object, which carries no defaults.
+ACCUM_CEL = ("has(self.training) && has(self.training.gradientAccumulationSteps) ? "
+             "self.training.gradientAccumulationSteps : 1")
+GPUS_CEL = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
+NODES_CEL = "has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1"
+
+
 class FinetuneJobSpec(ApiModel):
     """Fine-tune a small LLM with LoRA/QLoRA and export it as GGUF to S3."""
 
@@ -370,6 +397,10 @@ class FinetuneJobSpec(ApiModel):
              "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus >= 1",
              "training.method qlora needs resources.gpus >= 1",
              lambda s: s.training.method != "qlora" or s.resources.gpus >= 1),
+        Rule(f"({ACCUM_CEL}) % (({GPUS_CEL} > 0 ? {GPUS_CEL} : 1) * ({NODES_CEL})) == 0",
+             "spec.training.gradientAccumulationSteps: must be a multiple of the training processes "
+             "(resources.gpus x resources.nodes, one per node on CPU), which share each step's micro-batches",
+             lambda s: s.training.gradient_accumulation_steps % s.resources.world_size == 0),
         Rule("!has(self.evaluation) || !has(self.export) || !has(self.export.gguf) || size(self.export.gguf) > 0",
              "evaluation needs at least one export.gguf type",
              lambda s: s.evaluation is None or len(s.export.gguf) > 0),

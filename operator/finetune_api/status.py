@@ -170,7 +170,8 @@ class Progress(ApiModel):
     percent: int | None = Field(None, description="Percent of training done.")
     loss: float | None = Field(None, description="Training loss, smoothed over the report interval.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
-    tokens_per_second: float | None = Field(None, description="Training throughput (non-padding tokens).")
+    tokens_per_second: float | None = Field(None, description=(
+        "Training throughput (non-padding tokens), of all training processes together."))
     eta_seconds: int | None = Field(None, description="Estimated seconds of training left.")
     restarts: int | None = Field(None, description="Times this run's trainer resumed from a checkpoint.")
     message: str | None = Field(None, description="What the trainer is doing now.", max_length=1024)
@@ -196,6 +197,8 @@ class HistoryEntry(ApiModel):
     reason: str | None = Field(None, description="Why it ended.")
     message: str | None = Field(None, description="Detail.")
     output_uri: str | None = Field(None, description="Its artifacts' S3 prefix.")
+    world_size: int | None = Field(None, description="Its training processes.")
+    gpus: int | None = Field(None, description="Its GPUs, all pods together.")
     metrics: dict[str, Any] | None = Field(None, description="Its metrics.")
 
 
@@ -208,6 +211,9 @@ class FinetuneJobStatus(ApiModel):
     spec_hash: str | None = Field(None, description="Identity of the spec the current run trains (runPolicy.suspend excluded).")
     job_name: str | None = Field(None, description="The current run's Job.")
     output_uri: str | None = Field(None, description="The current run's S3 prefix.")
+    world_size: int | None = Field(None, description=(
+        "Training processes of the current run (resources.gpus x resources.nodes, one per node on CPU)."))
+    gpus: int | None = Field(None, description="GPUs of the current run, all its pods together.")
     start_time: str | None = Field(None, description="When the current run started.")
     completion_time: str | None = Field(None, description="When the current run finished.")
     progress: Progress | None = Field(None, description="Live progress of the current run.")

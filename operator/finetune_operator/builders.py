@@ -21,6 +21,9 @@ from .config import OperatorConfig
 CONTAINER = "trainer"
 SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
 TRAINER_UID = 1000
+RENDEZVOUS_PORT = 29500  # torchrun's c10d store, served by the agent on pod 0
+# How long torchrun waits for every pod to join: pods of one Job may start minutes apart (image pulls).
+RENDEZVOUS_JOIN_TIMEOUT = 1800
 
 
 def job_name(name: str, run: int) -> str:
@@ -29,6 +32,11 @@ def job_name(name: str, run: int) -> str:
 
 def config_map_name(name: str, run: int) -> str:
     return f"{name}-r{run}-config"
+
+
+def service_name(name: str, run: int) -> str:
+    """The headless Service of a multi-pod run: pod i is reachable as <job>-<i>.<service>."""
+    return job_name(name, run)
 
 
 def trainer_account_name(name: str) -> str:
@@ -192,6 +200,37 @@ def build_resources(spec: FinetuneJobSpec) -> dict[str, Any]:
     return out
 
 
+def build_service(spec: FinetuneJobSpec, owner: dict[str, Any], run: int) -> dict[str, Any]:
+    """Headless, so each pod of the Indexed Job gets a DNS name (the JobSet / Kubeflow Trainer pattern);
+    addresses are published before pods are ready, since the rendezvous is what makes them ready."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(service_name(name, run), owner, run),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels(name, run),
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]},
+    }
+
+
+def build_command(spec: FinetuneJobSpec, name: str, run: int) -> list[str]:
+    """`finetune run`, or with several processes the same under torchrun (finetune_trainer.launch is
+    torchrun itself, passing a configuration error's exit code on to the Job's podFailurePolicy)."""
+    trainer = ["run", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}", "--workdir", c.WORKDIR_MOUNT, "--resume"]
+    res = spec.resources
+    if res.world_size == 1:
+        return ["finetune", *trainer]
+    launch = ["python", "-m", "finetune_trainer.launch", "--nproc-per-node", str(res.processes_per_node),
+              "--max-restarts", "0"]  # a failed process fails the attempt; the Job retries, resuming
+    if res.nodes == 1:
+        launch += ["--standalone"]
+    else:
+        host = f"{job_name(name, run)}-0.{service_name(name, run)}"
+        launch += ["--nnodes", str(res.nodes), "--rdzv-backend", "c10d", "--rdzv-id", job_name(name, run),
+                   "--rdzv-endpoint", f"{host}:{RENDEZVOUS_PORT}",
+                   "--rdzv-conf", f"join_timeout={RENDEZVOUS_JOIN_TIMEOUT}"]
+    return [*launch, "-m", "finetune_trainer", *trainer]
+
+
 def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
                    service_account: str, live_jobs: int = 0) -> dict[str, Any]:
     name = owner["metadata"]["name"]
@@ -214,8 +253,7 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         "name": CONTAINER,
         "image": res.image or cfg.trainer_image,
         "imagePullPolicy": res.image_pull_policy or cfg.image_pull_policy,
-        "command": ["finetune", "run", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}",
-                    "--workdir", c.WORKDIR_MOUNT, "--resume"],
+        "command": build_command(spec, name, run),
         "env": build_env(spec, owner, run, cfg, live_jobs),
         "resources": build_resources(spec),
         "volumeMounts": mounts,
@@ -237,6 +275,8 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         "containers": [container],
         "volumes": volumes,
     }
+    if res.nodes > 1:
+        pod["subdomain"] = service_name(name, run)  # with the Indexed Job's hostname <job>-<index>
     if res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -255,8 +295,10 @@ def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
     meta = _meta(job_name(name, run), owner, run, annotations={SPEC_HASH_ANNOTATION: raw_spec_hash})
     if policy.queue_name:
         meta["labels"][c.KUEUE_QUEUE_LABEL] = policy.queue_name
+    nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
-        "backoffLimit": policy.backoff_limit,
+        # A failed attempt of a multi-pod run usually fails every pod (the others lose their peer).
+        "backoffLimit": policy.backoff_limit * nodes,
         # Kueue admits a queued Job by unsuspending it; otherwise suspend follows runPolicy.suspend.
         "suspend": bool(policy.suspend or policy.queue_name),
         "podFailurePolicy": {"rules": [
@@ -271,6 +313,8 @@ def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
             "spec": build_pod_spec(spec, owner, run, cfg, service_account, live_jobs),
         },
     }
+    if nodes > 1:  # pod i is torchrun node i; all of them run at once
+        job_spec.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes})
     if policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.ttl_seconds_after_finished is not None:

@@ -178,13 +178,17 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
     kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
                           builders.build_config_map(run_config, owner))
+    if spec.resources.nodes > 1:  # the pods' names resolve (for the rendezvous) once they start
+        kube.create_if_absent(kube.core().create_namespaced_service, namespace,
+                              builders.build_service(spec, owner, new_run))
     created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
     if status.get("jobName"):
         _delete_job(namespace, status["jobName"])
 
     obs = observe(job, [], None, new_run, queued=lifecycle.queued(spec.run_policy.queue_name, spec.run_policy.suspend))
     patch.status.update(lifecycle.new_run(status, obs, generation, new_run, wanted, job["metadata"]["name"],
-                                          run_config.output_uri))
+                                          run_config.output_uri, world_size=spec.resources.world_size,
+                                          gpus=spec.resources.gpus * spec.resources.nodes))
     reason = Reason.SPEC_CHANGED if run else Reason.JOB_CREATED
     message = f"run {new_run}: Job {job['metadata']['name']} {'created' if created else 'adopted'}"
     kopf.event(body, type="Normal", reason=str(reason), message=message)
@@ -255,7 +259,8 @@ def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bo
     if update.get("phase"):
         metrics.TRANSITIONS.labels(phase=obs.phase.value).inc()
         if obs.phase.finished and update.get("completionTime"):
-            gpus = ((ftj.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+            resources = (ftj.get("spec") or {}).get("resources") or {}
+            gpus = status.get("gpus", resources.get("gpus", 1) * resources.get("nodes", 1))
             metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(
                 gpu_hours(status.get("startTime"), update["completionTime"], gpus))
         run = status.get("run")

@@ -211,14 +211,14 @@ def retire(status: dict[str, Any], now: str | None = None) -> list[dict[str, Any
         "phase": phase if Phase(phase).finished else f"{phase} (superseded)",
         "startTime": status.get("startTime"), "completionTime": status.get("completionTime") or now or now_rfc3339(),
         "reason": status.get("reason"), "message": status.get("message"), "outputUri": status.get("outputUri"),
-        "metrics": status.get("metrics"),
+        "worldSize": status.get("worldSize"), "gpus": status.get("gpus"), "metrics": status.get("metrics"),
     }
     history = [h for h in status.get("history") or [] if h.get("run") != entry["run"]]
     return [*history, {k: v for k, v in entry.items() if v is not None}]
 
 
 # Fields of a run; a generation that does not start has none of them.
-_RUN_FIELDS = ("jobName", "specHash", "progress", "metrics", "artifacts", "outputUri")
+_RUN_FIELDS = ("jobName", "specHash", "worldSize", "gpus", "progress", "metrics", "artifacts", "outputUri")
 
 
 def not_started(status: dict[str, Any], obs: Observation, generation: int | None,
@@ -243,15 +243,17 @@ def retried(reason: str) -> bool:
 
 
 def new_run(status: dict[str, Any], obs: Observation, generation: int | None, run: int, spec_hash: str,
-            job_name: str, output_uri: str, now: str | None = None) -> dict[str, Any]:
-    """The status of run `run` just started (its Job created or adopted); the previous run is retired."""
+            job_name: str, output_uri: str, now: str | None = None, *, world_size: int = 1,
+            gpus: int = 0) -> dict[str, Any]:
+    """The status of run `run` just started (its Job created or adopted); the previous run is retired.
+    world_size: its training processes in all; gpus: GPUs in all (per pod × pods)."""
     now = now or now_rfc3339()
     update = {"history": retire(status, now)} if status.get("jobName") else {}
     update.update(status_update(status, obs, generation, now))
     update.update({"phase": obs.phase.value, "reason": str(obs.reason), "message": obs.message,
                    "run": run, "specHash": spec_hash, "jobName": job_name, "outputUri": output_uri,
                    "observedGeneration": generation, "startTime": now, "completionTime": None,
-                   "progress": None, "metrics": None, "artifacts": None})
+                   "worldSize": world_size, "gpus": gpus, "progress": None, "metrics": None, "artifacts": None})
     return update
 
 

@@ -55,6 +55,10 @@ def write_termination_message(reason: str, message: str) -> None:
     # The kubelet reads at most 4 KiB; keep the line well under it.
     line = json.dumps({"reason": reason, "message": redact(message)[:3000]})
     try:
+        # Under torchrun a pod's processes share the file: the first failure is the cause, the others'
+        # (a lost peer) follow from it.
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and os.path.exists(path) and os.path.getsize(path):
+            return
         with open(path, "w") as f:
             f.write(line + "\n")
     except OSError:

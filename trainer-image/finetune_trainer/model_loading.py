@@ -264,10 +264,12 @@ def _load_unsloth(base: BaseModel, training: TrainingSpec, offload_checkpoints: 
 
     for key, value in UNSLOTH_FAMILY_ENV.get(model_type(base), {}).items():
         os.environ.setdefault(key, value)  # read while the model trains too, so it stays set
+    # Under torchrun each process trains on its own GPU (Unsloth's default map starts at GPU 0).
+    placement = {"device_map": {"": torch.cuda.current_device()}} if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=base.source, max_seq_length=training.max_seq_length, dtype=torch.bfloat16,
         load_in_4bit=training.method == "qlora", full_finetuning=False, token=hf_token(),
-        revision=base.revision, random_state=training.seed,
+        revision=base.revision, random_state=training.seed, **placement,
     )
     lora = training.lora
     model = FastLanguageModel.get_peft_model(

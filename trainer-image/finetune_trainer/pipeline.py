@@ -26,6 +26,7 @@ from finetune_api.status import Artifact, Phase
 from . import (
     chat_templates,
     compile_cache,
+    distributed,
     egress_guard,
     export,
     model_loading,
@@ -57,6 +58,7 @@ class Context:
     compile: compile_cache.CompileCache | None = None
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
+    world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
 
     @property
     def spec(self):
@@ -119,9 +121,12 @@ def enforce_egress(cfg: RunConfig) -> None:
 def make_context(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> Context:
     enforce_egress(cfg)
     wd = Workdir(workdir).ensure()
+    world = distributed.World.from_env()
+    if not world.main:  # rank 0 alone reports to the status and writes the training log
+        return Context(cfg, wd, Reporter(run=cfg.job.run), resume, world=world)
     reporter = reporter or Reporter.from_env(run=cfg.job.run)
     reporter.metric_loggers.append(JsonlLogger(wd.train_log))
-    return Context(cfg, wd, reporter, resume)
+    return Context(cfg, wd, reporter, resume, world=world)
 
 
 def _timed(ctx: Context, name: str, t0: float) -> None:
@@ -140,7 +145,10 @@ def preflight(ctx: Context) -> None:
 def stage_prepare(ctx: Context) -> dict[str, Any]:
     t0 = time.monotonic()
     ctx.reporter.stage(Phase.PREPARING.value, f"base model {ctx.spec.base_model.resolved_name()}, dataset")
-    if ctx.done("prepare"):
+    if not ctx.world.local_main:  # the pod's first process prepares its workdir; the others read it
+        distributed.barrier()
+        report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
+    elif ctx.done("prepare"):
         report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
     else:
         report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
@@ -151,6 +159,8 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
             ctx.caches.update(report["cache"])
             ctx.reporter.message(f"prepared dataset: cache {report['cache']['dataset']} "
                                  f"({report['cache']['reason']})")
+    if ctx.world.local_main and ctx.world.distributed:
+        distributed.barrier()
     _timed(ctx, "prepare", t0)
     return report
 
@@ -162,10 +172,14 @@ def stage_train(ctx: Context) -> recipe.TrainResult:
     pad = ctx.tokenizer.pad_token_id
     training, choice = model_loading.resolve_auto(ctx.base, ctx.spec.training)
     ctx.auto = choice.reason if choice else None
-    restore_compile_cache(ctx, training)
+    if ctx.world.local_main:  # one process per pod fills the pod's compile cache folders
+        restore_compile_cache(ctx, training)
+    distributed.barrier()
     ctx.checkpoints = checkpoints
     result = recipe.train(ctx.base, training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
                           resume=ctx.resume, pad_id=pad if pad is not None else 0, upload_in_background=True)
+    if not ctx.world.main:
+        return result
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
         ctx.compile.save_in_background()
     plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
@@ -218,6 +232,7 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         steps["parity"] = round(time.monotonic() - t_parity, 2)
     # Where the export's time goes (merge, 16-bit convert, each quantization, parity), for the status.
     ctx.timings["exportSteps"] = steps
+    ctx.wd.gguf.mkdir(parents=True, exist_ok=True)  # absent where export.gguf is empty (adapter only)
     (ctx.wd.gguf / "parity.json").write_text(json.dumps(parity_results, indent=2))
     ctx.mark("export")
     _timed(ctx, "export", t0)
@@ -304,15 +319,28 @@ def finish(ctx: Context) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
-    if not resume:  # a run from scratch in a used workdir starts its training log over, too
+    world = distributed.World.from_env()
+    if not resume and world.main:  # a run from scratch in a used workdir starts its training log over, too
         Workdir(workdir).train_log.unlink(missing_ok=True)
     ctx = make_context(cfg, workdir, resume, reporter)
-    # Fail in seconds, not after hours of training, when the bucket, the credentials, the LoRA targets
-    # or the evaluation tasks are wrong.
-    ctx.store.check_access(cfg.output_uri)
-    preflight(ctx)
-    stage_prepare(ctx)
-    stage_train(ctx)
-    gguf_files, _ = stage_export(ctx)
-    stage_eval(ctx, gguf_files)
-    return finish(ctx)
+    distributed.init(world)
+    try:
+        # Fail in seconds, not after hours of training, when the bucket, the credentials, the LoRA
+        # targets or the evaluation tasks are wrong.
+        ctx.store.check_access(cfg.output_uri)
+        if world.main:
+            preflight(ctx)
+        stage_prepare(ctx)
+        result = stage_train(ctx)
+        if not world.main:
+            # Wait for rank 0 to export and upload: should it fail, this process fails too, so the
+            # Job retries every pod of the run (an Indexed Job would only replace the failed one).
+            distributed.barrier()
+            return {"rank": world.rank, "steps": result.steps}
+        gguf_files, _ = stage_export(ctx)
+        stage_eval(ctx, gguf_files)
+        out = finish(ctx)
+        distributed.barrier()
+        return out
+    finally:
+        distributed.shutdown()

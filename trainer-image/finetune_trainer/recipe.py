@@ -10,6 +10,7 @@ accumulation gives the same update as one large batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import torch
 
 from finetune_api.spec import TrainingSpec
 
-from . import varlen_attention
+from . import distributed, varlen_attention
 from .batching import Batches
 from .checkpoints import Checkpoints
 from .data.prepare import load_split
@@ -117,14 +118,45 @@ def evaluate(model, batches: Batches, device) -> float | None:
     return total / count if count else None
 
 
+def agree_on_auto(training: TrainingSpec) -> TrainingSpec:
+    """Every rank trains with the same micro-batch: the smallest any GPU's auto chose (and checkpointing
+    wherever any rank needed it), since the micro-batches are dealt out by index."""
+    batch = distributed.agree(training.batch_size)
+    checkpointing = distributed.agree(bool(training.gradient_checkpointing), pick=any)
+    return training.model_copy(update={"batch_size": batch, "gradient_checkpointing": checkpointing})
+
+
+def wrap_data_parallel(model, device, world: distributed.World):
+    """DDP over the LoRA model: gradients all-reduced (averaged) in the last micro-batch's backward."""
+    if not world.distributed:
+        return model
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Every rank loaded the same base weights: broadcast only the trainable (LoRA) ones from rank 0,
+    # not the whole frozen model as DDP's start-up sync would.
+    for p in model.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, init_sync=False)
+
+
 def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Workdir, reporter: Reporter,
           checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0,
           upload_in_background: bool = False) -> TrainResult:
     """upload_in_background: the final checkpoint's upload runs on while this returns (export follows at
-    once); the caller joins it with checkpoints.wait() before the run is done."""
+    once); the caller joins it with checkpoints.wait() before the run is done.
+
+    Under torchrun every rank runs this; rank 0 alone reports, checkpoints and writes the adapter
+    (distributed.py says how the ranks share a step)."""
     # ---------------------------------------------------------------- setup
+    world = distributed.World.from_env()
+    distributed.init(world)
     seed_everything(training.seed)
     training, choice = resolve_auto(base, training)
+    if world.distributed:
+        training = agree_on_auto(training)
     model, backend = load_for_training(base, training)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -154,48 +186,80 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                               num_training_steps=total_steps)
     checkpoints = checkpoints or Checkpoints(workdir.checkpoints)
     step, restarts, tokens_seen, losses = 0, 0, 0, []
-    if resume and (newest := checkpoints.newest()) is not None:
+    newest = None
+    if resume:  # the pod's first process fetches the checkpoint into the pod's workdir; the others read it
+        if world.local_main:
+            newest = checkpoints.newest()
+        distributed.barrier()
+        if not world.local_main:
+            newest = checkpoints.newest()
+    if newest is not None:
         state = checkpoints.load(newest, model, optimizer, scheduler)
         step, restarts = state["step"], state.get("restarts", 0) + 1
         tokens_seen, losses = state.get("tokens", 0), state.get("losses", [])
         log.info("resuming from %s: step %d of %d (restart %d)", newest.name, step, total_steps, restarts)
+    if world.distributed and len(set(distributed.agree(step, pick=tuple))) > 1:
+        raise TransientError("CheckpointMismatch", "the training processes found different checkpoints to resume from")
     reporter.set_restarts(restarts)
     log.info("training config: %s", json.dumps({
         "backend": backend, "device": str(device), "paddingFree": padding_free, "trainableParameters": n_trainable, "rows": len(rows),
+        "worldSize": world.size,
         "microBatchesPerEpoch": batches.per_epoch, "totalSteps": total_steps, "startStep": step,
         **training.wire()}))
 
     # ---------------------------------------------------------------- train
     model.train()
+    ddp = wrap_data_parallel(model, device, world)
     t_start, start_step = time.monotonic(), step
     stop = StopOnSignal()
     try:
         while step < total_steps:
-            if stop.requested:  # preempted or suspended: the pod has a grace period for this checkpoint
-                checkpoints.save(step, model, optimizer, scheduler,
-                                 {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
-                raise TransientError("Terminated", f"{stop.requested} at step {step}; checkpoint saved, resume continues")
             t0 = time.monotonic()
-            micro = [batches.get(step * accum + k) for k in range(accum)]
-            n_labels = sum(b.label_tokens for b in micro) or 1
+            mine = world.micro_batches(step, accum)
+            micro = [batches.get(m) for m in mine]
+            local_labels = sum(b.label_tokens for b in micro)
+            if world.distributed:  # the step's label tokens, and whether any rank was told to stop
+                n_labels, stopping = distributed.all_sum([local_labels, float(bool(stop.requested))], device)
+            else:
+                n_labels, stopping = local_labels, float(bool(stop.requested))
+            if stopping:  # preempted or suspended: the pod has a grace period for this checkpoint
+                if world.main:
+                    checkpoints.save(step, model, optimizer, scheduler,
+                                     {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
+                distributed.barrier()  # torchrun stops a pod's processes once one of them exits
+                raise TransientError("Terminated", f"{stop.requested or 'another process stopped'} at step {step}; "
+                                     "checkpoint saved, resume continues")
+            n_labels = n_labels or 1
             step_loss = 0.0
-            for b in micro:
-                if b.label_tokens == 0:
+            for i, (m, b) in enumerate(zip(mine, micro, strict=True)):
+                if b.label_tokens == 0 and not world.distributed:
                     continue
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = model(**b.model_inputs(device), use_cache=False)
-                if padding_free:
-                    varlen_attention.require_reached()
-                # out.loss is this micro-batch's mean; weight it by its share of the step's label tokens.
-                loss = out.loss * (b.label_tokens / n_labels)
-                loss.backward()
-                step_loss += float(loss.detach())
+                if training.lora.dropout:  # masks follow the micro-batch, so any number of ranks draws the same
+                    torch.manual_seed(training.seed + m)
+                # DDP all-reduces gradients in the backward of this rank's last micro-batch only.
+                sync = i == len(micro) - 1 or not world.distributed
+                with ddp.no_sync() if not sync else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        out = ddp(**b.model_inputs(device), use_cache=False)
+                    if padding_free:
+                        varlen_attention.require_reached()
+                    if b.label_tokens == 0:  # DDP needs every rank's backward: a zero-weight one
+                        loss = out.logits.float().sum() * 0.0
+                    else:
+                        # out.loss is this micro-batch's mean; weight it by its share of the step's label
+                        # tokens (times the ranks, since DDP averages the ranks' gradients).
+                        loss = out.loss * (b.label_tokens / n_labels * world.size)
+                    loss.backward()
+                step_loss += float(loss.detach()) / world.size
+            step_tokens = sum(b.tokens for b in micro)
+            if world.distributed:  # the step's loss and tokens, over all ranks
+                step_loss, step_tokens = distributed.all_sum([step_loss, step_tokens], device)
+                step_tokens = int(step_tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = sum(b.tokens for b in micro)
             tokens_seen += step_tokens
             losses.append(round(step_loss, 6))
             elapsed = time.monotonic() - t_start
@@ -207,10 +271,12 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
             }
             if device.type == "cuda":
                 metrics["peakMemoryGB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            reporter.train_step(step, total_steps, metrics)
+            if world.main:
+                reporter.train_step(step, total_steps, metrics)
             if not math.isfinite(step_loss):
                 raise ConfigError("TrainingDiverged", f"loss became {step_loss} at step {step}; lower the learning rate")
-            if training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0 and step < total_steps:
+            if (world.main and training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0
+                    and step < total_steps):
                 checkpoints.save(step, model, optimizer, scheduler,
                                  {"restarts": restarts, "tokens": tokens_seen, "losses": losses})
     finally:
@@ -218,6 +284,17 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
 
     # ---------------------------------------------------------------- save
     seconds = time.monotonic() - t_start
+    del ddp
+    tail = losses[-10:]
+    result = TrainResult(
+        backend=backend, steps=step, total_steps=total_steps,
+        train_loss=sum(tail) / len(tail) if tail else None, eval_loss=None, tokens=tokens_seen,
+        seconds=round(seconds, 2), restarts=restarts, trainable_parameters=n_trainable,
+        adapter_dir=str(workdir.adapter), batch_size=training.batch_size,
+        gradient_checkpointing=training.gradient_checkpointing, auto=choice.reason if choice else None)
+    if not world.main:  # rank 0 saves, evaluates and writes the adapter
+        del model, optimizer
+        return result
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses},
                          background=upload_in_background)
@@ -225,13 +302,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                                         training.seed, bucket=bucket, padding_free=padding_free),
                          device) if val_rows else None
     model.save_pretrained(str(workdir.adapter))
-    tail = losses[-10:]
-    result = TrainResult(
-        backend=backend, steps=step, total_steps=total_steps,
-        train_loss=sum(tail) / len(tail) if tail else None, eval_loss=eval_loss, tokens=tokens_seen,
-        seconds=round(seconds, 2), restarts=restarts, trainable_parameters=n_trainable,
-        adapter_dir=str(workdir.adapter), batch_size=training.batch_size,
-        gradient_checkpointing=training.gradient_checkpointing, auto=choice.reason if choice else None)
+    result.eval_loss = eval_loss
     (workdir.adapter / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
     del model, optimizer
     if torch.cuda.is_available():

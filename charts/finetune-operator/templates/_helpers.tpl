@@ -105,6 +105,10 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# The headless Service of a multi-pod run (its pods' DNS names, for torchrun's rendezvous).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
