@@ -123,5 +123,5 @@ if [[ ${1:-} != operator ]]; then
 fi
 write_env
 for img in "$DEBIAN_IMAGE" "$PYTHON_IMAGE" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do
-  have_image "$img" && echo "images: $img $(size_of "$img")"
+  if have_image "$img"; then echo "images: $img $(size_of "$img")"; fi  # the trainer's may be absent (operator only)
 done
