@@ -61,6 +61,19 @@ def test_reporter_throttles_steps_but_not_stage_changes_or_the_end(tmp_path):
                                    "sizeBytes": 3, "sha256": "ab"}]
 
 
+def test_a_resume_that_finds_every_step_done_still_reports_the_step():
+    """A pod killed after the last checkpoint resumes with no step left to train: the status must still say
+    step N of N (it once said nothing, and a finished run looked like it had never trained)."""
+    patcher = RecordingPatcher()
+    reporter = Reporter(run=2, patcher=patcher, interval=5, clock=FakeClock())
+    reporter.stage("Training")
+    reporter.start_training(8, 8, restarts=1, last_loss=0.75)
+    reporter.stage("Exporting")
+    progress = patcher.patches[-1]["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["percent"]) == (8, 8, 100)
+    assert progress["restarts"] == 1 and progress["loss"] == 0.75 and progress["stage"] == "Exporting"
+
+
 @pytest.fixture
 def apiserver(tmp_path):
     server = FakeApiServer(tmp_path).start()

@@ -105,8 +105,14 @@ class Reporter:
         if self._send(force=step == total_steps):
             self._losses.clear()
 
-    def set_restarts(self, restarts: int) -> None:
-        self.progress = self.progress.model_copy(update={"restarts": restarts})
+    def start_training(self, step: int, total_steps: int, restarts: int, last_loss: float | None = None) -> None:
+        """Where training starts: step 0, or the resumed checkpoint's step, so a status read after a resume
+        that found every step done (a pod killed after the last checkpoint) still says how far it got."""
+        update: dict[str, Any] = {"restarts": restarts, "step": step, "total_steps": total_steps,
+                                  "percent": int(100 * step / max(total_steps, 1))}
+        if last_loss is not None:
+            update["loss"] = round(float(last_loss), 5)
+        self.progress = self.progress.model_copy(update=update)
 
     def finish(self, metrics: dict[str, Any], artifacts: list[Artifact], attempts: int = 4) -> None:
         """The completion report: the operator calls a run Succeeded only once it holds these artifacts,

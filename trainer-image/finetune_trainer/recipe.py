@@ -200,7 +200,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         log.info("resuming from %s: step %d of %d (restart %d)", newest.name, step, total_steps, restarts)
     if world.distributed and len(set(distributed.agree(step, pick=tuple))) > 1:
         raise TransientError("CheckpointMismatch", "the training processes found different checkpoints to resume from")
-    reporter.set_restarts(restarts)
+    reporter.start_training(step, total_steps, restarts, losses[-1] if losses else None)
     log.info("training config: %s", json.dumps({
         "backend": backend, "device": str(device), "paddingFree": padding_free, "trainableParameters": n_trainable, "rows": len(rows),
         "worldSize": world.size,
