@@ -1,6 +1,7 @@
-"""A re-run after a spec edit reuses the prepared dataset: `finetune run` twice on the tiny Gemma 3 (real
-tokenizer) against a real S3 (SeaweedFS), as two pods of one FinetuneJob would (run 1, then run 2 with
-other epochs and learning rate, each in a fresh workdir), status reported to an HTTPS fake apiserver."""
+"""Re-runs reuse what they can: `finetune run` three times on the tiny Gemma 3 (real tokenizer) against a
+real S3 (SeaweedFS), as three pods of one FinetuneJob would (each in a fresh workdir), status reported to
+an HTTPS fake apiserver. Run 2 edits steps and learning rate: it reuses the prepared dataset and trains.
+Run 3 only asks for another GGUF type: it reuses run 2's adapter and never trains."""
 
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ from finetune_trainer.cli import main
 from tests.trainer_fixtures import ALPACA_ROWS, FakeApiServer, tiny_gemma, trainer_env, write_jsonl
 
 
-def _spec(bucket: str, endpoint: str, data, steps: int, lr: float) -> FinetuneJobSpec:
+def _spec(bucket: str, endpoint: str, data, steps: int, lr: float, gguf: str) -> FinetuneJobSpec:
     return FinetuneJobSpec.model_validate({
         "baseModel": {"uri": str(tiny_gemma())},
         "dataset": {"source": str(data), "validationSplit": 0.2},
         "training": {"maxSteps": steps, "learningRate": lr, "maxSeqLength": 64},
-        "export": {"gguf": ["f16"], "paritySamples": 2, "ollamaModelfile": False},
+        "export": {"gguf": [gguf], "paritySamples": 2, "ollamaModelfile": False},
         "output": {"s3": {"bucket": bucket, "endpoint": endpoint, "forcePathStyle": True, "prefix": "runs"}},
         "resources": {"gpus": 0},
     })
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("run 3 trained although run 2 trained the same inputs")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +43,12 @@ def reruns(s3, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             for k, v in {**trainer_env(s3, root / "termination-log"), "FINETUNE_PROGRESS_INTERVAL": "1000"}.items():
                 mp.setenv(k, v)
-            for run, (steps, lr) in enumerate([(3, 5e-3), (5, 1e-5)], 1):  # the edit: other steps and lr
+            for run, (steps, lr, gguf) in enumerate([(3, 5e-3, "f16"), (5, 1e-5, "f16"), (5, 1e-5, "q8_0")], 1):
+                if run == 3:  # an export-only change: training must come from the cache
+                    mp.setattr("finetune_trainer.recipe.train", _must_not_train)
                 for k, v in apiserver.env("cached", namespace="team-c", run=run).items():
                     mp.setenv(k, v)
-                cfg = RunConfig.build(_spec(bucket, s3.endpoint, data, steps, lr),
+                cfg = RunConfig.build(_spec(bucket, s3.endpoint, data, steps, lr, gguf),
                                       RunRef(namespace="team-c", name="cached", run=run))
                 config = root / f"run-{run}.yaml"
                 config.write_text(cfg.to_yaml())
@@ -57,8 +64,8 @@ def reruns(s3, tmp_path_factory):
 
 def test_run_two_hits_the_dataset_cache_and_says_so_in_the_status(reruns):
     runs, bucket, s3 = reruns
-    assert [r["rc"] for r in runs] == [0, 0]
-    first, second = (r["metrics"]["cache"] for r in runs)
+    assert [r["rc"] for r in runs] == [0, 0, 0]
+    first, second, _ = (r["metrics"]["cache"] for r in runs)
     assert first["dataset"] == "miss" and first["reason"] == "absent" and first["stored"] is True
     assert second["dataset"] == "hit" and second["key"] == first["key"]
     patches = [r["body"] for r in runs[1]["patches"]]
@@ -68,7 +75,7 @@ def test_run_two_hits_the_dataset_cache_and_says_so_in_the_status(reruns):
     for split in ("train", "validation", "parity"):
         assert (runs[0]["workdir"] / "dataset" / f"{split}.parquet").read_bytes() == \
             (runs[1]["workdir"] / "dataset" / f"{split}.parquet").read_bytes()
-    assert [r["metrics"]["steps"] for r in runs] == [3, 5]
+    assert [r["metrics"]["steps"] for r in runs] == [3, 5, 5]
     # The entry lives under the namespace's cache prefix, with its manifest.
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/team-c/.cache/datasets/")["Contents"]]
     assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith("/train.parquet") for k in keys)
@@ -79,3 +86,26 @@ def test_cpu_runs_keep_the_small_auto_defaults(reruns):
     metrics = runs[0]["metrics"]
     assert (metrics["batchSize"], metrics["gradientCheckpointing"]) == (8, True)
     assert metrics["auto"].startswith("CPU")
+
+
+def test_an_export_only_change_reuses_the_adapter_and_says_whose(reruns):
+    runs, bucket, s3 = reruns
+    first, second, third = (r["metrics"]["cache"] for r in runs)
+    # Runs 1 and 2 trained different inputs: both missed and stored their adapters.
+    assert (first["training"], second["training"]) == ("miss", "miss")
+    assert first["trainingKey"] != second["trainingKey"] and first["trainingStored"] and second["trainingStored"]
+    # Run 3 changed only the export: run 2's adapter, byte for byte, and the status names run 2.
+    assert third["training"] == "hit" and third["trainingKey"] == second["trainingKey"]
+    assert third["trainedBy"] == {"namespace": "team-c", "name": "cached", "uid": None, "run": 2,
+                                  "outputUri": runs[1]["cfg"].output_uri}
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (runs[2]["workdir"] / "adapter" / name).read_bytes() == (runs[1]["workdir"] / "adapter" / name).read_bytes()
+    assert runs[2]["metrics"]["trainLoss"] == runs[1]["metrics"]["trainLoss"]
+    assert "restarts" not in runs[2]["metrics"] or runs[2]["metrics"]["restarts"] == 0
+    # Its own export: the new type, converted from the reused adapter, in its own run folder.
+    assert set(runs[2]["metrics"]["parity"]) == {"q8_0"}
+    progress = [op["value"] for r in runs[2]["patches"] for op in r["body"][1:] if op["path"] == "/status/progress"]
+    assert any("training cache hit" in (p.get("message") or "") for p in progress)
+    assert progress[-1]["step"] == progress[-1]["totalSteps"] == 5
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/team-c/.cache/trained/")["Contents"]]
+    assert sum(k.endswith("/manifest.json") for k in keys) == 2

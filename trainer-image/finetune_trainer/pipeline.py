@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from . import (
     parity,
     plots,
     recipe,
+    trained_cache,
     upload,
 )
 from .cache import S3Cache, cache_uri
@@ -56,6 +57,7 @@ class Context:
     timings: dict[str, Any] = field(default_factory=dict)  # stage → seconds; exportSteps → step → seconds
     caches: dict[str, Any] = field(default_factory=dict)  # cache hit/miss, for the status metrics
     compile: compile_cache.CompileCache | None = None
+    trained: trained_cache.TrainedCache | None = None  # the training cache's lookup (rank 0)
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
@@ -165,9 +167,23 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
     return report
 
 
-def stage_train(ctx: Context) -> recipe.TrainResult:
+def stage_train(ctx: Context) -> recipe.TrainResult | None:
+    """Trains, or reuses the adapter of an earlier run with the same training inputs (trained_cache.py).
+    None on the other ranks of a run that reused one."""
     t0 = time.monotonic()
     ctx.reporter.stage(Phase.TRAINING.value, f"{ctx.spec.training.method} on {ctx.spec.base_model.resolved_name()}")
+    if restore_trained(ctx):
+        _timed(ctx, "train", t0)
+        if not ctx.world.main:
+            return None
+        result = recipe.TrainResult(**ctx.read_json(ctx.wd.adapter / trained_cache.RESULT, "train"))
+        result.restarts = 0  # this run's: it never trained, so it never resumed
+        (ctx.wd.adapter / trained_cache.RESULT).write_text(json.dumps(asdict(result), indent=2))
+        ctx.reporter.start_training(result.steps, result.total_steps, 0, result.train_loss)
+        origin = ctx.trained.origin or {}
+        ctx.reporter.stage(Phase.TRAINING.value, f"reused the adapter of {origin.get('name', '?')} run "
+                           f"{origin.get('run', '?')} (training cache hit, {result.steps} steps not repeated)")
+        return result
     checkpoints = Checkpoints(ctx.wd.checkpoints, ctx.cfg.output_uri + "checkpoints/", ctx.store)
     pad = ctx.tokenizer.pad_token_id
     training, choice = model_loading.resolve_auto(ctx.base, ctx.spec.training)
@@ -184,8 +200,29 @@ def stage_train(ctx: Context) -> recipe.TrainResult:
         ctx.compile.save_in_background()
     plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
                      title=f"{ctx.cfg.job.name} run {ctx.cfg.job.run}")
+    if ctx.trained is not None:  # a few MB (the adapter): the next run with these inputs starts at the export
+        ctx.trained.store(ctx.cfg.job.model_dump(mode="json", include={"namespace", "name", "uid", "run"})
+                          | {"outputUri": ctx.cfg.output_uri})
+        ctx.caches.update(ctx.trained.report())
     _timed(ctx, "train", t0)
     return result
+
+
+def restore_trained(ctx: Context) -> bool:
+    """Rank 0 looks the training inputs up in the training cache; every rank learns whether it hit."""
+    hit = False
+    cache = ctx.cache("trained")
+    if ctx.world.main and cache is not None:
+        t0 = time.monotonic()
+        inputs = trained_cache.key_inputs(
+            model=trained_cache.weights_identity(ctx.base.source, ctx.base.revision), dataset_dir=ctx.wd.dataset,
+            training=ctx.spec.training, versions=compile_cache.versions(), device=compile_cache.gpu(),
+            world_size=ctx.world.size, backend=model_loading.backend())
+        ctx.trained = trained_cache.TrainedCache(cache, ctx.wd, inputs)
+        hit = ctx.trained.restore().hit
+        ctx.caches.update(ctx.trained.report())
+        ctx.timings["trainingCacheLookupSeconds"] = round(time.monotonic() - t0, 2)
+    return bool(distributed.agree(hit, pick=max))
 
 
 def restore_compile_cache(ctx: Context, training) -> None:
@@ -336,7 +373,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
             # Wait for rank 0 to export and upload: should it fail, this process fails too, so the
             # Job retries every pod of the run (an Indexed Job would only replace the failed one).
             distributed.barrier()
-            return {"rank": world.rank, "steps": result.steps}
+            return {"rank": world.rank, "steps": result.steps if result is not None else None}
         gguf_files, _ = stage_export(ctx)
         stage_eval(ctx, gguf_files)
         out = finish(ctx)

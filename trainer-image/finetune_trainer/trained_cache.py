@@ -1,0 +1,107 @@
+"""The training cache: a run whose training inputs match an earlier run's reuses that run's adapter.
+
+The user's loop is fine-tune → export → evaluate → adjust → re-run, and most re-runs change only what
+happens after training: another quantization, an evaluation, a Modelfile. Those runs skip training
+(and its GPU minutes) and start at the export with the adapter the earlier run trained.
+
+An entry (cache.py's layout, kind "trained") holds the adapter folder, train_result.json, the training
+log and loss plot, and origin.json (the run that trained it). Its key is the digest of everything that
+decides the adapter: the base model's weights, the prepared dataset's files, the training spec, the
+library versions, the trainer's training code, the device and the process count. Change any of them
+(the seed too) and the run trains. `FINETUNE_CACHE=off` turns every cache off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .cache import Lookup, S3Cache, digest, sha256_files
+from .paths import Workdir
+
+log = logging.getLogger(__name__)
+
+# The code whose output an adapter is: a change to any of these files makes new keys.
+CODE_FILES = ("recipe.py", "batching.py", "varlen_attention.py", "model_loading.py", "auto_batch.py")
+ORIGIN = "origin.json"
+RESULT = "train_result.json"
+# Training fields that do not change the adapter (where checkpoints go, how often).
+NOT_IN_KEY = ("checkpoint_every_steps",)
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent
+    return sha256_files([here / name for name in CODE_FILES if (here / name).is_file()])[:16]
+
+
+def weights_identity(source: str, revision: str | None) -> str:
+    """The base model's files' digest where it is a folder (weights, config, tokenizer), else its Hub name."""
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return "files:" + sha256_files(files, folder)
+    return f"hub:{source}@{revision or 'main'}"
+
+
+def key_inputs(*, model: str, dataset_dir: Path, training, versions: dict, device: dict, world_size: int,
+               backend: str) -> dict[str, Any]:
+    """Everything that decides the adapter (training: the spec's TrainingSpec, auto values unresolved:
+    auto decides the same way for the same model, device and process count, which are in the key)."""
+    prepared = sorted(p for p in dataset_dir.glob("*.parquet"))
+    fields = {k: v for k, v in training.model_dump(mode="json").items() if k not in NOT_IN_KEY}
+    return {"model": model, "dataset": sha256_files(prepared, dataset_dir), "training": fields,
+            "versions": versions, "code": code_version(), "device": device, "worldSize": world_size,
+            "backend": backend}
+
+
+def entry_files(wd: Workdir) -> list[str]:
+    """What an entry holds, relative to the workdir (the adapter folder's files, log and plot)."""
+    files = [p.relative_to(wd.root).as_posix() for p in sorted(wd.adapter.rglob("*")) if p.is_file()]
+    files += [p.name for p in (wd.train_log, wd.loss_plot) if p.is_file()]
+    return files
+
+
+class TrainedCache:
+    """Lookup before training, store after it, for one run's workdir."""
+
+    def __init__(self, cache: S3Cache, wd: Workdir, inputs: dict[str, Any]):
+        self.cache, self.wd, self.inputs = cache, wd, inputs
+        self.key = digest(inputs)
+        self.lookup: Lookup | None = None
+        self.origin: dict[str, Any] | None = None
+        self.stored: bool | None = None
+
+    def restore(self) -> Lookup:
+        """On a hit the workdir holds the earlier run's adapter, result, log and plot (and origin.json)."""
+        staging = self.wd.root / ".trained-cached"
+        lookup = self.cache.fetch(self.key, staging)
+        if lookup.hit and not (staging / "adapter" / RESULT).is_file():
+            lookup = Lookup(False, "corrupt: the entry has no train_result.json", lookup.seconds)
+        if lookup.hit:
+            shutil.rmtree(self.wd.adapter, ignore_errors=True)
+            for path in sorted(staging.iterdir()):
+                shutil.move(str(path), str(self.wd.root / path.name))
+            self.origin = json.loads((self.wd.root / ORIGIN).read_text()) if (self.wd.root / ORIGIN).is_file() else {}
+        shutil.rmtree(staging, ignore_errors=True)
+        self.lookup = lookup
+        return lookup
+
+    def store(self, origin: dict[str, Any]) -> bool:
+        """After a run trained: its adapter, for the next run with the same inputs."""
+        (self.wd.root / ORIGIN).write_text(json.dumps(origin, sort_keys=True))
+        self.stored = self.cache.store_entry(self.key, self.wd.root, [*entry_files(self.wd), ORIGIN], self.inputs)
+        return self.stored
+
+    def report(self) -> dict[str, Any]:
+        """For status.metrics.cache: hit or miss, why, the key, and on a hit the run that trained it."""
+        lookup = self.lookup or Lookup(False, "not looked up")
+        out: dict[str, Any] = {"training": lookup.label, "trainingReason": lookup.reason,
+                               "trainingKey": self.key[:16]}
+        if self.origin:
+            out["trainedBy"] = self.origin
+        if self.stored is not None:
+            out["trainingStored"] = self.stored
+        return out
