@@ -170,9 +170,9 @@ class FinishedJobCluster:
 
 
 @pytest.mark.parametrize(("tool", "args", "patch", "note"), [
-    ("export_gguf", {"quantization": "q8_0"}, {"export": {"gguf": ["q4_k_m", "q8_0"]}}, "no export-only run"),
+    ("export_gguf", {"quantization": "q8_0"}, {"export": {"gguf": ["q4_k_m", "q8_0"]}}, "reuses run N's adapter"),
     ("run_eval", {"tasks": ["mmlu"], "limit": 50}, {"evaluation": {"tasks": ["mmlu"], "limit": 50}},
-     "no evaluate-only run"),
+     "reuses run N's adapter"),
 ], ids=["export_gguf", "run_eval"])
 def test_a_finished_job_is_patched_into_run_two(tool: str, args: dict[str, Any], patch: dict, note: str) -> None:
     cluster = FinishedJobCluster()
@@ -383,6 +383,10 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             status = await s.ok("get_status", {"job": "seed"})
             assert "tiny_antonyms" in status["metrics"]["eval"]["q4_k_m"], status["metrics"]
             assert [h["run"] for h in status["history"]] == [1]
+            # An evaluate-only change: run 2 scored run 1's model, it did not train again.
+            cache = status["metrics"]["cache"]
+            assert cache["training"] == "hit" and cache["trainedBy"]["run"] == 1, cache
+            assert cache["trainedBy"]["uid"] == uid
 
             # 3. "Adjust to 4 epochs and lower LR to 1e-5" (and re-run).
             adjusted = await s.ok("adjust_and_rerun", {"job": "seed", "epochs": 4, "learning_rate": 1e-5})

@@ -7,9 +7,11 @@
     adjust_and_rerun  a validated spec patch                             → run N+1, run N kept in history
     get_status, list_jobs, get_artifacts, wait (progress notifications: step, loss, ETA)
 
-The operator owns runs: each change of a FinetuneJob's spec starts run N+1 (the trainer trains again,
-then exports and evaluates), the previous run's record stays in status.history and its files under
-run-N/ in S3. The tools say so in what they return.
+The operator owns runs: each change of a FinetuneJob's spec starts run N+1, the previous run's record
+stays in status.history and its files under run-N/ in S3. A run whose training inputs match an earlier
+run's (export_gguf, run_eval: only the export or the evaluation changed) reuses that run's adapter from
+the trainer's training cache and starts at the export; any change to training trains again. The tools
+say so in what they return.
 
 Parameters carry the API models' bounds and help (fields.py). Arguments are checked before anything is
 sent: the tool's own schema first, then the whole spec against FinetuneJobSpec, with messages that name
@@ -179,7 +181,8 @@ class Tools:
         out["specPatch"] = patch
         if previous:
             out["history"] = (f"run {previous} is kept in status.history, its files under run-{previous}/ in S3; "
-                              f"run {previous + 1} trains again from the base model with the new spec.")
+                              f"run {previous + 1} trains with the new spec unless its training inputs are those "
+                              "of an earlier run (then it reuses that run's adapter: status.metrics.cache).")
         return out
 
     # -- the tools -------------------------------------------------------------------------------------
@@ -279,8 +282,8 @@ class Tools:
         namespace: Namespace = None,
     ) -> dict[str, Any]:
         """Add a GGUF quantization to a finished FinetuneJob. A FinetuneJob's exports are part of its spec, so
-        this patches spec.export.gguf and the operator starts run N+1, which trains again and exports every
-        listed type; run N and its files stay as they are. A type already exported is returned as is."""
+        this patches spec.export.gguf and the operator starts run N+1, which reuses run N's adapter (the
+        training cache: no training steps) and exports every listed type; run N and its files stay as they are. A type already exported is returned as is."""
         ns = self.namespace(namespace)
         obj = self.cluster.get(ns, job)
         status = obj.get("status") or {}
@@ -303,8 +306,8 @@ class Tools:
         new_spec = jobs.merge(spec, changes)
         out = self.change_spec(ns, job, obj, new_spec, f"spec.export.gguf of {ns}/{job} is now "
                                f"{new_spec['export']['gguf']}")
-        out["note"] = ("The operator has no export-only run: run N+1 repeats training with the same spec, then "
-                       "exports every listed type.")
+        out["note"] = ("Run N+1 reuses run N's adapter from the training cache (status.metrics.cache.trainedBy) "
+                       "instead of training again, then exports every listed type.")
         return out
 
     def run_eval(
@@ -319,8 +322,8 @@ class Tools:
         namespace: Namespace = None,
     ) -> dict[str, Any]:
         """Evaluate a finished FinetuneJob's GGUF files with lm-evaluation-harness tasks (e.g. mmlu, hellaswag,
-        arc_easy): sets spec.evaluation, so the operator starts run N+1, which trains, exports and then scores
-        each GGUF in process through llama.cpp. The scores land in status.metrics.eval (get_status)."""
+        arc_easy): sets spec.evaluation, so the operator starts run N+1, which reuses run N's adapter (the training
+        cache: no training steps), exports and scores each GGUF in process through llama.cpp. The scores land in status.metrics.eval (get_status)."""
         ns = self.namespace(namespace)
         obj = self.cluster.get(ns, job)
         status = obj.get("status") or {}
@@ -333,8 +336,9 @@ class Tools:
                                      quantizations=quantizations, include_base=include_base)
         out = self.change_spec(ns, job, obj, jobs.with_evaluation(obj.get("spec") or {}, evaluation),
                                f"spec.evaluation of {ns}/{job} set to tasks {evaluation['tasks']}")
-        out["note"] = ("The operator has no evaluate-only run: run N+1 trains again with the same spec, exports, "
-                       "then evaluates; read the scores with get_status once wait reports Succeeded.")
+        out["note"] = ("Run N+1 reuses run N's adapter from the training cache (status.metrics.cache.trainedBy) "
+                       "instead of training again, exports, then evaluates; read the scores with get_status once "
+                       "wait reports Succeeded.")
         return out
 
     def adjust_and_rerun(
