@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetune_api.spec import DatasetSpec, TrainingSpec
-from finetune_trainer import auto_batch, compile_cache
+from finetune_trainer import auto_batch, compile_cache, trained_cache
 from finetune_trainer.auto_batch import ModelShape
 from finetune_trainer.cache import S3Cache, cache_uri, digest
 from finetune_trainer.data import prepare as prep
@@ -183,6 +183,42 @@ def test_model_identity_is_the_config_not_the_path(tmp_path):
     assert compile_cache.model_identity(str(tmp_path / "a")) == compile_cache.model_identity(str(tmp_path / "b"))
     (tmp_path / "b" / "config.json").write_text(json.dumps({"hidden_size": 512, "model_type": "gemma3_text"}))
     assert compile_cache.model_identity(str(tmp_path / "a")) != compile_cache.model_identity(str(tmp_path / "b"))
+
+
+def test_training_key_follows_what_decides_the_adapter(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "train.parquet").write_bytes(b"rows")
+
+    def key(training=None, **over):
+        args = {"model": trained_cache.weights_identity(str(model), None), "dataset_dir": data,
+                "training": training or TrainingSpec(), "versions": {"torch": "2.11"}, "device": {"device": "cpu"},
+                "world_size": 1, "backend": "transformers", **over}
+        return digest(trained_cache.key_inputs(**args))
+
+    same = key()
+    assert key() == same
+    # Where and how often checkpoints are written does not change the adapter.
+    assert key(TrainingSpec(checkpoint_every_steps=7)) == same
+    for changed in (key(TrainingSpec(seed=4)), key(TrainingSpec(learning_rate=1e-5)), key(TrainingSpec(epochs=4)),
+                    key(device={"device": "NVIDIA H200"}), key(world_size=2), key(versions={"torch": "2.12"})):
+        assert changed != same
+    (data / "train.parquet").write_bytes(b"other rows")
+    assert key() != same
+    (data / "train.parquet").write_bytes(b"rows")
+    (model / "model.safetensors").write_bytes(b"tuned weights")  # same path and config, other weights
+    assert key() != same
+
+
+def test_a_hub_model_is_reused_only_at_a_pinned_commit():
+    commit = "a" * 40
+    assert trained_cache.weights_identity("google/gemma-3-270m", commit) == f"hub:google/gemma-3-270m@{commit}"
+    assert trained_cache.weights_identity("google/gemma-3-270m", None) is None
+    assert trained_cache.weights_identity("google/gemma-3-270m", "main") is None
 
 
 def test_cache_paths_carry_the_namespace():

@@ -210,19 +210,24 @@ def stage_train(ctx: Context) -> recipe.TrainResult | None:
 
 def restore_trained(ctx: Context) -> bool:
     """Rank 0 looks the training inputs up in the training cache; every rank learns whether it hit."""
-    hit = False
-    cache = ctx.cache("trained")
-    if ctx.world.main and cache is not None:
-        t0 = time.monotonic()
-        inputs = trained_cache.key_inputs(
-            model=trained_cache.weights_identity(ctx.base.source, ctx.base.revision), dataset_dir=ctx.wd.dataset,
-            training=ctx.spec.training, versions=compile_cache.versions(), device=compile_cache.gpu(),
-            world_size=ctx.world.size, backend=model_loading.backend())
-        ctx.trained = trained_cache.TrainedCache(cache, ctx.wd, inputs)
-        hit = ctx.trained.restore().hit
-        ctx.caches.update(ctx.trained.report())
-        ctx.timings["trainingCacheLookupSeconds"] = round(time.monotonic() - t0, 2)
-    return bool(distributed.agree(hit, pick=max))
+    cache = ctx.cache("trained") if ctx.world.main else None
+    return bool(distributed.agree(cache is not None and _lookup_trained(ctx, cache), pick=max))
+
+
+def _lookup_trained(ctx: Context, cache: S3Cache) -> bool:
+    t0 = time.monotonic()
+    model = trained_cache.weights_identity(ctx.base.source, ctx.base.revision)
+    if model is None:
+        ctx.caches["training"] = "off: a Hub model without a pinned commit (baseModel.revision) can change"
+        return False
+    inputs = trained_cache.key_inputs(
+        model=model, dataset_dir=ctx.wd.dataset, training=ctx.spec.training, versions=compile_cache.versions(),
+        device=compile_cache.gpu(), world_size=ctx.world.size, backend=model_loading.backend())
+    ctx.trained = trained_cache.TrainedCache(cache, ctx.wd, inputs)
+    hit = ctx.trained.restore().hit
+    ctx.caches.update(ctx.trained.report())
+    ctx.timings["trainingCacheLookupSeconds"] = round(time.monotonic() - t0, 2)
+    return hit
 
 
 def restore_compile_cache(ctx: Context, training) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,16 @@ def code_version() -> str:
     return sha256_files([here / name for name in CODE_FILES if (here / name).is_file()])[:16]
 
 
-def weights_identity(source: str, revision: str | None) -> str:
-    """The base model's files' digest where it is a folder (weights, config, tokenizer), else its Hub name."""
+def weights_identity(source: str, revision: str | None) -> str | None:
+    """The base model's files' digest where it is a folder (weights, config, tokenizer), its Hub name at a
+    pinned commit, or None for a Hub name whose revision can move (a branch or tag): no reuse then."""
     folder = Path(source)
     if folder.is_dir():
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         return "files:" + sha256_files(files, folder)
-    return f"hub:{source}@{revision or 'main'}"
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"hub:{source}@{revision}"
+    return None
 
 
 def key_inputs(*, model: str, dataset_dir: Path, training, versions: dict, device: dict, world_size: int,
