@@ -29,6 +29,7 @@ from . import (
     distributed,
     egress_guard,
     export,
+    export_cache,
     model_loading,
     parity,
     plots,
@@ -36,10 +37,11 @@ from . import (
     trained_cache,
     upload,
 )
-from .cache import S3Cache, cache_uri
+from .cache import CACHE_DIR, S3Cache, cache_uri
 from .checkpoints import Checkpoints
 from .data.prepare import load_split, prepare
 from .errors import ConfigError
+from .modelfile import write_modelfile
 from .paths import Workdir
 from .progress import JsonlLogger, Reporter
 from .s3 import S3Store
@@ -58,6 +60,7 @@ class Context:
     caches: dict[str, Any] = field(default_factory=dict)  # cache hit/miss, for the status metrics
     compile: compile_cache.CompileCache | None = None
     trained: trained_cache.TrainedCache | None = None  # the training cache's lookup (rank 0)
+    exports: export_cache.ExportCache | None = None  # the export cache (only after a training lookup)
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
@@ -260,25 +263,82 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         return files, ctx.read_json(ctx.wd.gguf / "parity.json", "export-gguf")
     if not (ctx.wd.adapter / "adapter_config.json").exists():
         raise ConfigError("MissingStageOutput", f"no adapter in {ctx.wd.adapter}: run the train stage first")
-    t_merge = time.monotonic()
-    merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template)
-    steps = {"merge": round(time.monotonic() - t_merge, 2)}
-    result = export.export(merged, ctx.wd.gguf, list(spec.gguf), name, ctx.template, spec.ollama_modelfile)
-    steps.update(result.seconds)
-    parity_results: dict[str, dict] = {}
-    if spec.parity_check and result.gguf:
-        ctx.reporter.message("parity check: each GGUF against the merged model on held-out rows")
-        rows = [list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
-        t_parity = time.monotonic()
-        parity_results = parity.check(merged, result.gguf, rows[: spec.parity_samples])
-        steps["parity"] = round(time.monotonic() - t_parity, 2)
+    files, parity_results = restore_exports(ctx)  # types an earlier run made from this very adapter
+    todo = [q for q in spec.gguf if q not in files]
+    steps: dict[str, float] = {}
+    if todo or spec.merged_safetensors:
+        t_merge = time.monotonic()
+        merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template)
+        steps["merge"] = round(time.monotonic() - t_merge, 2)
+        result = export.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile)
+        steps.update(result.seconds)
+        files.update(result.gguf)
+        if spec.parity_check and result.gguf:
+            ctx.reporter.message("parity check: each GGUF against the merged model on held-out rows")
+            rows = [list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
+            t_parity = time.monotonic()
+            parity_results.update(parity.check(merged, result.gguf, rows[: spec.parity_samples]))
+            steps["parity"] = round(time.monotonic() - t_parity, 2)
+    if spec.ollama_modelfile:
+        for q in spec.gguf:
+            if q not in todo:
+                write_modelfile(files[q], ctx.template, name, q)
+    files = {q: files[q] for q in spec.gguf}
     # Where the export's time goes (merge, 16-bit convert, each quantization, parity), for the status.
     ctx.timings["exportSteps"] = steps
     ctx.wd.gguf.mkdir(parents=True, exist_ok=True)  # absent where export.gguf is empty (adapter only)
     (ctx.wd.gguf / "parity.json").write_text(json.dumps(parity_results, indent=2))
     ctx.mark("export")
     _timed(ctx, "export", t0)
-    return result.gguf, parity_results
+    return files, parity_results
+
+
+def restore_exports(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
+    """GGUF files of the same adapter from the export cache (export_cache.py), with their parity results.
+    Only where the adapter came from the training cache: a freshly trained one has no earlier exports."""
+    ctx.exports = None
+    if ctx.trained is None or ctx.trained.lookup is None:
+        return {}, {}
+    cache = ctx.cache("exports")
+    if cache is None:
+        return {}, {}
+    namespace_uri = cache_uri(ctx.cfg.output_uri[5:].split("/", 1)[0], ctx.spec.output.s3.prefix,
+                              ctx.cfg.job.namespace).removesuffix(f"{CACHE_DIR}/")
+    ctx.exports = export_cache.ExportCache(cache, ctx.store, namespace_uri, ctx.wd.root / ".export-cached")
+    files: dict[str, Path] = {}
+    parity_results: dict[str, dict] = {}
+    if not ctx.trained.lookup.hit:
+        return files, parity_results
+    ctx.wd.gguf.mkdir(parents=True, exist_ok=True)
+    for q in ctx.spec.export.gguf:
+        dest = ctx.wd.gguf / f"{ctx.cfg.job.name}-{q}.gguf"
+        found = ctx.exports.restore(export_key(ctx, q)[0], q, dest)
+        if found is not None and (found or not ctx.spec.export.parity_check):
+            files[q] = dest
+            if found:
+                parity_results[q] = found
+        elif found is not None:  # made without the parity check this run asks for: make it again
+            dest.unlink()
+            ctx.exports.report[q] = "miss: made without a parity check"
+    ctx.caches["exports"] = dict(ctx.exports.report)
+    if files:
+        ctx.reporter.message(f"export cache: {', '.join(files)} from the run that made them")
+    return files, parity_results
+
+
+def export_key(ctx: Context, quant: str) -> tuple[str, dict[str, Any]]:
+    return export_cache.entry_key(ctx.trained.key, quant, ctx.cfg.job.name, ctx.template, ctx.spec.export)
+
+
+def store_exports(ctx: Context, artifacts: list[Artifact]) -> None:
+    """Pointers to this run's uploaded GGUF files, for a later run with the same adapter."""
+    if ctx.exports is None:
+        return
+    parity_results = json.loads((ctx.wd.gguf / "parity.json").read_text()) if (ctx.wd.gguf / "parity.json").exists() else {}
+    for art in artifacts:
+        if art.kind == "gguf" and art.quantization and not ctx.exports.report.get(art.quantization, "").startswith("hit"):
+            key, inputs = export_key(ctx, art.quantization)
+            ctx.exports.store_pointer(key, inputs, art.wire(), parity_results.get(art.quantization))
 
 
 def stage_eval(ctx: Context, gguf_files: dict[str, Path]) -> dict[str, Any] | None:
@@ -354,6 +414,7 @@ def finish(ctx: Context) -> dict[str, Any]:
         eval_results = ctx.read_json(ctx.wd.root / "eval-metrics.json", "eval")
     metrics = collect_metrics(ctx, report, result, parity_results, eval_results)
     artifacts = stage_upload(ctx, metrics)
+    store_exports(ctx, artifacts)
     metrics["timings"] = dict(ctx.timings)
     ctx.wd.metrics.write_text(json.dumps(metrics, indent=2))
     ctx.reporter.finish(metrics, artifacts)
