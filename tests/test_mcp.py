@@ -387,6 +387,7 @@ def test_the_seeds_three_prompts_over_stdio(operator, k8s, kubeconfig, namespace
             cache = status["metrics"]["cache"]
             assert cache["training"] == "hit" and cache["trainedBy"]["run"] == 1, cache
             assert cache["trainedBy"]["uid"] == uid
+            assert cache["exports"] == {"q4_k_m": "hit"}, cache  # and run 1's GGUF, not a new conversion
 
             # 3. "Adjust to 4 epochs and lower LR to 1e-5" (and re-run).
             adjusted = await s.ok("adjust_and_rerun", {"job": "seed", "epochs": 4, "learning_rate": 1e-5})
