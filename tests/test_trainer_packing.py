@@ -434,3 +434,17 @@ def test_fp32_inputs_under_autocast_take_the_flash_kernel(monkeypatch):
     assert out.dtype == torch.bfloat16 and out.shape == (1, 300, 4, 256)
     expected = reference(q, k, v, cu, 256 ** -0.5, 64)
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_attention_the_kernel_cannot_serve_is_a_permanent_config_error():
+    """Attention dropout or non-causal attention comes from the model's configuration: a retry would fail
+    the same way, so it is a ConfigError (exit 42, never retried), not a ValueError (retried as internal)."""
+    q = k = v = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ConfigError) as err:
+        varlen_attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, dropout=0.1)
+    assert err.value.reason == "PaddingFreeUnsupported" and "dropout" in str(err.value)
+    bidirectional = torch.nn.Module()
+    bidirectional.is_causal = False
+    with pytest.raises(ConfigError) as err:
+        varlen_attention.varlen_attention_forward(bidirectional, q, k, v, None)
+    assert err.value.reason == "PaddingFreeUnsupported" and "not causal" in str(err.value)

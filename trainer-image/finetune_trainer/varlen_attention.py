@@ -104,10 +104,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     forward, generate) gets one causal sequence per row: right padding needs no mask under causality
     (a real token never sees the pads after it), so rows of any batch come out right.
     """
+    # A model's configuration decides these: the same spec would fail the same way on a retry.
     if dropout:
-        raise ValueError("padding-free attention has no attention dropout")
+        raise ConfigError(Reason.PADDING_FREE_UNSUPPORTED, "training.paddingFree is on, but the model's attention "
+                          "has dropout, which padding-free attention does not implement; set paddingFree: false")
     if not getattr(module, "is_causal", True):
-        raise ValueError(f"padding-free attention is causal only; {type(module).__name__} is not")
+        raise ConfigError(Reason.PADDING_FREE_UNSUPPORTED, f"training.paddingFree is on, but {type(module).__name__} "
+                          "is not causal attention; set paddingFree: false")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     cu_seqlens, max_seqlen = kwargs.get(CU_SEQLENS), kwargs.get(MAX_SEQLEN)
     rows, _, width, _ = query.shape
@@ -304,6 +307,6 @@ def enable(model, setting: str = "auto") -> bool:
 def _declined(setting: str, reason: str) -> bool:
     """auto falls back to padded batches; on, asked for explicitly, stops the run with the reason."""
     if setting == "on":
-        raise ConfigError("PaddingFreeUnsupported", f"training.paddingFree is on, but {reason}; "
+        raise ConfigError(Reason.PADDING_FREE_UNSUPPORTED, f"training.paddingFree is on, but {reason}; "
                           "set it to auto or off to train on padded batches")
     return False
