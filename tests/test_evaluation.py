@@ -40,7 +40,7 @@ from finetune_trainer.cli import main
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.evaluation import results as R
 from finetune_trainer.evaluation import run_eval, select_models
-from finetune_trainer.evaluation.data import download_prefix, split_s3_uri
+from finetune_trainer.evaluation.data import resolve_task_dir
 
 TASKS_DIR = Path(__file__).parent / "data" / "eval"
 ALL_TASKS = ["tiny_antonyms", "tiny_antonyms_gen", "tiny_stories_ppl"]
@@ -227,12 +227,6 @@ def test_select_models_filters_and_checks(tmp_path):
         select_models({"f16": files["f16"]}, EvaluationSpec(tasks=["t"], include_base=True))
 
 
-def test_split_s3_uri():
-    assert split_s3_uri("s3://b/tasks") == ("b", "tasks/")
-    assert split_s3_uri("s3://b/a/b/") == ("b", "a/b/")
-    assert split_s3_uri("s3://b") == ("b", "")
-
-
 # -- the tiny models ------------------------------------------------------------------------------
 
 
@@ -397,19 +391,25 @@ def test_run_eval_reports_quantization_cost_and_writes_files(evaluated):
     assert any(m.startswith("evaluating base: loglikelihood requests ") and ", ETA " in m for m in done), done
 
 
-def test_task_data_from_s3(tiny, s3, bucket, tmp_path):
+def test_task_data_from_s3(tiny, s3, bucket, tmp_path, monkeypatch):
+    """`finetune eval` on its own reads an s3:// dataUri through the trainer's S3 layer, configured from
+    the environment (endpoint and keys), and takes only the keys under the prefix."""
     client = s3.client()
     for path in TASKS_DIR.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), bucket, f"eval-tasks/{path.relative_to(TASKS_DIR).as_posix()}")
     client.put_object(Bucket=bucket, Key="eval-tasks-other/decoy.yaml", Body=b"task: decoy\n")
-    got = download_prefix(f"s3://{bucket}/eval-tasks", tmp_path / "dl", client)
-    assert sorted(p.relative_to(tmp_path / "dl") for p in got) == sorted(
-        p.relative_to(TASKS_DIR) for p in TASKS_DIR.rglob("*") if p.is_file())
+    for key, value in {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+                       "AWS_SECRET_ACCESS_KEY": s3.secret_key}.items():
+        monkeypatch.setenv(key, value)
     spec = EvaluationSpec(tasks=["tiny_antonyms"], limit=8, data_uri=f"s3://{bucket}/eval-tasks")
-    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", s3_client=client, model_args=LLAMA_ARGS)
+    metrics = run_eval({"f16": tiny.f16}, spec, tmp_path / "work", model_args=LLAMA_ARGS)
     assert metrics["f16"]["tiny_antonyms"]["acc"] >= 0.75
-    assert (tmp_path / "work" / "eval-tasks" / "tiny_antonyms.yaml").is_file()
+    got = tmp_path / "work" / "eval-tasks"
+    assert sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(TASKS_DIR) for p in TASKS_DIR.rglob("*") if p.is_file())
+    with pytest.raises(ConfigError, match="no objects under"):
+        resolve_task_dir(f"s3://{bucket}/no-such-tasks", tmp_path / "empty")
 
 
 def test_cli(tiny, tmp_path, capsys):

@@ -144,7 +144,7 @@ def preflight(ctx: Context) -> None:
     checks.check_target_modules(ctx.base, list(ctx.spec.training.lora.target_modules))
     if ctx.spec.evaluation is not None:
         checks.check_eval_tasks(ctx.spec.evaluation, ctx.wd.eval,
-                                ctx.store.client if ctx.spec.evaluation.data_uri else None)
+                                ctx.store if ctx.spec.evaluation.data_uri else None)
 
 
 def stage_prepare(ctx: Context) -> dict[str, Any]:
@@ -352,7 +352,7 @@ def stage_eval(ctx: Context, gguf_files: dict[str, Path]) -> dict[str, Any] | No
     if ctx.spec.evaluation.include_base:
         files["base"] = base_gguf(ctx)
     results = run_eval(files, ctx.spec.evaluation, ctx.wd.eval, ctx.reporter.work,
-                       s3_client=ctx.store.client if ctx.spec.evaluation.data_uri else None)
+                       store=ctx.store if ctx.spec.evaluation.data_uri else None)
     (ctx.wd.root / "eval-metrics.json").write_text(json.dumps(results, indent=2))
     _timed(ctx, "eval", t0)
     return results

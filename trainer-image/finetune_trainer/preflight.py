@@ -40,14 +40,14 @@ def check_target_modules(base: BaseModel, targets: list[str]) -> None:
                                          f"{base.source} (its projections: {', '.join(linear) or 'none'})")
 
 
-def check_eval_tasks(spec: EvaluationSpec, workdir: Path, s3_client=None) -> None:
+def check_eval_tasks(spec: EvaluationSpec, workdir: Path, store=None) -> None:
     """Every task name resolves in lm-eval (built in, or in the offline folder of evaluation.dataUri)."""
     from lm_eval.tasks import TaskManager
 
     from .evaluation.data import resolve_task_dir
     from .evaluation.runner import _task_manager
 
-    task_dir = resolve_task_dir(spec.data_uri, workdir, s3_client)
+    task_dir = resolve_task_dir(spec.data_uri, workdir, store)
     manager = _task_manager(TaskManager, task_dir, list(spec.tasks))
     unknown = [t for t in spec.tasks if t not in manager.all_tasks]
     if unknown:

@@ -90,7 +90,7 @@ class _Throttled:
 
 
 def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path, report: Report | None = None,
-             *, model_args: Mapping[str, Any] | None = None, s3_client: Any = None) -> dict[str, Any]:
+             *, model_args: Mapping[str, Any] | None = None, store: Any = None) -> dict[str, Any]:
     """Evaluate GGUF files on lm-eval tasks; write eval.json and eval.md into ``workdir``.
 
     Args:
@@ -102,7 +102,7 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
         report: optional report(message, percent, eta_seconds) for progress: requests done/total of
             the current model in the message, the whole run's percent and an ETA.
         model_args: extra LlamaCppLM arguments (n_ctx, n_gpu_layers, n_threads, n_batch, max_length).
-        s3_client: boto3 client used for an s3:// dataUri (default: from the environment).
+        store: the S3Store (s3.py) an s3:// dataUri is read with (default: from the environment).
 
     Returns:
         {model: {task: {metric: value}}, "quantizationCost": {"reference": "f16", "q4_k_m": {task:
@@ -119,7 +119,7 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
     workdir.mkdir(parents=True, exist_ok=True)
     say = _Throttled(report)
     models = select_models(gguf_files, spec)
-    task_dir = resolve_task_dir(spec.data_uri, workdir, s3_client)
+    task_dir = resolve_task_dir(spec.data_uri, workdir, store)
     tasks = list(spec.tasks)
     manager = _task_manager(TaskManager, task_dir, tasks)
 
