@@ -79,6 +79,9 @@ CASES = [
     ("secret ref without name", with_("spec.output.s3.credentialsSecretRef", {"accessKeyIdKey": "a"}),
      "spec.output.s3.credentialsSecretRef.name"),
     ("name too long", with_("metadata.name", "a" * 60), "metadata.name"),
+    ("evalEverySteps zero", with_("spec.training.evalEverySteps", 0), "spec.training.evalEverySteps"),
+    ("evalEverySteps without validation rows", with_("spec.training.evalEverySteps", 10),
+     "spec.training.evalEverySteps needs dataset.validationSplit > 0"),
     # Secrets are only ever read from the FinetuneJob's own namespace: there is no field to say otherwise.
     ("secret in another namespace", with_("spec.output.s3.credentialsSecretRef", {"name": "s3", "namespace": "kube-system"}),
      "spec.output.s3.credentialsSecretRef.namespace"),

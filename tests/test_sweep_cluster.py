@@ -113,8 +113,13 @@ def test_valid_sweep_and_the_example_are_admitted(kubeconfig, sweep_crd):
     ([{"path": "training.learningRate", "logUniform": {"min": 1e-5, "max": 1e-4}}], {"algorithm": "grid"},
      ["spec", "algorithm grid needs every parameter to be a choice or int space"]),
     ([{"path": "training.lora.r", "choice": {"values": [8]}}], {"maxTrials": 0}, ["spec.maxTrials"]),
+    ([{"path": "training.lora.r", "choice": {"values": [8]}}], {"earlyStopping": {"minTrials": 2}},
+     ["spec.earlyStopping", "earlyStopping.metric evalLoss (the default) needs template.training.evalEverySteps"]),
+    ([{"path": "training.lora.r", "choice": {"values": [8]}}], {"earlyStopping": {"metric": "testLoss"}},
+     ["spec.earlyStopping.metric", "Unsupported value"]),
 ], ids=["min-ge-max", "loguniform-zero", "out-of-field-bounds", "unknown-path", "untunable-path",
-        "uniform-on-int", "two-spaces", "duplicate-path", "grid-continuous", "max-trials"])
+        "uniform-on-int", "two-spaces", "duplicate-path", "grid-continuous", "max-trials",
+        "eval-loss-stopping-without-eval-steps", "unknown-stopping-metric"])
 def test_invalid_search_space_is_rejected_naming_the_field(kubeconfig, sweep_crd, params, extra, expected):
     proc = dry_run(kubeconfig, sweep("bad", VALID_TEMPLATE, parameters=params, **extra))
     assert proc.returncode != 0
@@ -153,8 +158,13 @@ def test_random_sweep_picks_the_best_trial_and_survives_an_operator_kill(
     """Four trials, two at a time, of the tiny model through the whole pipeline. The operator is
     SIGKILLed once the first two trials exist and restarted: the study is rebuilt from the trials, no
     trial is created twice, trials 2 and 3 get exactly the parameters an undisturbed sweep draws, and
-    the best trial is the one with the lowest trainLoss, its artifacts in S3."""
-    doc = sweep("lr", tiny_template(inputs, s3, bucket), seed=7)
+    the best trial is the one with the lowest trainLoss, its artifacts in S3. The trials evaluate every
+    step (training.evalEverySteps) and the sweep records those eval losses for early stopping, whose
+    minTrials (4) no running trial of 4 can meet, so none is pruned."""
+    template = tiny_template(inputs, s3, bucket)
+    template["dataset"]["validationSplit"] = 0.25
+    template["training"]["evalEverySteps"] = 1
+    doc = sweep("lr", template, seed=7, earlyStopping={"minTrials": 4})
     assert k8s.apply(doc).returncode == 0
     wait_for(lambda: len(sweep_status(k8s, "lr").get("trials") or []) == 2, 120, "two trials recorded")
     operator.stop(signal.SIGKILL)
@@ -181,6 +191,12 @@ def test_random_sweep_picks_the_best_trial_and_survives_an_operator_kill(
         row = status["trials"][k]
         assert (row["name"], row["state"], row["parameters"]) == (child["metadata"]["name"], "Complete", params)
         assert row["objective"] == pytest.approx(losses[row["name"]])
+        # The trainer's last eval report passed the CRD's schema and reached the sweep's loss points.
+        progress = child["status"]["progress"]
+        assert progress["evalStep"] == 3
+        assert progress["evalLoss"] == pytest.approx(child["status"]["metrics"]["evalLoss"], abs=1e-4)
+        assert row["lossMetric"] == "evalLoss" and set(row["losses"]) <= {"1", "2", "3"}
+        assert row["losses"]["3"] == progress["evalLoss"]
 
     assert len(set(losses.values())) > 1  # the learning rates made a difference, so choosing means something
     best = status["bestTrial"]

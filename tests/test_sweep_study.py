@@ -232,13 +232,13 @@ def test_trial_object_is_owned_labelled_and_passes_queue_through():
 
 
 def test_median_rule_stops_a_trial_worse_than_the_completed_median():
-    spec = sweep_spec(earlyStopping={"minTrials": 2, "minSteps": 2})
+    spec = sweep_spec(earlyStopping={"metric": "trainLoss", "minTrials": 2, "minSteps": 2})
     done = [st.TrialRecord(k, f"s-t{k}", {}, state=TrialState.COMPLETE, value=v, losses=losses)
             for k, v, losses in [(0, 1.0, {1: 3.0, 2: 2.0, 4: 1.0}), (1, 1.2, {1: 3.2, 3: 2.2, 4: 1.2})]]
     bad = st.TrialRecord(2, "s-t2", {}, losses={1: 9.0, 3: 2.5})
     good = st.TrialRecord(3, "s-t3", {}, losses={3: 1.9})
     early = st.TrialRecord(4, "s-t4", {}, losses={1: 9.0})
-    assert "worse than the median 2.1" in st.should_stop(spec, bad, [*done, bad])  # peers at step 3: 2.0, 2.2
+    assert "training loss 2.5 at step 3 is worse than the median 2.1" in st.should_stop(spec, bad, [*done, bad])
     assert st.should_stop(spec, good, [*done, good]) is None
     assert st.should_stop(spec, early, [*done, early]) is None  # before minSteps
     assert st.should_stop(spec, bad, [done[0], bad]) is None  # fewer than minTrials completed
@@ -265,3 +265,88 @@ def test_a_trial_deleted_by_hand_stays_recorded_and_its_number_is_never_reused()
     assert "deleted" in records[1].message
     assert st.next_numbers(spec, records, False) == [2, 3]
     assert st.best(spec, records).name == "s-t0"
+
+
+EVAL_TEMPLATE = {**TEMPLATE, "dataset": {**TEMPLATE["dataset"], "validationSplit": 0.1},
+                 "training": {"maxSteps": 6, "evalEverySteps": 2}}
+
+
+def reporting(child, progress, phase="Training"):
+    """A trial FinetuneJob as read back while (or after) its trainer reports `progress`."""
+    child = json.loads(json.dumps(child))
+    status = child.get("status") or {}
+    child["status"] = {"run": 1, **status, "phase": status.get("phase", phase), "progress": {"run": 1, **progress}}
+    return child
+
+
+def test_median_rule_on_eval_loss_compares_the_trials_eval_points():
+    """earlyStopping's default metric: the validation loss each trial reports at its eval steps
+    (progress.evalStep/evalLoss), not its training loss. A trial whose training loss looks best but
+    whose eval loss is worse than the completed trials' median at that eval step is pruned; one whose
+    eval loss is better goes on although its training loss is worse."""
+    spec = sweep_spec(template=EVAL_TEMPLATE, earlyStopping={"minTrials": 2, "minSteps": 2})
+    assert spec.early_stopping.metric == "evalLoss"
+    sweep = sweep_object(spec)
+    done = []
+    for k, curve in enumerate([{2: 2.0, 4: 1.5, 6: 1.2}, {2: 2.4, 4: 1.9, 6: 1.6}]):
+        child, seen = st.build_trial(sweep, k, {}, False), {}
+        for step, loss in curve.items():  # the operator sees each eval report while the trial runs
+            rec = st.record_from_child(reporting(child, {"step": step, "loss": 0.1, "evalStep": step,
+                                                         "evalLoss": loss}), spec, seen)
+            seen = rec.losses
+        final = succeeded(child, 1.0)
+        final["status"]["progress"] = {"run": 1, "step": 6, "loss": 0.1, "evalStep": 6, "evalLoss": curve[6]}
+        done.append(st.record_from_child(final, spec, seen))
+    assert [(r.state, r.loss_metric, r.losses) for r in done] == [
+        ("Complete", "evalLoss", {2: 2.0, 4: 1.5, 6: 1.2}), ("Complete", "evalLoss", {2: 2.4, 4: 1.9, 6: 1.6})]
+
+    # Step 5's training loss is the lowest of all, its eval loss at step 4 is not: pruned.
+    overfit = st.record_from_child(reporting(st.build_trial(sweep, 2, {}, False),
+                                             {"step": 5, "loss": 0.01, "evalStep": 4, "evalLoss": 1.8}), spec)
+    assert overfit.losses == {4: 1.8}
+    reason = st.should_stop(spec, overfit, [*done, overfit])
+    assert reason == "eval loss 1.8 at step 4 is worse than the median 1.7 of 2 completed trials"
+    # A worse training loss but a better eval loss: goes on.
+    steady = st.record_from_child(reporting(st.build_trial(sweep, 3, {}, False),
+                                            {"step": 5, "loss": 9.0, "evalStep": 4, "evalLoss": 1.6}), spec)
+    assert st.should_stop(spec, steady, [*done, steady]) is None
+    # Training steps without an eval yet: nothing to compare.
+    fresh = st.record_from_child(reporting(st.build_trial(sweep, 4, {}, False), {"step": 1, "loss": 9.0}), spec)
+    assert fresh.losses == {} and st.should_stop(spec, fresh, [*done, fresh]) is None
+
+    # The sweep's status records the points with their metric, and a restart reads them back.
+    rows = json.loads(json.dumps(st.sweep_status(spec, [*done, overfit], False, 6)["trials"]))
+    assert [(r.get("lossMetric"), r.get("losses")) for r in rows] == [
+        ("evalLoss", {"2": 2.0, "4": 1.5, "6": 1.2}), ("evalLoss", {"2": 2.4, "4": 1.9, "6": 1.6}),
+        ("evalLoss", {"4": 1.8})]
+    rebuilt = st.gather(spec, [], rows)
+    assert [r.losses for r in rebuilt] == [r.losses for r in [*done, overfit]]
+
+
+def test_loss_points_of_another_metric_are_not_compared():
+    """Points recorded under trainLoss (or before lossMetric existed) are dropped once the rule
+    compares eval losses, and the other way round: the two losses are not on one scale."""
+    rows = [{"number": 0, "name": "s-t0", "state": "Complete", "objective": 1.0, "losses": {"2": 0.3}},
+            {"number": 1, "name": "s-t1", "state": "Complete", "objective": 1.0, "losses": {"2": 0.4},
+             "lossMetric": "trainLoss"},
+            {"number": 2, "name": "s-t2", "state": "Complete", "objective": 1.0, "losses": {"2": 1.9},
+             "lossMetric": "evalLoss"}]
+    on_eval = sweep_spec(template=EVAL_TEMPLATE, earlyStopping={})
+    assert [r.losses for r in st.gather(on_eval, [], rows)] == [{}, {}, {2: 1.9}]
+    on_train = sweep_spec(earlyStopping={"metric": "trainLoss"})
+    assert [r.losses for r in st.gather(on_train, [], rows)] == [{2: 0.3}, {2: 0.4}, {}]
+    assert {r.loss_metric for r in st.gather(sweep_spec(), [], rows)} == {"trainLoss"}  # no earlyStopping
+
+
+def test_eval_loss_early_stopping_needs_the_template_to_evaluate():
+    with pytest.raises(ValidationError, match=r"earlyStopping.metric evalLoss \(the default\) needs "
+                                              r"template.training.evalEverySteps"):
+        sweep_spec(earlyStopping={"minTrials": 2})
+    assert sweep_spec(earlyStopping={"metric": "trainLoss"}).early_stopping.metric == "trainLoss"
+    tuned = sweep_spec(template={**TEMPLATE, "dataset": {**TEMPLATE["dataset"], "validationSplit": 0.1}},
+                       earlyStopping={}, parameters=[{"path": "training.evalEverySteps", "choice": {"values": [1, 2]}}])
+    assert tuned.early_stopping.metric == "evalLoss"  # every trial gets evalEverySteps from the parameter
+    # A template that evaluates needs validation rows; the FinetuneJob rule names both fields.
+    with pytest.raises(ValidationError, match=r"training.evalEverySteps needs dataset.validationSplit > 0"):
+        sweep_spec(template={**TEMPLATE, "training": {"maxSteps": 4, "evalEverySteps": 2}},
+                   earlyStopping={})

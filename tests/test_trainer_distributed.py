@@ -26,9 +26,11 @@ def job(name: str, bucket: str, endpoint: str, data: Path) -> dict:
             "spec": {
                 "baseModel": {"uri": str(tiny_gemma())},
                 "dataset": {"source": str(data), "validationSplit": 0.2},
-                # 2 micro-batches of 2 rows a step: one each for 2 processes, both for 1.
+                # 2 micro-batches of 2 rows a step: one each for 2 processes, both for 1. Process 0
+                # evaluates every 2 steps while the other waits: the curves must still match.
                 "training": {"maxSteps": STEPS, "batchSize": 2, "gradientAccumulationSteps": 2,
-                             "learningRate": 5e-3, "maxSeqLength": 64, "checkpointEverySteps": 3},
+                             "learningRate": 5e-3, "maxSeqLength": 64, "checkpointEverySteps": 3,
+                             "evalEverySteps": 2},
                 "export": {"gguf": ["f16"], "parityCheck": False},
                 "output": {"s3": {"bucket": bucket, "endpoint": endpoint, "forcePathStyle": True}},
                 "resources": {"gpus": 0}}}
@@ -52,6 +54,13 @@ def losses(workdir: Path) -> list[float]:
     from finetune_trainer.paths import Workdir
 
     return [json.loads(line)["loss"] for line in Workdir(workdir).train_log.read_text().splitlines()]
+
+
+def eval_losses(workdir: Path) -> dict[int, float]:
+    from finetune_trainer.paths import Workdir
+
+    entries = [json.loads(line) for line in Workdir(workdir).train_log.read_text().splitlines()]
+    return {e["step"]: e["evalLoss"] for e in entries if "evalLoss" in e}
 
 
 def tensors(path: Path) -> dict[str, np.ndarray]:
@@ -79,6 +88,9 @@ def test_two_processes_train_the_loss_curve_of_one(runs):
     assert len(curve_one) == len(curve_two) == STEPS  # one training log, written by rank 0 alone
     assert curve_one[-1] < curve_one[0]  # it trained
     np.testing.assert_allclose(curve_two, curve_one, rtol=1e-4)
+    evals_one, evals_two = eval_losses(one_dir), eval_losses(two_dir)  # evalEverySteps: rank 0, between barriers
+    assert list(evals_two) == list(evals_one) == [2, 4]
+    np.testing.assert_allclose(list(evals_two.values()), list(evals_one.values()), rtol=1e-4)
     result_one = json.loads((one_dir / "adapter" / "train_result.json").read_text())
     result_two = json.loads((two_dir / "adapter" / "train_result.json").read_text())
     assert result_two["tokens"] == result_one["tokens"]  # the global figure, summed over the ranks

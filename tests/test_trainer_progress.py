@@ -74,6 +74,29 @@ def test_a_resume_that_finds_every_step_done_still_reports_the_step():
     assert progress["restarts"] == 1 and progress["loss"] == 0.75 and progress["stage"] == "Exporting"
 
 
+def test_a_new_eval_loss_is_sent_at_once_with_its_step():
+    """training.evalEverySteps: the steps that evaluated carry evalLoss; the reporter sends those at once
+    (a sweep's median rule compares them), keeps the latest in every later report, and the loss after
+    training is sent the same way."""
+    clock, patcher = FakeClock(), RecordingPatcher()
+    reporter = Reporter(run=1, patcher=patcher, interval=1000, clock=clock)
+    reporter.stage("Training")
+    for step in range(1, 6):
+        clock.now += 1
+        reporter.train_step(step, 6, step_metrics(3.0) | ({"evalLoss": 2.0 / step} if step % 2 == 0 else {}))
+    sent = [p["progress"] for p in patcher.patches[1:]]
+    assert [(p["step"], p["evalStep"], p["evalLoss"]) for p in sent] == [(2, 2, 1.0), (4, 4, 0.5)]
+    assert sent[0]["loss"] == 3.0  # the training loss goes along, smoothed as ever
+    clock.now += 1
+    reporter.train_step(6, 6, step_metrics(3.0))  # the last step: sent, with the eval point of step 4
+    assert (patcher.patches[-1]["progress"]["step"], patcher.patches[-1]["progress"]["evalStep"]) == (6, 4)
+    reporter.eval_loss(6, None)  # no validation rows: nothing to send
+    assert len(patcher.patches) == 4
+    reporter.eval_loss(6, 0.4321)
+    assert {k: patcher.patches[-1]["progress"][k] for k in ("step", "evalStep", "evalLoss")} == {
+        "step": 6, "evalStep": 6, "evalLoss": 0.4321}
+
+
 @pytest.fixture
 def apiserver(tmp_path):
     server = FakeApiServer(tmp_path).start()

@@ -214,6 +214,12 @@ class TrainingSpec(ApiModel):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, le=10_000_000,
         description="Save a resumable checkpoint (locally and to S3) every N steps. Unset: only at the end.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description=(
+            "Compute the loss on the validation split every N optimizer steps (process 0, while the "
+            "others wait) and report it as status.progress.evalLoss at progress.evalStep; a sweep's "
+            "early stopping compares these. Needs dataset.validationSplit > 0. Unset: only once, after "
+            "training (metrics.evalLoss)."))
 
 
 class ExportSpec(ApiModel):
@@ -410,6 +416,11 @@ class FinetuneJobSpec(ApiModel):
              "spec.evaluation.quantizations: each must be one of spec.export.gguf",
              lambda s: s.evaluation is None or not s.evaluation.quantizations
              or set(s.evaluation.quantizations) <= set(s.export.gguf)),
+        Rule("!has(self.training) || !has(self.training.evalEverySteps) || "
+             "(has(self.dataset.validationSplit) && self.dataset.validationSplit > 0.0)",
+             "spec.training.evalEverySteps needs dataset.validationSplit > 0: the rows it evaluates on",
+             lambda s: s.training.eval_every_steps is None or s.dataset.validation_split > 0,
+             field_path=".training.evalEverySteps"),
     )
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec, description="The model to fine-tune.")
     dataset: DatasetSpec = Field(description="Training data.")

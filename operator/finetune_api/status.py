@@ -169,6 +169,9 @@ class Progress(ApiModel):
     epoch: float | None = Field(None, description="Fractional epoch.")
     percent: int | None = Field(None, description="Percent of training done.")
     loss: float | None = Field(None, description="Training loss, smoothed over the report interval.")
+    eval_loss: float | None = Field(None, description=(
+        "Loss on the validation split at evalStep (training.evalEverySteps, and once after training)."))
+    eval_step: int | None = Field(None, description="Optimizer step evalLoss was computed at.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
     tokens_per_second: float | None = Field(None, description=(
         "Training throughput (non-padding tokens), of all training processes together."))

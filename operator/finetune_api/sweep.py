@@ -238,11 +238,20 @@ class Objective(ApiModel):
     goal: Literal["minimize", "maximize"] = Field("minimize", description="Whether lower or higher is better.")
 
 
+LossMetric = Literal["evalLoss", "trainLoss"]
+
+
 class EarlyStopping(ApiModel):
-    """Median stopping rule: a running trial whose training loss is worse than the median of the
-    finished trials' losses at the same step is stopped (suspended and recorded as Pruned)."""
+    """Median stopping rule: a running trial whose latest loss is worse than the median of the
+    completed trials' losses at the same step is stopped (suspended and recorded as Pruned)."""
 
     rule: Literal["median"] = Field("median", description="The stopping rule; median is the only one.")
+    metric: LossMetric = Field("evalLoss", description=(
+        "The loss the rule compares. evalLoss: the validation loss the trials report every "
+        "template.training.evalEverySteps steps (status.progress.evalLoss; needs that field and "
+        "dataset.validationSplit > 0), compared at the same eval step. trainLoss: the training loss "
+        "(status.progress.loss), smoothed over the trainer's report interval and noisier, at the latest "
+        "reported step."))
     min_trials: int = Field(2, ge=1, le=100, description="Finished trials needed before any trial is stopped.")
     min_steps: int = Field(1, ge=0, le=10_000_000, description="Never stop a trial before this many steps.")
 
@@ -255,6 +264,15 @@ class FinetuneSweepSpec(ApiModel):
              "self.parameters.all(p, has(p.choice) || has(p.int))",
              "algorithm grid needs every parameter to be a choice or int space",
              lambda s: s.algorithm != "grid" or all(p.choice or p.int_range for p in s.parameters)),
+        Rule("!has(self.earlyStopping) || (has(self.earlyStopping.metric) && self.earlyStopping.metric == "
+             "'trainLoss') || (has(self.template.training) && has(self.template.training.evalEverySteps)) || "
+             "self.parameters.exists(p, p.path == 'training.evalEverySteps')",
+             "spec.earlyStopping.metric evalLoss (the default) needs template.training.evalEverySteps: the "
+             "trials report a validation loss only then; set it, or earlyStopping.metric: trainLoss",
+             lambda s: s.early_stopping is None or s.early_stopping.metric == "trainLoss"
+             or s.template.training.eval_every_steps is not None
+             or any(p.path == "training.evalEverySteps" for p in s.parameters),
+             field_path=".earlyStopping"),
     )
     template: FinetuneJobSpec = Field(description="The FinetuneJob spec every trial starts from.")
     parameters: list[Parameter] = Field(
@@ -345,7 +363,10 @@ class TrialStatus(ApiModel):
     objective: float | None = Field(None, description="The objective metric, once the trial succeeded.")
     message: str | None = Field(None, description="Why it failed or was pruned.", max_length=1024)
     losses: dict[str, float] | None = Field(None, description=(
-        "Training loss by step, as seen while it ran (the early-stopping rule compares these)."))
+        "Loss by step, as seen while it ran (the early-stopping rule compares these); lossMetric says which."))
+    loss_metric: LossMetric | None = Field(None, description=(
+        "Which loss `losses` holds: evalLoss (validation loss at the eval steps) or trainLoss; the "
+        "sweep's earlyStopping.metric, trainLoss without earlyStopping."))
 
 
 class BestTrial(ApiModel):

@@ -56,7 +56,8 @@ class TrialRecord:
     phase: str | None = None
     value: float | None = None
     message: str | None = None
-    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss (loss_metric's)
+    loss_metric: str = "trainLoss"  # evalLoss or trainLoss: which loss `losses` holds
     suspended: bool = False  # its spec's runPolicy.suspend
     output_uri: str | None = None
     artifacts: list[str] = field(default_factory=list)
@@ -78,10 +79,21 @@ def metric_value(status: dict[str, Any], path: str) -> float | None:
     return float(node)
 
 
+def loss_metric(spec: FinetuneSweepSpec) -> str:
+    """The loss recorded for each trial: the one early stopping compares, else the training loss."""
+    return spec.early_stopping.metric if spec.early_stopping else "trainLoss"
+
+
+# Where a trial's progress report carries each loss: (its step, its value).
+PROGRESS_LOSS = {"evalLoss": ("evalStep", "evalLoss"), "trainLoss": ("step", "loss")}
+
+
 def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
                       seen_losses: dict[int, float] | None = None) -> TrialRecord:
-    """What the search knows about one trial, from its FinetuneJob alone (plus losses seen earlier)."""
+    """What the search knows about one trial, from its FinetuneJob alone (plus losses seen earlier,
+    of the same metric)."""
     meta, status = child["metadata"], child.get("status") or {}
+    metric = loss_metric(spec)
     annotations = meta.get("annotations") or {}
     record = TrialRecord(
         number=int(meta["labels"][TRIAL_LABEL]), name=meta["name"],
@@ -89,12 +101,13 @@ def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
         phase=status.get("phase"), output_uri=status.get("outputUri"),
         artifacts=[a["uri"] for a in status.get("artifacts") or [] if a.get("uri")],
         suspended=bool(((child.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
-        losses=dict(seen_losses or {}),
+        losses=dict(seen_losses or {}), loss_metric=metric,
     )
     progress = status.get("progress") or {}
-    if progress.get("run") in (None, status.get("run")) and progress.get("step") is not None \
-            and progress.get("loss") is not None:
-        record.losses[int(progress["step"])] = float(progress["loss"])
+    step_key, loss_key = PROGRESS_LOSS[metric]
+    if progress.get("run") in (None, status.get("run")) and progress.get(step_key) is not None \
+            and progress.get(loss_key) is not None:
+        record.losses[int(progress[step_key])] = float(progress[loss_key])
     if len(record.losses) > MAX_LOSS_POINTS:
         record.losses = dict(sorted(record.losses.items())[-MAX_LOSS_POINTS:])
     if annotations.get(PRUNED_ANNOTATION):
@@ -116,8 +129,11 @@ def record_from_child(child: dict[str, Any], spec: FinetuneSweepSpec,
 
 def gather(spec: FinetuneSweepSpec, children: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[TrialRecord]:
     """Records of every trial: from its FinetuneJob where it exists, else from the sweep's own
-    status (a trial deleted by hand, or a draw that failed validation), so that no number is reused."""
-    seen = {row["number"]: {int(s): v for s, v in (row.get("losses") or {}).items()} for row in rows}
+    status (a trial deleted by hand, or a draw that failed validation), so that no number is reused.
+    Loss points kept for another metric (earlyStopping.metric edited) are dropped."""
+    metric = loss_metric(spec)
+    seen = {row["number"]: {int(s): v for s, v in (row.get("losses") or {}).items()}
+            if row.get("lossMetric", "trainLoss") == metric else {} for row in rows}
     records = {int(c["metadata"]["labels"][TRIAL_LABEL]): c for c in children}
     out = [record_from_child(c, spec, seen.get(k)) for k, c in records.items()]
     for row in rows:
@@ -129,7 +145,7 @@ def gather(spec: FinetuneSweepSpec, children: list[dict[str, Any]], rows: list[d
             number=row["number"], name=row["name"], params=row.get("parameters") or {},
             state=TrialState.FAILED if gone else state, phase=row.get("phase"), value=row.get("objective"),
             message="its FinetuneJob was deleted before it finished" if gone else row.get("message"),
-            losses=seen[row["number"]]))
+            losses=seen[row["number"]], loss_metric=metric))
     return sorted(out, key=lambda r: r.number)
 
 
@@ -239,8 +255,9 @@ def _loss_at(losses: dict[int, float], step: int) -> float | None:
 def should_stop(spec: FinetuneSweepSpec, trial: TrialRecord, records: list[TrialRecord]) -> str | None:
     """The median stopping rule: why to stop this running trial, or None to let it go on.
 
-    Stopped when at least minTrials trials have completed and its latest training loss is worse
-    than the median of theirs at the same step (lower loss is better, whatever the objective)."""
+    Stopped when at least minTrials trials have completed and its latest loss (earlyStopping.metric:
+    the validation loss at its latest eval step, or the training loss) is worse than the median of
+    theirs at the same step, or the latest before it (lower loss is better, whatever the objective)."""
     rule = spec.early_stopping
     if rule is None or trial.finished or not trial.losses:
         return None
@@ -254,7 +271,9 @@ def should_stop(spec: FinetuneSweepSpec, trial: TrialRecord, records: list[Trial
     median = statistics.median(peers)
     loss = trial.losses[step]
     if loss > median:
-        return f"training loss {loss:.4g} at step {step} is worse than the median {median:.4g} of {len(peers)} completed trials"
+        what = "eval loss" if rule.metric == "evalLoss" else "training loss"
+        return (f"{what} {loss:.4g} at step {step} is worse than the median {median:.4g} of {len(peers)} "
+                "completed trials")
     return None
 
 
@@ -291,6 +310,7 @@ def sweep_status(spec: FinetuneSweepSpec, records: list[TrialRecord], suspended:
             "number": r.number, "name": r.name, "parameters": r.params, "phase": r.phase, "state": r.state,
             "objective": r.value, "message": r.message,
             "losses": {str(s): v for s, v in sorted(r.losses.items())} or None,
+            "lossMetric": r.loss_metric if r.losses else None,
         }.items() if v is not None} for r in records],
         "bestTrial": None if top is None else BestTrial(
             number=top.number, name=top.name, value=top.value, parameters=top.params, output_uri=top.output_uri,

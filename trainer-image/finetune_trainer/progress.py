@@ -85,7 +85,8 @@ class Reporter:
         self._send(force=percent == 100)
 
     def train_step(self, step: int, total_steps: int, metrics: dict[str, Any]) -> None:
-        """Called after every optimizer step with loss, learningRate, tokensPerSecond, epoch, etaSeconds."""
+        """Called after every optimizer step with loss, learningRate, tokensPerSecond, epoch, etaSeconds,
+        and evalLoss on the steps that evaluated (training.evalEverySteps)."""
         for logger in self.metric_loggers:
             try:
                 logger.log(step, metrics)
@@ -93,6 +94,9 @@ class Reporter:
                 log.warning("metric logger %s failed: %s", type(logger).__name__, exc)
         self._losses.append(float(metrics["loss"]))
         self._update_bar(step, total_steps, metrics)
+        evaluated = metrics.get("evalLoss") is not None
+        if evaluated:
+            self._set_eval(step, metrics["evalLoss"])
         self.progress = self.progress.model_copy(update={
             "step": step, "total_steps": total_steps, "epoch": round(float(metrics.get("epoch", 0)), 4),
             "percent": int(100 * step / max(total_steps, 1)),
@@ -102,8 +106,20 @@ class Reporter:
             "eta_seconds": int(metrics.get("etaSeconds", 0)),
             "message": f"step {step}/{total_steps}",
         })
-        if self._send(force=step == total_steps):
+        # A new eval loss is always sent: a sweep's median rule compares trials at their eval steps.
+        if self._send(force=step == total_steps or evaluated):
             self._losses.clear()
+
+    def eval_loss(self, step: int, loss: float | None) -> None:
+        """The validation loss after training (the periodic ones come with train_step): sent at once."""
+        if loss is None:
+            return
+        self._set_eval(step, loss)
+        self._send(force=True)
+
+    def _set_eval(self, step: int, loss: float) -> None:
+        self.progress = self.progress.model_copy(update={"eval_loss": round(float(loss), 5), "eval_step": step})
+        log.info("validation loss %.5f at step %d", loss, step)
 
     def start_training(self, step: int, total_steps: int, restarts: int, last_loss: float | None = None) -> None:
         """Where training starts: step 0, or the resumed checkpoint's step, so a status read after a resume

@@ -175,6 +175,12 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if training.packing and backend == "unsloth" and not padding_free:
         log.warning("packing with Unsloth on this stack was measured slower than padding (host-bound steps, "
                     "docs/benchmarks.md); padding to power-of-two buckets is the faster choice on GPU")
+    val_batches = Batches(val_rows, training.batch_size, training.max_seq_length, pad_id, training.seed,
+                          bucket=bucket, padding_free=padding_free) if val_rows else None
+    eval_every = training.eval_every_steps if val_batches else None
+    if training.eval_every_steps and not val_batches:
+        log.warning("training.evalEverySteps is set but the validation split is empty (too few rows): "
+                    "no periodic evaluation")
     accum = training.gradient_accumulation_steps
     total_steps = plan_steps(training, batches.per_epoch)
 
@@ -271,6 +277,12 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
             }
             if device.type == "cuda":
                 metrics["peakMemoryGB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if eval_every and step % eval_every == 0 and step < total_steps:  # the last step's follows below
+                # Rank 0 evaluates the unwrapped model (no DDP hooks: no collectives to pair); the other
+                # ranks wait at the barrier, so none runs ahead into the next step's all-reduce.
+                if world.main and (val_loss := evaluate(model, val_batches, device)) is not None:
+                    metrics["evalLoss"] = val_loss
+                distributed.barrier()
             if world.main:
                 reporter.train_step(step, total_steps, metrics)
             if not math.isfinite(step_loss):
@@ -298,9 +310,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses},
                          background=upload_in_background)
-    eval_loss = evaluate(model, Batches(val_rows, training.batch_size, training.max_seq_length, pad_id,
-                                        training.seed, bucket=bucket, padding_free=padding_free),
-                         device) if val_rows else None
+    eval_loss = evaluate(model, val_batches, device) if val_batches else None
+    reporter.eval_loss(step, eval_loss)
     model.save_pretrained(str(workdir.adapter))
     result.eval_loss = eval_loss
     (workdir.adapter / "train_result.json").write_text(json.dumps(asdict(result), indent=2))

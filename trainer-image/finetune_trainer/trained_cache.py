@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 CODE_FILES = ("recipe.py", "batching.py", "varlen_attention.py", "model_loading.py", "auto_batch.py")
 ORIGIN = "origin.json"
 RESULT = "train_result.json"
-# Training fields that do not change the adapter (where checkpoints go, how often).
-NOT_IN_KEY = ("checkpoint_every_steps",)
+# Training fields that do not change the adapter: how often it checkpoints, how often it reports the
+# validation loss (evaluation runs in eval mode and draws no random numbers).
+NOT_IN_KEY = ("checkpoint_every_steps", "eval_every_steps")
 
 
 def code_version() -> str:
