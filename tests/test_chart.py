@@ -51,7 +51,7 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "secrets"): {"get"},
-    ("", "services"): {"create"},  # the headless Service of a multi-pod run
+    ("", "services"): {"get", "create", "delete"},  # the headless Service of a multi-pod run
     ("", "serviceaccounts"): {"get", "list", "watch", "create", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "delete", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "delete", "patch"},

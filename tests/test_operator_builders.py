@@ -115,6 +115,20 @@ def test_spec_hash_ignores_suspend_only():
     assert builders.spec_hash(changed) != base
 
 
+def test_the_job_pins_the_sha256_of_its_run_config():
+    """The pod template (immutable once the Job exists) carries the hash of the ConfigMap's run.yaml."""
+    import hashlib
+
+    resolved = builders.resolve_spec(copy.deepcopy(SPEC), CFG)
+    config_map = builders.build_config_map(builders.build_run_config(resolved, OWNER, 1), OWNER)
+    digest = builders.config_sha256(config_map)
+    assert digest == hashlib.sha256(config_map["data"][c.CONFIG_FILE].encode()).hexdigest()
+    job = builders.build_job(resolved, OWNER, 1, CFG, service_account="demo-trainer",
+                             raw_spec_hash=builders.spec_hash(SPEC), config_digest=digest)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[c.ENV_CONFIG_SHA256] == digest
+
+
 def test_role_is_scoped_to_one_object():
     role = builders.build_role(OWNER)
     assert all(rule["resourceNames"] == ["demo"] for rule in role["rules"])
