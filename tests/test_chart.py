@@ -55,7 +55,7 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("", "serviceaccounts"): {"get", "list", "watch", "create", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "delete", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"list", "create", "patch"},  # list: a Job's FailedCreate Events
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}

@@ -468,3 +468,22 @@ def test_a_child_the_apiserver_refuses_fails_the_run_and_leaves_nothing(chart_op
     assert "ConfigMap 'over-quota-r1-config'" in status["message"] and "quota" in status["message"], status
     for k in CHILD_KINDS:
         assert not _get(kubeconfig, ns, k, "-l", "finetune.dev/job=over-quota")["items"], f"a {k} is left"
+
+
+def test_a_pod_the_job_cannot_create_shows_in_the_status(chart_operator, kubeconfig):
+    """A quota that forbids the pod: the Job changes no condition and has no pod, only FailedCreate
+    Events; the status says so (Pending: the quota may be raised) instead of 'waiting for the trainer'."""
+    ns, log = chart_operator
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    kubectl(kubeconfig, "-n", ns, "apply", "-f", "-", input=yaml.safe_dump(quota))
+    try:
+        wait_for(lambda: (_get(kubeconfig, ns, "resourcequota", "no-pods").get("status") or {}).get("used"),
+                 60, "the quota's usage")
+        _apply_ftj(kubeconfig, ns, "no-pods")
+        status = _wait_status(kubeconfig, ns, "no-pods", log, lambda s: s.get("reason") == "PodNotCreated",
+                              "PodNotCreated")
+    finally:
+        kubectl(kubeconfig, "-n", ns, "delete", "resourcequota", "no-pods", check=False)
+    assert status["phase"] == "Pending", status
+    assert status["message"].startswith(f"Job {status['jobName']} cannot create its pod:"), status["message"]
+    assert "exceeded quota" in status["message"], status["message"]

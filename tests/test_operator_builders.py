@@ -267,6 +267,22 @@ def test_a_pod_that_cannot_start_shows_in_the_status(reason, phase):
     assert observe(job_with(active=1), [waiting_pod("ContainerCreating")], None, 1, False).reason == "PodPending"
 
 
+@pytest.mark.parametrize("message, phase", [
+    ('pods "demo-r1-x" is forbidden: exceeded quota: q, requested: pods=1, used: pods=0, limited: pods=0', "Pending"),
+    ('error looking up service account team-a/demo-trainer: serviceaccount "demo-trainer" not found', "Pending"),
+    ('pods "demo-r1-x" is forbidden: violates PodSecurity "restricted:latest": seccompProfile', "Failed"),
+    ('admission webhook "pods.example.com" denied the request: no GPUs on Sundays', "Failed"),
+])
+def test_a_pod_the_job_cannot_create_shows_in_the_status(message, phase):
+    from finetune_operator.lifecycle import abandon_job
+
+    obs = observe(job_with(), [], None, 1, False, failed_create=message)
+    assert (obs.phase, obs.reason) == (phase, "PodNotCreated")
+    assert obs.message.startswith("Job demo-r1 cannot create its pod: ") and message in obs.message
+    assert abandon_job(obs) is (phase == "Failed")
+    assert observe(job_with(), [], None, 1, False).reason == "PodPending"  # no FailedCreate: just not yet
+
+
 def test_transition_is_phase_reason_or_message():
     obs = Observation(Phase.PENDING, "SecretNotFound", "spec.x: Secret 's' not found")
     assert transition({}, obs)

@@ -98,6 +98,9 @@ class Reason(StrEnum):
     # --- the run failed (operator) ---
     POD_NOT_STARTING = "PodNotStarting", ("Pending while the pod cannot start (image pull, container config); "
                                           "Failed when it never can (an invalid image name).")
+    POD_NOT_CREATED = "PodNotCreated", ("Pending while the Job cannot create its pod (a ResourceQuota, a missing "
+                                        "ServiceAccount: the message quotes the Job's FailedCreate); Failed when "
+                                        "admission refuses the pod for good (PodSecurity, a webhook).")
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded", "Failed: the trainer failed runPolicy.backoffLimit+1 times."
     DEADLINE_EXCEEDED = "DeadlineExceeded", "Failed: the run outlived runPolicy.activeDeadlineSeconds."
     CONFIG_ERROR = "ConfigError", "Failed: the trainer exited 42 without a reason of its own."

@@ -30,6 +30,7 @@ LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
+POD_CREATE_RECHECK = 10  # seconds between looks at a Pending run's Job for FailedCreate Events
 LEFTOVER_RETRY = 5  # seconds: a deleted namesake's children go with it, through garbage collection
 kube.limit_status_writes(CONFIG.status_writes_per_second)
 
@@ -269,8 +270,11 @@ def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: b
     pods = kube.list_job_pods(ftj["metadata"]["namespace"], job["metadata"]["name"]) if job else []
     queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(c.KUEUE_QUEUE_LABEL)
     suspend = bool(((ftj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    refused = None
+    if job and not pods and not (job.get("spec") or {}).get("suspend"):
+        refused = kube.failed_create(ftj["metadata"]["namespace"], job["metadata"]["name"])
     return observe(job, pods, status.get("progress"), run, lifecycle.queued(queue, suspend),
-                   completion_reported(status, run))
+                   completion_reported(status, run), refused)
 
 
 def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
@@ -334,6 +338,18 @@ def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     if deleted and job_hash != builders.spec_hash(ftj.get("spec") or {}):
         return  # superseded by a spec change: ensure_run deleted it on purpose
     sync_status(ftj, None if deleted else dict(body), job_deleted=deleted)
+
+
+def _waiting_for_a_pod(status: dict[str, Any], **_: Any) -> bool:
+    return (status or {}).get("phase") == Phase.PENDING.value and bool((status or {}).get("jobName"))
+
+
+@kopf.timer(*RESOURCE, interval=POD_CREATE_RECHECK, when=_waiting_for_a_pod)
+def pending_recheck(body: kopf.Body, **_: Any) -> None:
+    """A Job that cannot create its pod (quota, admission) changes no condition and has no pod to
+    watch: only its FailedCreate Events tell, so a Pending run looks again every few seconds."""
+    status = body.get("status") or {}
+    sync_status(dict(body), kube.read_job(body.metadata.namespace, status["jobName"]))
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

@@ -158,6 +158,18 @@ def list_job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
     return [to_dict(p) for p in pods.items]
 
 
+def failed_create(namespace: str, job: str) -> str | None:
+    """The message of the Job's newest FailedCreate Event (the Job controller could not create a pod:
+    quota, admission), or None. It changes no Job condition, so only its Events tell."""
+    events = core().list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate")
+    newest = max(events.items, default=None,
+                 key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""))
+    if newest is None:
+        return None
+    return (newest.message or "").strip() or None
+
+
 def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     return read_or_none(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 

@@ -119,9 +119,10 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# list: a Job's FailedCreate Events say why it has no pod (quota, admission).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
