@@ -194,13 +194,14 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     ({"metrics": {"port": 8081}}, "/metrics/port"),
     ({"s3": {"endpoint": "minio:9000"}}, "does not match pattern"),
     ({"s3": {"endpoint": "http://ak:sk@minio:9000"}}, "does not match pattern"),
+    ({"mcp": {"s3Endpoint": "http://ak:sk@seaweedfs:8333"}}, "does not match pattern"),
     ({"s3": {"credentialsSecretName": "x/../y"}}, "does not match pattern"),
     ({"security": {"egress": {"allowedHosts": ["http://minio:9000"]}}}, "does not match pattern"),
     ({"security": {"localPathRoots": ["relative/"]}}, "does not match pattern"),
     ({"security": {"allowedTolerations": [{"operator": "Exists"}]}}, "missing property 'key'"),
 ], ids=["unknown-top-level", "unknown-nested", "unknown-deep", "int-as-string", "bool-as-string",
         "list-as-string", "bad-namespace", "bad-enum", "port-clash-with-health", "endpoint-without-scheme",
-        "endpoint-with-credentials", "unanchored-secret-name", "allowed-host-url", "relative-path-root",
+        "endpoint-with-credentials", "mcp-endpoint-with-credentials", "unanchored-secret-name", "allowed-host-url", "relative-path-root",
         "tolerate-everything"])
 def test_schema_rejects(helm: str, tmp_path: Path, values: dict[str, Any], message: str) -> None:
     argv = [helm, "template", "fto", str(CHART), "--kube-version", KUBE_VERSION, *values_args(tmp_path, values)]
