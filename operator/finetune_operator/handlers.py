@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -30,7 +31,7 @@ LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
-POD_CREATE_RECHECK = 10  # seconds between looks at a Pending run's Job for FailedCreate Events
+POD_CREATE_RECHECK = 10  # seconds between looks at a Job without a pod for its FailedCreate Events
 LEFTOVER_RETRY = 5  # seconds: a deleted namesake's children go with it, through garbage collection
 kube.limit_status_writes(CONFIG.status_writes_per_second)
 
@@ -49,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
     kube.reset()
     metrics.start_server(CONFIG.metrics_port)
+    threading.Thread(target=recheck_runs_without_a_pod, name="recheck-runs-without-a-pod", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -277,11 +279,45 @@ def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: b
                    completion_reported(status, run), refused)
 
 
+# Runs whose Job has no pod yet. A Job that cannot create one (quota, admission) changes no condition
+# and has no pod to watch, only FailedCreate Events: these are looked at again every few seconds. A
+# thread, not a kopf timer, since a timer would put a finalizer on every FinetuneJob.
+_NO_POD_YET: set[tuple[str, str]] = set()
+_NO_POD_LOCK = threading.Lock()
+
+
+def _no_pod_yet(key: tuple[str, str], waiting: bool) -> None:
+    with _NO_POD_LOCK:
+        (_NO_POD_YET.add if waiting else _NO_POD_YET.discard)(key)
+
+
+def recheck_runs_without_a_pod() -> None:
+    while True:
+        time.sleep(POD_CREATE_RECHECK)
+        with _NO_POD_LOCK:
+            keys = sorted(_NO_POD_YET)
+        for namespace, name in keys:
+            try:
+                ftj = kube.read_finetunejob(namespace, name)
+                job_name = ((ftj or {}).get("status") or {}).get("jobName")
+                if ftj is None or not job_name:
+                    _no_pod_yet((namespace, name), False)
+                    continue
+                sync_status(ftj, kube.read_job(namespace, job_name))
+            except ApiException as exc:  # the next round tries again
+                LOG.warning("%s/%s: re-reading a run without a pod failed: %s %s", namespace, name,
+                            exc.status, exc.reason)
+
+
 def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
     meta, status = ftj["metadata"], dict(ftj.get("status") or {})
+    key = (meta["namespace"], meta["name"])
     if not lifecycle.in_flight(status) or lifecycle.settled(status, job, job_deleted):
+        _no_pod_yet(key, False)
         return
     obs = _observe_ftj(ftj, job, job_deleted)
+    no_pod = job is not None and not (job.get("status") or {}).get("active")  # pending pods count as active
+    _no_pod_yet(key, no_pod and obs.phase is Phase.PENDING and obs.reason in (Reason.POD_PENDING, Reason.POD_NOT_CREATED))
     if obs.reason == Reason.NO_COMPLETION_REPORT:
         # The event may predate the trainer's last patch: judge on the object as it is now.
         fresh = kube.read_finetunejob(meta["namespace"], meta["name"])
@@ -338,18 +374,6 @@ def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     if deleted and job_hash != builders.spec_hash(ftj.get("spec") or {}):
         return  # superseded by a spec change: ensure_run deleted it on purpose
     sync_status(ftj, None if deleted else dict(body), job_deleted=deleted)
-
-
-def _waiting_for_a_pod(status: dict[str, Any], **_: Any) -> bool:
-    return (status or {}).get("phase") == Phase.PENDING.value and bool((status or {}).get("jobName"))
-
-
-@kopf.timer(*RESOURCE, interval=POD_CREATE_RECHECK, when=_waiting_for_a_pod)
-def pending_recheck(body: kopf.Body, **_: Any) -> None:
-    """A Job that cannot create its pod (quota, admission) changes no condition and has no pod to
-    watch: only its FailedCreate Events tell, so a Pending run looks again every few seconds."""
-    status = body.get("status") or {}
-    sync_status(dict(body), kube.read_job(body.metadata.namespace, status["jobName"]))
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
