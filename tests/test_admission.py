@@ -107,3 +107,21 @@ def test_invalid_spec_is_rejected_naming_the_field(kubeconfig, crd, name, manife
                    input=yaml.safe_dump(manifest), check=False)
     assert proc.returncode != 0, f"{name}: accepted"
     assert field in proc.stderr, f"{name}: error does not name {field!r}: {proc.stderr}"
+
+
+@pytest.mark.parametrize("field, shown, in_docs", [
+    ("spec.training.maxSeqLength", "Default: 1024. Bounds: >= 16, <= 131072.", "Bounds: >= 16, <= 131072."),
+    # the docs' type column lists a Literal's values already
+    ("spec.dataset.format", "One of: auto, alpaca, sharegpt, messages, text, prompt-completion.", "`prompt-completion`"),
+    ("spec.dataset.validationSplit", "Bounds: >= 0.0, <= 0.5.", "Bounds: >= 0.0, <= 0.5."),
+])
+def test_kubectl_explain_and_the_docs_show_defaults_bounds_and_enums(kubeconfig, crd, field, shown, in_docs):
+    """`kubectl explain` prints a field's description only: the generator puts the schema's bounds and
+    enums there (and into docs/api.md's table), so a user sees them without reading the OpenAPI schema."""
+    from pathlib import Path
+
+    out = kubectl(kubeconfig, "explain", f"ftj.{field}").stdout
+    assert shown in " ".join(out.split()), out
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith(f"| `{field}` |"))
+    assert in_docs in row, row

@@ -51,11 +51,11 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "secrets"): {"get"},
-    ("", "services"): {"create"},  # the headless Service of a multi-pod run
+    ("", "services"): {"get", "create", "delete"},  # the headless Service of a multi-pod run
     ("", "serviceaccounts"): {"get", "list", "watch", "create", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "delete", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"list", "create", "patch"},  # list: a Job's FailedCreate Events
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
@@ -194,13 +194,14 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     ({"metrics": {"port": 8081}}, "/metrics/port"),
     ({"s3": {"endpoint": "minio:9000"}}, "does not match pattern"),
     ({"s3": {"endpoint": "http://ak:sk@minio:9000"}}, "does not match pattern"),
+    ({"mcp": {"s3Endpoint": "http://ak:sk@seaweedfs:8333"}}, "does not match pattern"),
     ({"s3": {"credentialsSecretName": "x/../y"}}, "does not match pattern"),
     ({"security": {"egress": {"allowedHosts": ["http://minio:9000"]}}}, "does not match pattern"),
     ({"security": {"localPathRoots": ["relative/"]}}, "does not match pattern"),
     ({"security": {"allowedTolerations": [{"operator": "Exists"}]}}, "missing property 'key'"),
 ], ids=["unknown-top-level", "unknown-nested", "unknown-deep", "int-as-string", "bool-as-string",
         "list-as-string", "bad-namespace", "bad-enum", "port-clash-with-health", "endpoint-without-scheme",
-        "endpoint-with-credentials", "unanchored-secret-name", "allowed-host-url", "relative-path-root",
+        "endpoint-with-credentials", "mcp-endpoint-with-credentials", "unanchored-secret-name", "allowed-host-url", "relative-path-root",
         "tolerate-everything"])
 def test_schema_rejects(helm: str, tmp_path: Path, values: dict[str, Any], message: str) -> None:
     argv = [helm, "template", "fto", str(CHART), "--kube-version", KUBE_VERSION, *values_args(tmp_path, values)]

@@ -6,12 +6,18 @@ Every case has its expected outcome, one of:
 - OPERATOR: admission lets it through (only this cluster's policy, or only the apiserver's Job
   validation, can tell), and the operator ends it Failed with a reason and the field named, before
   creating anything: no Job, ConfigMap, ServiceAccount, Role or RoleBinding, and one Warning Event.
-The trainer's own first-seconds checks (unknown eval task, LoRA targets, connect-time egress) are
-in test_trainer_preflight.py and test_policy.py.
+The trainer's own first-seconds checks are in test_trainer_errors.py (unknown eval task, LoRA
+targets the model lacks, a run config changed after its Job was made, connect-time egress for a
+dataset, an S3 endpoint, an s3:// model and eval data) and test_policy.py (the egress rule itself);
+test_e2e.py runs the connect-time refusal end to end.
+Below the table: children the operator did not make are never taken over (ChildNotOwned), a child the
+apiserver refuses fails the run and leaves nothing (ChildRejected), and a spec-named ServiceAccount
+(where the chart allows one) is never bound to the operator's Role.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -274,12 +280,11 @@ def test_an_overlong_name_is_rejected(kubeconfig, crd):
 # ----------------------------------------------------------------------------- the operator, chart RBAC
 
 
-@pytest.fixture(scope="module")
-def chart_operator(cluster, kubeconfig, crd, tmp_path_factory):
-    """A namespace, the chart installed for it with default security values, and the operator run with
-    the Deployment's env and the chart ServiceAccount's token."""
-    tmp = tmp_path_factory.mktemp("hostile")
-    ns = f"hostile-{uuid.uuid4().hex[:6]}"
+@contextlib.contextmanager
+def _chart_operator(kubeconfig, tmp: Path, release: str, security: dict[str, Any] | None = None):
+    """A namespace, the chart installed for it (release `release`, `security` values over the
+    defaults), and the operator run with the Deployment's env and the chart ServiceAccount's token."""
+    ns = f"{release}-{uuid.uuid4().hex[:6]}"
     kubectl(kubeconfig, "create", "namespace", ns)
     wait_for(lambda: kubectl(kubeconfig, "-n", ns, "get", "sa", "default", check=False).returncode == 0, 60,
              "default ServiceAccount")
@@ -289,16 +294,17 @@ def chart_operator(cluster, kubeconfig, crd, tmp_path_factory):
             "HELM_DATA_HOME": str(home / "d")}
     values = tmp / "values.yaml"
     values.write_text(yaml.safe_dump({"watchNamespaces": [ns], "crds": {"enabled": False},
-                                      "s3": {"bucket": ""}, "trainer": {"nodeSelector": NOWHERE}}))
+                                      "s3": {"bucket": ""}, "trainer": {"nodeSelector": NOWHERE},
+                                      "security": security or {}}))
     helm_kube = [f"--kubeconfig={kubeconfig}", "--namespace", ns]
-    subprocess.run([helm, "install", "hostile", str(ROOT / "charts" / "finetune-operator"), *helm_kube,
+    subprocess.run([helm, "install", release, str(ROOT / "charts" / "finetune-operator"), *helm_kube,
                     "-f", str(values)], env=henv, check=True, capture_output=True, text=True)
-    dep = json.loads(kubectl(kubeconfig, "-n", ns, "get", "deployment", "hostile-finetune-operator",
-                             "-o", "json").stdout)
+    account = f"{release}-finetune-operator"
+    dep = json.loads(kubectl(kubeconfig, "-n", ns, "get", "deployment", account, "-o", "json").stdout)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
     env.update({e["name"]: e.get("value", "") for e in container["env"]})
-    token = kubectl(kubeconfig, "-n", ns, "create", "token", "hostile-finetune-operator", "--duration=1h").stdout.strip()
+    token = kubectl(kubeconfig, "-n", ns, "create", "token", account, "--duration=1h").stdout.strip()
     admin = yaml.safe_load(Path(kubeconfig).read_text())
     sa_cfg = tmp / "operator.kubeconfig"
     sa_cfg.write_text(json.dumps({
@@ -317,8 +323,23 @@ def chart_operator(cluster, kubeconfig, crd, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        subprocess.run([helm, "uninstall", "hostile", *helm_kube], env=henv, capture_output=True)
+        subprocess.run([helm, "uninstall", release, *helm_kube], env=henv, capture_output=True)
         kubectl(kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def chart_operator(cluster, kubeconfig, crd, tmp_path_factory):
+    """The chart with its default security values (no per-job ServiceAccounts)."""
+    with _chart_operator(kubeconfig, tmp_path_factory.mktemp("hostile"), "hostile") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def override_operator(cluster, kubeconfig, crd, tmp_path_factory):
+    """The chart with security.allowServiceAccountOverride: a spec may name its own ServiceAccount."""
+    with _chart_operator(kubeconfig, tmp_path_factory.mktemp("override"), "override",
+                         {"allowServiceAccountOverride": True}) as running:
+        yield running
 
 
 def _get(kubeconfig, ns: str, *args: str) -> Any:
@@ -365,3 +386,104 @@ def test_operator_fails_it_before_creating_anything(refused, chart_operator, kub
     events = [e for e in _get(kubeconfig, ns, "events")["items"]
               if e["involvedObject"].get("name") == name and e["reason"] == reason]
     assert len(events) == 1 and events[0].get("count", 1) == 1, f"{case}: {len(events)} events"
+
+
+# ----------------------------------------------------------------------------- children it did not make
+
+
+def _apply_ftj(kubeconfig, ns: str, name: str, mutate: Callable[[dict], None] | None = None) -> None:
+    proc = kubectl(kubeconfig, "-n", ns, "apply", "-f", "-", input=yaml.safe_dump(manifest(name, mutate)), check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _wait_status(kubeconfig, ns: str, name: str, log: Path, done: Callable[[dict], bool], what: str) -> dict:
+    def check() -> dict | None:
+        status = _get(kubeconfig, ns, "ftj", name).get("status") or {}
+        return status if done(status) else None
+    try:
+        return wait_for(check, 90, f"{name}: {what}", interval=1)
+    except AssertionError:
+        raise AssertionError(log.read_text()[-6000:]) from None
+
+
+def _ended(status: dict) -> bool:
+    return status.get("phase") in ("Failed", "Succeeded")
+
+
+def _bindings_to(kubeconfig, ns: str, account: str) -> list[str]:
+    return [rb["metadata"]["name"] for rb in _get(kubeconfig, ns, "rolebindings")["items"]
+            if any(s.get("kind") == "ServiceAccount" and s.get("name") == account for s in rb.get("subjects") or [])]
+
+
+@pytest.mark.parametrize("kind, name, child", [
+    # a user with `edit` pre-creates the run's ConfigMap without the egress rule in it
+    ("configmap", "taken-cm", "ConfigMap 'taken-cm-r1-config'"),
+    # ... or the per-job ServiceAccount, to have the operator bind its Role to an account the user controls
+    ("serviceaccount", "taken-sa", "ServiceAccount 'taken-sa-trainer'"),
+])
+def test_an_object_with_a_childs_name_is_never_taken_over(chart_operator, kubeconfig, kind, name, child):
+    ns, log = chart_operator
+    child_name = child.split("'")[1]
+    kubectl(kubeconfig, "-n", ns, "create", kind, child_name)
+    _apply_ftj(kubeconfig, ns, name)
+    status = _wait_status(kubeconfig, ns, name, log, _ended, "Failed")
+    assert (status["phase"], status["reason"]) == ("Failed", "ChildNotOwned"), status
+    assert child in status["message"], status["message"]
+    assert not status.get("jobName")
+    for k in CHILD_KINDS:
+        assert not _get(kubeconfig, ns, k, "-l", f"finetune.dev/job={name}")["items"], f"a {k} exists"
+    assert _bindings_to(kubeconfig, ns, child_name) == []
+    assert not _get(kubeconfig, ns, kind, child_name)["metadata"].get("ownerReferences")  # left as it was
+
+
+def test_a_spec_named_service_account_is_never_bound(override_operator, kubeconfig):
+    """Where the chart lets a spec name its ServiceAccount, the run uses it as it is: the operator
+    binds its Role only to the per-job account it creates, and creates none here."""
+    ns, log = override_operator
+    kubectl(kubeconfig, "-n", ns, "create", "serviceaccount", "victim")
+    _apply_ftj(kubeconfig, ns, "named-sa", at("resources.serviceAccountName", "victim"))
+    status = _wait_status(kubeconfig, ns, "named-sa", log, lambda s: bool(s.get("jobName")), "its Job")
+    job = _get(kubeconfig, ns, "job", status["jobName"])
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "victim"
+    assert _bindings_to(kubeconfig, ns, "victim") == []
+    assert not _get(kubeconfig, ns, "rolebindings", "-l", "finetune.dev/job=named-sa")["items"]
+    assert not _get(kubeconfig, ns, "serviceaccounts", "-l", "finetune.dev/job=named-sa")["items"]
+
+
+def test_a_child_the_apiserver_refuses_fails_the_run_and_leaves_nothing(chart_operator, kubeconfig):
+    """A quota that forbids the run's ConfigMap: the Role, ServiceAccount and RoleBinding made before it
+    are removed, and the run is Failed with the apiserver's message, not retried for ever."""
+    ns, log = chart_operator
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-configmaps"},
+             "spec": {"hard": {"configmaps": "0"}}}
+    kubectl(kubeconfig, "-n", ns, "apply", "-f", "-", input=yaml.safe_dump(quota))
+    try:
+        wait_for(lambda: (_get(kubeconfig, ns, "resourcequota", "no-configmaps").get("status") or {}).get("used"),
+                 60, "the quota's usage")
+        _apply_ftj(kubeconfig, ns, "over-quota")
+        status = _wait_status(kubeconfig, ns, "over-quota", log, _ended, "Failed")
+    finally:
+        kubectl(kubeconfig, "-n", ns, "delete", "resourcequota", "no-configmaps", check=False)
+    assert (status["phase"], status["reason"]) == ("Failed", "ChildRejected"), status
+    assert "ConfigMap 'over-quota-r1-config'" in status["message"] and "quota" in status["message"], status
+    for k in CHILD_KINDS:
+        assert not _get(kubeconfig, ns, k, "-l", "finetune.dev/job=over-quota")["items"], f"a {k} is left"
+
+
+def test_a_pod_the_job_cannot_create_shows_in_the_status(chart_operator, kubeconfig):
+    """A quota that forbids the pod: the Job changes no condition and has no pod, only FailedCreate
+    Events; the status says so (Pending: the quota may be raised) instead of 'waiting for the trainer'."""
+    ns, log = chart_operator
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    kubectl(kubeconfig, "-n", ns, "apply", "-f", "-", input=yaml.safe_dump(quota))
+    try:
+        wait_for(lambda: (_get(kubeconfig, ns, "resourcequota", "no-pods").get("status") or {}).get("used"),
+                 60, "the quota's usage")
+        _apply_ftj(kubeconfig, ns, "no-pods")
+        status = _wait_status(kubeconfig, ns, "no-pods", log, lambda s: s.get("reason") == "PodNotCreated",
+                              "PodNotCreated")
+    finally:
+        kubectl(kubeconfig, "-n", ns, "delete", "resourcequota", "no-pods", check=False)
+    assert status["phase"] == "Pending", status
+    assert status["message"].startswith(f"Job {status['jobName']} cannot create its pod:"), status["message"]
+    assert "exceeded quota" in status["message"], status["message"]

@@ -115,6 +115,20 @@ def test_spec_hash_ignores_suspend_only():
     assert builders.spec_hash(changed) != base
 
 
+def test_the_job_pins_the_sha256_of_its_run_config():
+    """The pod template (immutable once the Job exists) carries the hash of the ConfigMap's run.yaml."""
+    import hashlib
+
+    resolved = builders.resolve_spec(copy.deepcopy(SPEC), CFG)
+    config_map = builders.build_config_map(builders.build_run_config(resolved, OWNER, 1), OWNER)
+    digest = builders.config_sha256(config_map)
+    assert digest == hashlib.sha256(config_map["data"][c.CONFIG_FILE].encode()).hexdigest()
+    job = builders.build_job(resolved, OWNER, 1, CFG, service_account="demo-trainer",
+                             raw_spec_hash=builders.spec_hash(SPEC), config_digest=digest)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[c.ENV_CONFIG_SHA256] == digest
+
+
 def test_role_is_scoped_to_one_object():
     role = builders.build_role(OWNER)
     assert all(rule["resourceNames"] == ["demo"] for rule in role["rules"])
@@ -251,6 +265,22 @@ def test_a_pod_that_cannot_start_shows_in_the_status(reason, phase):
     assert (obs.phase, obs.reason) == (phase, "PodNotStarting")
     assert reason in obs.message and "pull access denied" in obs.message
     assert observe(job_with(active=1), [waiting_pod("ContainerCreating")], None, 1, False).reason == "PodPending"
+
+
+@pytest.mark.parametrize("message, phase", [
+    ('pods "demo-r1-x" is forbidden: exceeded quota: q, requested: pods=1, used: pods=0, limited: pods=0', "Pending"),
+    ('error looking up service account team-a/demo-trainer: serviceaccount "demo-trainer" not found', "Pending"),
+    ('pods "demo-r1-x" is forbidden: violates PodSecurity "restricted:latest": seccompProfile', "Failed"),
+    ('admission webhook "pods.example.com" denied the request: no GPUs on Sundays', "Failed"),
+])
+def test_a_pod_the_job_cannot_create_shows_in_the_status(message, phase):
+    from finetune_operator.lifecycle import abandon_job
+
+    obs = observe(job_with(), [], None, 1, False, failed_create=message)
+    assert (obs.phase, obs.reason) == (phase, "PodNotCreated")
+    assert obs.message.startswith("Job demo-r1 cannot create its pod: ") and message in obs.message
+    assert abandon_job(obs) is (phase == "Failed")
+    assert observe(job_with(), [], None, 1, False).reason == "PodPending"  # no FailedCreate: just not yet
 
 
 def test_transition_is_phase_reason_or_message():

@@ -181,3 +181,51 @@ def test_local_path_is_checked_after_resolving_links(tmp_path):
     assert exc.value.reason == "PathNotAllowed" and "/etc/passwd" in exc.value.message
     with pytest.raises(ConfigError):
         egress_guard.check_local_path(rules, "spec.baseModel.uri", "/srv/model")
+
+
+@pytest.fixture
+def s3_keys(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+
+
+def _internal_s3(port: int):
+    from finetune_api.spec import S3Spec
+
+    return S3Spec(bucket="models", endpoint=f"http://0x7f.1:{port}", force_path_style=True)
+
+
+def test_guard_refuses_an_s3_endpoint_that_resolves_inside(http_server, guard, s3_keys):
+    """An S3 endpoint the operator could not judge: refused where it resolves, at once (no retries),
+    typed as the trainer's EgressDenied; the server never sees a request."""
+    from finetune_trainer.s3 import S3Store
+
+    port, hits = http_server
+    guard.install(EgressPolicy(allow_http=True))
+    with pytest.raises(ConfigError) as exc:
+        S3Store(_internal_s3(port)).check_access("s3://models/out/")
+    assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
+    assert hits == []
+
+
+def test_guard_refuses_an_s3_base_model_behind_such_an_endpoint(http_server, guard, s3_keys, tmp_path):
+    from finetune_api.spec import BaseModelSpec
+    from finetune_trainer import model_loading
+
+    port, hits = http_server
+    guard.install(EgressPolicy(allow_http=True))
+    with pytest.raises(ConfigError) as exc:
+        model_loading.resolve(BaseModelSpec(uri="s3://models/base/tiny"), tmp_path, _internal_s3(port))
+    assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
+    assert hits == []
+
+
+def test_guard_refuses_s3_eval_data_behind_such_an_endpoint(http_server, guard, s3_keys, tmp_path):
+    from finetune_trainer.evaluation.data import resolve_task_dir, s3_client
+
+    port, hits = http_server
+    guard.install(EgressPolicy(allow_http=True))
+    with pytest.raises(ConfigError) as exc:
+        resolve_task_dir("s3://models/eval-tasks/", tmp_path, s3_client(f"http://0x7f.1:{port}"))
+    assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
+    assert hits == []

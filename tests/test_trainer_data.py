@@ -196,6 +196,66 @@ def test_https_source(tokenizer, template, tmp_path):
         server.shutdown()
 
 
+@pytest.mark.parametrize("url, hub", [
+    ("https://huggingface.co/datasets/o/d/resolve/main/a.jsonl", True),
+    ("https://cdn-lfs.huggingface.co/x/a.jsonl", True),
+    ("https://HuggingFace.co./x.jsonl", True),
+    ("https://evil.example/huggingface.co.jsonl", False),
+    ("https://evil.example/?to=huggingface.co", False),
+    ("https://huggingface.co.evil.example/a.jsonl", False),
+    ("https://evilhuggingface.co/a.jsonl", False),
+    ("https://evil.example#@huggingface.co/a.jsonl", False),
+    ("http://huggingface.co/a.jsonl", False),  # the token never travels in clear text
+])
+def test_only_the_hub_is_a_hub_url(url, hub):
+    from finetune_trainer.data.sources import is_hub_url
+
+    assert is_hub_url(url) is hub
+
+
+def test_hf_token_is_never_sent_to_a_url_that_only_mentions_the_hub(tmp_path, monkeypatch):
+    from finetune_trainer.data.sources import _download_https
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"text": "hi"}\n'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        _download_https(f"http://127.0.0.1:{port}/huggingface.co.jsonl", tmp_path)
+        _download_https(f"http://127.0.0.1:{port}/x.jsonl?mirror=https://huggingface.co/", tmp_path)
+    finally:
+        server.shutdown()
+    assert seen == [None, None]
+
+
+def test_a_redirect_off_the_hub_drops_the_token():
+    import urllib.request
+
+    from finetune_trainer.data.sources import _TokenStaysOnTheHub
+
+    req = urllib.request.Request("https://huggingface.co/d/resolve/main/a.jsonl",
+                                 headers={"Authorization": "Bearer hf_secret"})
+    handler = _TokenStaysOnTheHub()
+    away = handler.redirect_request(req, None, 302, "Found", {}, "https://evil.example/a.jsonl")
+    assert not away.has_header("Authorization")
+    stays = handler.redirect_request(req, None, 302, "Found", {}, "https://cdn-lfs.huggingface.co/a.jsonl")
+    assert stays.get_header("Authorization") == "Bearer hf_secret"
+
+
 def test_s3_source(tokenizer, template, tmp_path, s3, bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)

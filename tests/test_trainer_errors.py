@@ -260,3 +260,36 @@ def test_every_reason_the_code_can_give_is_a_documented_constant():
     assert not unknown, f"reasons missing from finetune_api.status.Reason: {unknown}"
     docs = (root / "docs" / "api.md").read_text()
     assert all(f"| `{r.value}` | {r.doc} |" in docs for r in Reason)
+
+
+def test_a_run_config_changed_after_the_job_was_made_is_refused(tmp_path, monkeypatch):
+    """The Job's pod template carries the SHA-256 of the run config the operator wrote; a ConfigMap
+    edited since (here: its egress rule dropped, so nothing would be checked at connect time) is
+    refused before anything runs, typed and never retried."""
+    import hashlib
+
+    import yaml
+
+    from finetune_api import RunConfig, RunRef, contract
+    from finetune_api.egress import EgressPolicy
+    from finetune_api.spec import FinetuneJobSpec
+    from finetune_trainer.cli import check_config_digest
+
+    spec = FinetuneJobSpec.model_validate({"baseModel": {"name": "tiny/model"}, "dataset": {"source": "tiny/data"},
+                                           "output": {"s3": {"bucket": "models"}}})
+    written = RunConfig.build(spec, RunRef(name="tampered"), EgressPolicy()).to_yaml()
+    config = tmp_path / "run.yaml"
+    config.write_text(written)
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv(contract.ENV_TERMINATION_LOG, str(term))
+    monkeypatch.setenv(contract.ENV_CONFIG_SHA256, hashlib.sha256(written.encode()).hexdigest())
+    check_config_digest(config)  # the operator's own config passes
+
+    doc = yaml.safe_load(written)
+    del doc["egress"]
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code = main(["run", "--config", str(config), "--workdir", str(tmp_path / "work")])
+    term_doc = json.loads(term.read_text().splitlines()[-1])
+    assert code == 42 and term_doc["reason"] == "ConfigTampered", term_doc
+    assert str(config) in term_doc["message"]
+    assert not (tmp_path / "work" / "dataset").exists()

@@ -14,6 +14,9 @@ from typing import Any
 
 # --- environment of the training container (set by the operator's Job builder) ---
 ENV_CONFIG = "FINETUNE_CONFIG"  # path of the mounted run.yaml
+# Hex SHA-256 of run.yaml as the operator wrote it: a pod template cannot change once the Job exists,
+# a ConfigMap can, so the trainer refuses a config that is not the one the operator wrote.
+ENV_CONFIG_SHA256 = "FINETUNE_CONFIG_SHA256"
 ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"
 ENV_RUN = "FINETUNE_RUN"

@@ -86,12 +86,21 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec", "Failed until the spec changes: a field is invalid (the message names it)."
     POLICY_DENIED = "PolicyDenied", "Failed until the spec changes: it asks for what the cluster admin did not allow."
     JOB_REJECTED = "JobRejected", "Failed until the spec changes: the apiserver refused the Job built from the spec."
+    CHILD_NOT_OWNED = "ChildNotOwned", ("Failed until the spec changes: an object with the name of one of the run's "
+                                        "children exists and this FinetuneJob is not its controller (the message "
+                                        "names it); the operator never adopts what it did not create.")
+    CHILD_REJECTED = "ChildRejected", ("Failed until the spec changes: the apiserver refused one of the run's children "
+                                       "(Role, ServiceAccount, ConfigMap, Service, Job: RBAC, quota, admission); "
+                                       "what the run had created is removed.")
     SECRET_NOT_FOUND = "SecretNotFound", "Pending: a referenced Secret (or its key) is missing; retried every 30 s."
     CONFIGMAP_NOT_FOUND = "ConfigMapNotFound", "Pending: dataset.configMapRef (or its key) is missing; retried."
     SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound", "Pending: resources.serviceAccountName is missing; retried."
     # --- the run failed (operator) ---
     POD_NOT_STARTING = "PodNotStarting", ("Pending while the pod cannot start (image pull, container config); "
                                           "Failed when it never can (an invalid image name).")
+    POD_NOT_CREATED = "PodNotCreated", ("Pending while the Job cannot create its pod (a ResourceQuota, a missing "
+                                        "ServiceAccount: the message quotes the Job's FailedCreate); Failed when "
+                                        "admission refuses the pod for good (PodSecurity, a webhook).")
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded", "Failed: the trainer failed runPolicy.backoffLimit+1 times."
     DEADLINE_EXCEEDED = "DeadlineExceeded", "Failed: the run outlived runPolicy.activeDeadlineSeconds."
     CONFIG_ERROR = "ConfigError", "Failed: the trainer exited 42 without a reason of its own."
@@ -124,6 +133,8 @@ class Reason(StrEnum):
     BUCKET_NOT_FOUND = "BucketNotFound", "(42) the output bucket does not exist."
     OBJECT_NOT_FOUND = "ObjectNotFound", "(42) an s3:// object named in the spec does not exist."
     STORAGE_ERROR = "StorageError", "(42) S3 answered with an error a retry would get again."
+    CONFIG_TAMPERED = "ConfigTampered", ("(42) the run config is not the one the operator wrote (its ConfigMap was "
+                                         "edited): its SHA-256 differs from the one in the Job's pod template.")
     PATH_NOT_ALLOWED = "PathNotAllowed", "(42) a local path the operator's egress rule does not allow."
     EGRESS_DENIED = "EgressDenied", "(42) a connection the operator's egress rule does not allow."
     # --- the trainer: retried, resuming from the newest checkpoint (exit 75, or any other code) ---
@@ -143,7 +154,8 @@ class Reason(StrEnum):
 
 
 # A new generation that hits one of these does not start; it waits for a spec change, never a retry.
-SPEC_REASONS = frozenset({Reason.INVALID_SPEC, Reason.POLICY_DENIED, Reason.JOB_REJECTED})
+SPEC_REASONS = frozenset({Reason.INVALID_SPEC, Reason.POLICY_DENIED, Reason.JOB_REJECTED, Reason.CHILD_NOT_OWNED,
+                          Reason.CHILD_REJECTED})
 # Waiting on an object only the cluster can provide; the operator retries.
 WAITING_REASONS = frozenset({Reason.SECRET_NOT_FOUND, Reason.CONFIGMAP_NOT_FOUND, Reason.SERVICE_ACCOUNT_NOT_FOUND})
 

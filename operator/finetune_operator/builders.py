@@ -112,6 +112,13 @@ def build_config_map(run_config: RunConfig, owner: dict[str, Any]) -> dict[str, 
     }
 
 
+def config_sha256(config_map: dict[str, Any]) -> str:
+    """Hex SHA-256 of the run config as written into its ConfigMap. The Job's pod template carries it
+    (ENV_CONFIG_SHA256), which nobody can change once the Job exists; a ConfigMap can be edited by
+    anyone with `edit`, so the trainer refuses a config whose hash differs (dropping the egress rule, say)."""
+    return hashlib.sha256(config_map["data"][c.CONFIG_FILE].encode()).hexdigest()
+
+
 def build_service_account(owner: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": _meta(trainer_account_name(owner["metadata"]["name"]), owner)}
@@ -152,7 +159,7 @@ def progress_interval(cfg: OperatorConfig, live_jobs: int) -> int:
 
 
 def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
-              live_jobs: int = 0) -> list[dict[str, Any]]:
+              live_jobs: int = 0, config_digest: str | None = None) -> list[dict[str, Any]]:
     meta = owner["metadata"]
     env = [
         {"name": c.ENV_CONFIG, "value": f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"},
@@ -168,6 +175,8 @@ def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         {"name": "UNSLOTH_DISABLE_STATISTICS", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if config_digest:
+        env.append({"name": c.ENV_CONFIG_SHA256, "value": config_digest})
     # Credentials only ever travel as Secret references; the operator never reads their values.
     s3 = spec.output.s3
     if s3.credentials_secret_ref:
@@ -232,7 +241,7 @@ def build_command(spec: FinetuneJobSpec, name: str, run: int) -> list[str]:
 
 
 def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig,
-                   service_account: str, live_jobs: int = 0) -> dict[str, Any]:
+                   service_account: str, live_jobs: int = 0, config_digest: str | None = None) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     res = spec.resources
     mounts = [
@@ -254,7 +263,7 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         "image": res.image or cfg.trainer_image,
         "imagePullPolicy": res.image_pull_policy or cfg.image_pull_policy,
         "command": build_command(spec, name, run),
-        "env": build_env(spec, owner, run, cfg, live_jobs),
+        "env": build_env(spec, owner, run, cfg, live_jobs, config_digest),
         "resources": build_resources(spec),
         "volumeMounts": mounts,
         "terminationMessagePath": c.TERMINATION_LOG,
@@ -289,7 +298,9 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
 
 
 def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: OperatorConfig, *,
-              service_account: str, raw_spec_hash: str, live_jobs: int = 0) -> dict[str, Any]:
+              service_account: str, raw_spec_hash: str, live_jobs: int = 0,
+              config_digest: str | None = None) -> dict[str, Any]:
+    """config_digest: config_sha256 of the run's ConfigMap, which the trainer checks its config against."""
     name = owner["metadata"]["name"]
     policy = spec.run_policy
     meta = _meta(job_name(name, run), owner, run, annotations={SPEC_HASH_ANNOTATION: raw_spec_hash})
@@ -310,7 +321,7 @@ def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         ]},
         "template": {
             "metadata": {"labels": labels(name, run)},
-            "spec": build_pod_spec(spec, owner, run, cfg, service_account, live_jobs),
+            "spec": build_pod_spec(spec, owner, run, cfg, service_account, live_jobs, config_digest),
         },
     }
     if nodes > 1:  # pod i is torchrun node i; all of them run at once

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -30,6 +31,8 @@ LOG = logging.getLogger("finetune_operator")
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
 MISSING_REF_RETRY = 30  # seconds: a Secret or ConfigMap created later lets the job proceed
+POD_CREATE_RECHECK = 10  # seconds between looks at a Job without a pod for its FailedCreate Events
+LEFTOVER_RETRY = 5  # seconds: a deleted namesake's children go with it, through garbage collection
 kube.limit_status_writes(CONFIG.status_writes_per_second)
 
 
@@ -47,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
     kube.reset()
     metrics.start_server(CONFIG.metrics_port)
+    threading.Thread(target=recheck_runs_without_a_pod, name="recheck-runs-without-a-pod", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -158,8 +162,10 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     new_run = run + 1
     owner = dict(body)
     service_account = spec.resources.service_account_name or builders.trainer_account_name(name)
+    run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
+    config_map = builders.build_config_map(run_config, owner)
     job = builders.build_job(spec, owner, new_run, CONFIG, service_account=service_account, raw_spec_hash=wanted,
-                             live_jobs=metrics.live_jobs())
+                             live_jobs=metrics.live_jobs(), config_digest=builders.config_sha256(config_map))
     # The apiserver judges the Job before anything of the run exists: a spec it would refuse
     # (quantities, affinity, label keys...) fails with its message and leaves nothing behind.
     rejected = kube.dry_run_create_job(namespace, job)
@@ -168,20 +174,15 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
                 f"the apiserver rejected the training Job built from spec.resources/spec.runPolicy: {rejected}",
                 logger)
     # The Role first: the apiserver lets the operator bind only a Role that exists (its escalation check).
-    kube.create_if_absent(kube.rbac().create_namespaced_role, namespace, builders.build_role(owner))
+    children = [builders.build_role(owner)]
     if not spec.resources.service_account_name:
         # Only an account the operator created gets its Role: it never grants rights to one it did not make.
-        kube.create_if_absent(kube.core().create_namespaced_service_account, namespace,
-                              builders.build_service_account(owner))
-        kube.create_if_absent(kube.rbac().create_namespaced_role_binding, namespace,
-                              builders.build_role_binding(owner, service_account))
-    run_config = builders.build_run_config(spec, owner, new_run, policy.egress_policy(CONFIG))
-    kube.create_if_absent(kube.core().create_namespaced_config_map, namespace,
-                          builders.build_config_map(run_config, owner))
+        children += [builders.build_service_account(owner), builders.build_role_binding(owner, service_account)]
+    children.append(config_map)
     if spec.resources.nodes > 1:  # the pods' names resolve (for the rendezvous) once they start
-        kube.create_if_absent(kube.core().create_namespaced_service, namespace,
-                              builders.build_service(spec, owner, new_run))
-    created = kube.create_if_absent(kube.batch().create_namespaced_job, namespace, job)
+        children.append(builders.build_service(spec, owner, new_run))
+    children.append(job)
+    created = _create_children(body, status, patch, children, logger)
     if status.get("jobName"):
         _delete_job(namespace, status["jobName"])
 
@@ -193,6 +194,45 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     message = f"run {new_run}: Job {job['metadata']['name']} {'created' if created else 'adopted'}"
     kopf.event(body, type="Normal", reason=str(reason), message=message)
     logger.info(message)
+
+
+def _create_children(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, children: list[dict[str, Any]],
+                     logger: logging.Logger) -> bool:
+    """Creates the run's children in order; True if the last (the Job) was created rather than adopted.
+    An object of a child's name that this FinetuneJob does not control (pre-created by a user, or left by
+    a user) is never taken over: the run fails before anything is made; one left by a deleted FinetuneJob
+    of the same name is waited for, since the garbage collector removes it. A child the
+    apiserver refuses (RBAC, quota, admission) fails it too, and what this attempt made is removed."""
+    try:
+        for child in children:
+            kube.check_not_foreign(child)
+    except kube.NotOwned as exc:
+        if exc.leftover:
+            raise kopf.TemporaryError(f"waiting for the garbage collector to remove {exc.kind} {exc.name!r}",
+                                      delay=LEFTOVER_RETRY) from None
+        _refuse(body, status, patch, Reason.CHILD_NOT_OWNED, str(exc), logger)
+    made: list[dict[str, Any]] = []
+    try:
+        for child in children:
+            if kube.create_child(child):
+                made.append(child)
+    except kube.NotOwned as exc:  # created by someone else since the check
+        _remove(made)
+        _refuse(body, status, patch, Reason.CHILD_NOT_OWNED, str(exc), logger)
+    except ApiException as exc:
+        if exc.status is None or not 400 <= exc.status < 500 or exc.status in (408, 429):
+            raise  # the apiserver's own trouble: kopf retries
+        _remove(made)
+        meta = child["metadata"]
+        _refuse(body, status, patch, Reason.CHILD_REJECTED,
+                f"the apiserver refused to create {child['kind']} {meta['name']!r}: {kube.rejection_message(exc)}",
+                logger)
+    return bool(made) and made[-1] is children[-1]
+
+
+def _remove(made: list[dict[str, Any]]) -> None:
+    for child in reversed(made):
+        kube.delete_child(child)
 
 
 def _delete_job(namespace: str, name: str) -> None:
@@ -232,15 +272,52 @@ def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: b
     pods = kube.list_job_pods(ftj["metadata"]["namespace"], job["metadata"]["name"]) if job else []
     queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(c.KUEUE_QUEUE_LABEL)
     suspend = bool(((ftj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    refused = None
+    if job and not pods and not (job.get("spec") or {}).get("suspend"):
+        refused = kube.failed_create(ftj["metadata"]["namespace"], job["metadata"]["name"])
     return observe(job, pods, status.get("progress"), run, lifecycle.queued(queue, suspend),
-                   completion_reported(status, run))
+                   completion_reported(status, run), refused)
+
+
+# Runs whose Job has no pod yet. A Job that cannot create one (quota, admission) changes no condition
+# and has no pod to watch, only FailedCreate Events: these are looked at again every few seconds. A
+# thread, not a kopf timer, since a timer would put a finalizer on every FinetuneJob.
+_NO_POD_YET: set[tuple[str, str]] = set()
+_NO_POD_LOCK = threading.Lock()
+
+
+def _no_pod_yet(key: tuple[str, str], waiting: bool) -> None:
+    with _NO_POD_LOCK:
+        (_NO_POD_YET.add if waiting else _NO_POD_YET.discard)(key)
+
+
+def recheck_runs_without_a_pod() -> None:
+    while True:
+        time.sleep(POD_CREATE_RECHECK)
+        with _NO_POD_LOCK:
+            keys = sorted(_NO_POD_YET)
+        for namespace, name in keys:
+            try:
+                ftj = kube.read_finetunejob(namespace, name)
+                job_name = ((ftj or {}).get("status") or {}).get("jobName")
+                if ftj is None or not job_name:
+                    _no_pod_yet((namespace, name), False)
+                    continue
+                sync_status(ftj, kube.read_job(namespace, job_name))
+            except ApiException as exc:  # the next round tries again
+                LOG.warning("%s/%s: re-reading a run without a pod failed: %s %s", namespace, name,
+                            exc.status, exc.reason)
 
 
 def sync_status(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: bool = False) -> None:
     meta, status = ftj["metadata"], dict(ftj.get("status") or {})
+    key = (meta["namespace"], meta["name"])
     if not lifecycle.in_flight(status) or lifecycle.settled(status, job, job_deleted):
+        _no_pod_yet(key, False)
         return
     obs = _observe_ftj(ftj, job, job_deleted)
+    no_pod = job is not None and not (job.get("status") or {}).get("active")  # pending pods count as active
+    _no_pod_yet(key, no_pod and obs.phase is Phase.PENDING and obs.reason in (Reason.POD_PENDING, Reason.POD_NOT_CREATED))
     if obs.reason == Reason.NO_COMPLETION_REPORT:
         # The event may predate the trainer's last patch: judge on the object as it is now.
         fresh = kube.read_finetunejob(meta["namespace"], meta["name"])

@@ -64,7 +64,8 @@ def read_or_none(fn, *args, **kw) -> dict[str, Any] | None:
 
 
 def create_if_absent(create_fn, namespace: str, body: dict[str, Any]) -> bool:
-    """Creates `body`; an existing object of that name (a restart's leftover) is kept. True if created."""
+    """Creates `body`; an existing object of that name (a restart's leftover) is kept. True if created.
+    Only for objects that are not a FinetuneJob's children (those go through create_child)."""
     try:
         create_fn(namespace, body)
         return True
@@ -74,6 +75,80 @@ def create_if_absent(create_fn, namespace: str, body: dict[str, Any]) -> bool:
         raise
 
 
+# The children of a run, by kind: (API group client, the client's name for the kind).
+_CHILD_APIS = {
+    "Role": (rbac, "role"), "RoleBinding": (rbac, "role_binding"), "ServiceAccount": (core, "service_account"),
+    "ConfigMap": (core, "config_map"), "Service": (core, "service"), "Job": (batch, "job"),
+}
+
+
+class NotOwned(Exception):
+    """An object has the name of a child to create, and the child's owner is not its controller."""
+
+    def __init__(self, kind: str, name: str, owners: list[dict[str, Any]], owner: dict[str, Any]):
+        self.kind, self.name = kind, name
+        # A child of a deleted FinetuneJob of the same name (another uid): garbage collection removes it.
+        self.leftover = any(o.get("controller") and o.get("kind") == owner["kind"] and o.get("name") == owner["name"]
+                            for o in owners)
+        named = ", ".join(f"{o.get('kind')} {o.get('name')!r}" for o in owners if o.get("controller"))
+        super().__init__(f"{kind} {name!r} already exists and this FinetuneJob is not its controller "
+                         f"({'it is controlled by ' + named if named else 'it has no controller'}); the operator "
+                         f"never takes over an object it did not create: delete or rename it, then change the spec")
+
+
+def controlled_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether `obj`'s controller ownerReference is the object with `uid`."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def _controller(body: dict[str, Any]) -> dict[str, Any]:
+    return next(ref for ref in body["metadata"]["ownerReferences"] if ref.get("controller"))
+
+
+def read_child(body: dict[str, Any]) -> dict[str, Any] | None:
+    group, kind = _CHILD_APIS[body["kind"]]
+    meta = body["metadata"]
+    return read_or_none(getattr(group(), f"read_namespaced_{kind}"), meta["name"], meta["namespace"])
+
+
+def check_not_foreign(body: dict[str, Any]) -> None:
+    """Raises NotOwned if an object of `body`'s name exists that `body`'s controller does not control."""
+    existing = read_child(body)
+    owner = _controller(body)
+    if existing is not None and not controlled_by(existing, owner["uid"]):
+        raise NotOwned(body["kind"], body["metadata"]["name"], existing["metadata"].get("ownerReferences") or [],
+                       owner)
+
+
+def create_child(body: dict[str, Any]) -> bool:
+    """Creates a child of a FinetuneJob (`body` names it as controller). An existing object of that name
+    is adopted only if that same FinetuneJob (by uid) controls it, a restart's leftover; anything else
+    (made by a user, or by a deleted FinetuneJob of the same name) raises NotOwned. True if created."""
+    group, kind = _CHILD_APIS[body["kind"]]
+    meta = body["metadata"]
+    try:
+        getattr(group(), f"create_namespaced_{kind}")(meta["namespace"], body)
+        return True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    check_not_foreign(body)
+    return False
+
+
+def delete_child(body: dict[str, Any]) -> None:
+    """Deletes a child made by this attempt (its pods, if a Job, in the background); gone already is fine."""
+    group, kind = _CHILD_APIS[body["kind"]]
+    meta = body["metadata"]
+    try:
+        getattr(group(), f"delete_namespaced_{kind}")(meta["name"], meta["namespace"],
+                                                     propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def read_job(namespace: str, name: str) -> dict[str, Any] | None:
     return read_or_none(batch().read_namespaced_job, name, namespace)
 
@@ -81,6 +156,18 @@ def read_job(namespace: str, name: str) -> dict[str, Any] | None:
 def list_job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
     pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}")
     return [to_dict(p) for p in pods.items]
+
+
+def failed_create(namespace: str, job: str) -> str | None:
+    """The message of the Job's newest FailedCreate Event (the Job controller could not create a pod:
+    quota, admission), or None. It changes no Job condition, so only its Events tell."""
+    events = core().list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate")
+    newest = max(events.items, default=None,
+                 key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""))
+    if newest is None:
+        return None
+    return (newest.message or "").strip() or None
 
 
 def read_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:

@@ -84,6 +84,20 @@ def not_starting(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+# FailedCreate messages of a pod that admission refuses whatever happens next in the cluster; the rest
+# (exceeded quota, a ServiceAccount not there yet) may heal, so the run stays Pending and says why.
+NEVER_CREATED = ("violates PodSecurity", "denied the request")
+
+
+def not_created(job: dict[str, Any], failed_create: str | None) -> Observation | None:
+    """The Job's FailedCreate (its newest Event's message), as an observation, if it has no pod for it."""
+    if not failed_create:
+        return None
+    phase = Phase.FAILED if any(m in failed_create for m in NEVER_CREATED) else Phase.PENDING
+    message = f"Job {job['metadata']['name']} cannot create its pod: {failed_create}"[:2000]
+    return Observation(phase, Reason.POD_NOT_CREATED, message)
+
+
 def completion_reported(status: dict[str, Any], run: int) -> bool:
     """The trainer's own completion report for `run`: its progress and a manifest among the artifacts."""
     progress = status.get("progress") or {}
@@ -99,8 +113,9 @@ def _pending_message(pods: list[dict[str, Any]]) -> str:
 
 
 def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: dict[str, Any] | None,
-            run: int, queued: bool, reported: bool = False) -> Observation:
-    """`reported`: the trainer's completion report for this run is in the status (completion_reported)."""
+            run: int, queued: bool, reported: bool = False, failed_create: str | None = None) -> Observation:
+    """`reported`: the trainer's completion report for this run is in the status (completion_reported).
+    `failed_create`: the message of the Job's newest FailedCreate Event, if any (quota, admission)."""
     if job is None:
         return Observation(Phase.PENDING, Reason.JOB_PENDING, "creating the training Job")
     conds = _true_conditions(job)
@@ -123,6 +138,10 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
         if queued:
             return Observation(Phase.QUEUED, Reason.QUEUED, "waiting for Kueue to admit the Job")
         return Observation(Phase.SUSPENDED, Reason.SUSPENDED, "suspended by runPolicy.suspend")
+    if not pods:
+        refused = not_created(job, failed_create)
+        if refused:
+            return refused
     stuck = not_starting(pods)
     if stuck:
         phase = Phase.FAILED if stuck[0] in NEVER_STARTS else Phase.PENDING
@@ -280,8 +299,8 @@ def deleted_observation(status: dict[str, Any]) -> Observation:
 
 
 def abandon_job(obs: Observation) -> bool:
-    """A pod that can never start: its Job would wait for ever, so the operator deletes it."""
-    return obs.phase is Phase.FAILED and obs.reason == Reason.POD_NOT_STARTING
+    """A pod that can never start (or never be created): its Job would wait for ever, so the operator deletes it."""
+    return obs.phase is Phase.FAILED and obs.reason in (Reason.POD_NOT_STARTING, Reason.POD_NOT_CREATED)
 
 
 def warns(obs: Observation) -> bool:

@@ -17,6 +17,7 @@ reason goes to $FINETUNE_TERMINATION_LOG as one JSON line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,20 @@ def setup_logging(verbose: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------- config
+def check_config_digest(path: Path) -> None:
+    """The operator puts the SHA-256 of the run config it wrote into the Job's pod template, which
+    cannot change once the Job exists; the ConfigMap it is mounted from can (anyone with `edit`).
+    A config that is not the one the operator wrote (its egress rule dropped, say) is refused."""
+    expected = os.environ.get(contract.ENV_CONFIG_SHA256)
+    if not expected:  # the trainer run on its own, without the operator
+        return
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected.strip().lower():
+        raise ConfigError(Reason.CONFIG_TAMPERED, f"{path}: SHA-256 {actual[:16]}… is not the {expected[:16]}… of the "
+                                                  "run config the operator wrote: its ConfigMap was changed after the "
+                                                  "run was created, so the trainer refuses it")
+
+
 def load_config(path: str | None):
     from pydantic import ValidationError
 
@@ -67,6 +82,7 @@ def load_config(path: str | None):
         raise ConfigError(Reason.INVALID_SPEC, "no run config: pass --config or set FINETUNE_CONFIG")
     if not Path(path).is_file():
         raise ConfigError(Reason.CONFIG_NOT_FOUND, f"{path} does not exist")
+    check_config_digest(Path(path))
     try:
         return RunConfig.load(path)
     except ValidationError as exc:

@@ -45,12 +45,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def egress_denial(exc: BaseException) -> str | None:
+    """The egress guard's refusal somewhere under a client's exception (botocore wraps urllib3's), if any."""
+    from .egress_guard import EgressDenied
+
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        cur = todo.pop()
+        if not isinstance(cur, BaseException) or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, EgressDenied):
+            return str(cur)
+        kwargs = getattr(cur, "kwargs", None)
+        todo += [cur.__cause__, cur.__context__, kwargs.get("error") if isinstance(kwargs, dict) else None]
+    return None
+
+
 def classify(exc: BaseException, what: str) -> TrainerError:
     """Maps a botocore failure to a configuration error (42) or a transient one (75)."""
     from botocore import exceptions as bx
 
     if isinstance(exc, TrainerError):
         return exc
+    denial = egress_denial(exc)
+    if denial:  # the operator's egress rule: every retry would be refused the same way
+        return ConfigError("EgressDenied", f"{what}: {denial}")
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return ConfigError("MissingCredentials", f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID and "
                                                  "AWS_SECRET_ACCESS_KEY, or output.s3.credentialsSecretRef)")

@@ -105,10 +105,11 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# The headless Service of a multi-pod run (its pods' DNS names, for torchrun's rendezvous).
+# The headless Service of a multi-pod run (its pods' DNS names, for torchrun's rendezvous): get to
+# check that an existing one is the run's own, delete to undo a run that could not be created.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
@@ -118,9 +119,10 @@ Permissions the operator needs in every namespace it watches: exactly the verbs 
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# list: a Job's FailedCreate Events say why it has no pod (quota, admission).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

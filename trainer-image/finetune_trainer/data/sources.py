@@ -16,6 +16,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,16 +117,38 @@ def read_dir(path: Path, split: str) -> list[tuple[int, Any]]:
     return rows
 
 
+HUB_HOST = "huggingface.co"
+
+
+def is_hub_url(url: str) -> bool:
+    """An https URL of the Hugging Face Hub itself or a subdomain of it: the only place HF_TOKEN goes.
+    The parsed host is compared, never the text (`https://evil.example/huggingface.co.jsonl`)."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    return parts.scheme == "https" and (host == HUB_HOST or host.endswith("." + HUB_HOST))
+
+
+class _TokenStaysOnTheHub(urllib.request.HTTPRedirectHandler):
+    """urllib carries every header across a redirect: the token is dropped when one leaves the Hub."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and not is_hub_url(newurl):
+            new.remove_header("Authorization")
+        return new
+
+
 def _download_https(url: str, dest: Path, attempts: int = 4) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    name = Path(urllib.request.urlparse(url).path).name or "data.jsonl"
+    name = Path(urllib.parse.urlsplit(url).path).name or "data.jsonl"
     target = dest / name
     headers = {}
-    if os.environ.get("HF_TOKEN") and "huggingface.co" in url:
+    if os.environ.get("HF_TOKEN") and is_hub_url(url):
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    opener = urllib.request.build_opener(_TokenStaysOnTheHub)
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+            with opener.open(urllib.request.Request(url, headers=headers), timeout=60) as r:
                 target.write_bytes(r.read())
             return target
         except urllib.error.HTTPError as exc:
