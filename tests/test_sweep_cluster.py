@@ -240,3 +240,24 @@ def test_suspended_sweep_suspends_its_unfinished_trials(sweep_crd, operator, k8s
     wait_for(lambda: all(c["spec"]["runPolicy"]["suspend"] is False for c in trials(k8s, "hold")), 60, "resumed")
     wait_for(lambda: sweep_status(k8s, "hold").get("phase") == "Running", 30, "sweep Running")
     assert len(trials(k8s, "hold")) == 2  # still two unfinished trials: parallelism 2
+
+
+def test_a_finetunejob_with_a_trials_name_is_never_taken_over(sweep_crd, operator, k8s, s3, bucket, inputs):
+    """Someone else's FinetuneJob already has trial 0's name: the sweep neither reads its status as the
+    trial's nor suspends it; trial 0 is recorded as failed (its number is not reused) and trial 1 runs."""
+    template = tiny_template(inputs, s3, bucket, node_selector={"finetune.dev/nowhere": "true"})
+    squatter = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "squat-t0"},
+                "spec": template}
+    assert k8s.apply(squatter).returncode == 0
+    k8s.apply(sweep("squat", template, maxTrials=2, parallelism=2))
+
+    def recorded():
+        rows = {t["number"]: t for t in sweep_status(k8s, "squat").get("trials") or []}
+        return len(rows) == 2 and rows
+    rows = wait_for(recorded, 60, "two trials in the sweep's status")
+    assert rows[0]["state"] == "Failed" and "does not own it" in rows[0]["message"], rows[0]
+    assert rows[1]["name"] == "squat-t1" and rows[1]["state"] == "Running"
+    assert [t["metadata"]["name"] for t in trials(k8s, "squat")] == ["squat-t1"]
+    foreign = k8s.get("ftj", "squat-t0")
+    assert "ownerReferences" not in foreign["metadata"] and st.SWEEP_LABEL not in (foreign["metadata"].get("labels") or {})
+    assert "suspend" not in foreign["spec"].get("runPolicy", {})

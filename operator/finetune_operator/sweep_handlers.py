@@ -118,6 +118,15 @@ def _reconcile(sweep: dict[str, Any], logger: logging.Logger) -> None:
         body = study.build_trial(sweep, number, params, suspend=template_suspend)
         created = kube.create_if_absent(lambda ns, b: create(ns, PLURAL, b), namespace, body)
         child = body if created else kube.read_finetunejob(namespace, body["metadata"]["name"]) or body
+        if not created and not kube.controlled_by(child, sweep["metadata"]["uid"]):
+            # Someone else's FinetuneJob has the trial's name: never read its status as the trial's,
+            # never suspend it. Recorded as failed, not retried (the name is deterministic).
+            message = (f"a FinetuneJob named {body['metadata']['name']} exists and this sweep does not own it; "
+                       "the trial was not run")
+            records.append(study.TrialRecord(number, body["metadata"]["name"], params, state=TrialState.FAILED,
+                                             message=message))
+            logger.warning("trial %s: %s", body["metadata"]["name"], message)
+            continue
         records.append(study.record_from_child(child, spec))
         if created:
             kopf.event(sweep, type="Normal", reason=Reason.TRIAL_CREATED,
