@@ -61,6 +61,12 @@ def test_trainer_runs_non_root_without_privilege_escalation():
     assert sc["runAsNonRoot"] and sc["runAsUser"] != 0
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
+    # A read-only root: the trainer writes only to its volumes, /tmp among them.
+    assert sc["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/tmp", "/workspace", "/dev/shm"):
+        assert "emptyDir" in volumes[mounts[path]], path
 
 
 def test_credentials_only_as_secret_references():

@@ -243,6 +243,8 @@ class PodSandbox:
         cdir.mkdir(parents=True, exist_ok=True)
         pairs: list[tuple[str, str]] = []
         for mount in container.get("volumeMounts") or []:
+            if mount["mountPath"].rstrip("/") == "/tmp":
+                continue  # a scratch /tmp (readOnlyRootFilesystem): local processes already have the host's
             host = self.volume_dirs.get(mount["name"])
             if host is None:
                 raise NotReady(f'volume "{mount["name"]}" not found in the pod')

@@ -248,11 +248,13 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         {"name": "config", "mountPath": c.CONFIG_MOUNT, "readOnly": True},
         {"name": "workspace", "mountPath": c.WORKDIR_MOUNT},
         {"name": "dshm", "mountPath": "/dev/shm"},  # dataloader workers and NCCL need more than 64 MiB
+        {"name": "tmp", "mountPath": "/tmp"},  # the root filesystem is read-only; Inductor and tempfile use /tmp
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(name, run)}},
         {"name": "workspace", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     if spec.dataset.config_map_ref:
         ref = spec.dataset.config_map_ref
@@ -270,6 +272,8 @@ def build_pod_spec(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: 
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
+            # Writes go to the workspace, /tmp and /dev/shm volumes only (HOME and every cache are there).
+            "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
