@@ -138,8 +138,8 @@ class Batches:
 
     def _tokens(self):
         """Every row's ids and labels as two flat tensors and where each row starts: a micro-batch is then
-        a few slices and one torch.cat, not Python lists of every token (at 131k tokens a step, the lists
-        took ~60 ms of host time each step, long enough for the GPU to run dry between steps)."""
+        a few slices and one torch.cat, not Python lists of every token (building those lists each step
+        took long enough for the GPU to run dry between steps: docs/benchmarks.md)."""
         if self._flat_tokens is None:
             lengths = [len(row["input_ids"]) for row in self.rows]
             starts = [0, *itertools.accumulate(lengths)]

@@ -14,14 +14,14 @@ How it is reached: the model keeps its attention implementation, and the registr
 name is wrapped so that a call carrying `ft_cu_seqlens` comes here and every other call goes where it
 went before. Renaming the implementation would not do: Unsloth's patched Gemma 3 layers dispatch only
 "flex_attention" through transformers' registry and run their own SDPA over dense window masks for any
-other name (measured: 6.8 s a step, and attention across the packed sequences). The `ft_*` keywords
+other name (slow, and attending across the packed sequences: docs/benchmarks.md). The `ft_*` keywords
 travel from the outermost call to the decoder stack only (hooks), so the loss never sees them, and
 with them the decoder is handed an already-prepared, empty mask mapping, so no mask is built. The
 trainer stops with an error if its first padding-free step never reached this function, rather than
 train across sequences.
 
 Why at all: with Unsloth, Gemma 3 runs flex attention, whose block masks for packed rows are rebuilt
-on the host every step (docs/benchmarks.md measured the GPU 8 % busy), and SDPA's packed route needs a
+on the host every step (the GPU starves: docs/benchmarks.md), and SDPA's packed route needs a
 dense T x T mask.
 
 Off CUDA the same contract runs on SDPA with an explicit mask: the reference the tests hold the layout

@@ -178,7 +178,7 @@ class LlamaCppLM(TemplateLM):
         self._bos_text = self._detokenize([bos], special=True) if self._bos is not None else None
         self._warned_sampling = False
         # lm-eval encodes a multiple-choice context once per choice, twice (alone and with the
-        # choice); llama.cpp takes ~10 ms per 5-shot MMLU prompt, so contexts are tokenized once.
+        # choice); tokenizing a long few-shot prompt is not free, so each context is tokenized once.
         self._tokens: dict[tuple[str, bool], list[int]] = {}
 
     def close(self) -> None:
