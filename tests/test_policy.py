@@ -221,11 +221,12 @@ def test_guard_refuses_an_s3_base_model_behind_such_an_endpoint(http_server, gua
 
 
 def test_guard_refuses_s3_eval_data_behind_such_an_endpoint(http_server, guard, s3_keys, tmp_path):
-    from finetune_trainer.evaluation.data import resolve_task_dir, s3_client
+    from finetune_trainer.evaluation.data import resolve_task_dir
+    from finetune_trainer.s3 import S3Store
 
     port, hits = http_server
     guard.install(EgressPolicy(allow_http=True))
     with pytest.raises(ConfigError) as exc:
-        resolve_task_dir("s3://models/eval-tasks/", tmp_path, s3_client(f"http://0x7f.1:{port}"))
+        resolve_task_dir("s3://models/eval-tasks/", tmp_path, S3Store(_internal_s3(port)))
     assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
     assert hits == []
