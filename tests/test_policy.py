@@ -195,38 +195,35 @@ def _internal_s3(port: int):
     return S3Spec(bucket="models", endpoint=f"http://0x7f.1:{port}", force_path_style=True)
 
 
-def test_guard_refuses_an_s3_endpoint_that_resolves_inside(http_server, guard, s3_keys):
-    """An S3 endpoint the operator could not judge: refused where it resolves, at once (no retries),
-    typed as the trainer's EgressDenied; the server never sees a request."""
+def _check_output_bucket(s3, tmp_path):
     from finetune_trainer.s3 import S3Store
 
-    port, hits = http_server
-    guard.install(EgressPolicy(allow_http=True))
-    with pytest.raises(ConfigError) as exc:
-        S3Store(_internal_s3(port)).check_access("s3://models/out/")
-    assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
-    assert hits == []
+    S3Store(s3).check_access("s3://models/out/")
 
 
-def test_guard_refuses_an_s3_base_model_behind_such_an_endpoint(http_server, guard, s3_keys, tmp_path):
+def _resolve_base_model(s3, tmp_path):
     from finetune_api.spec import BaseModelSpec
     from finetune_trainer import model_loading
 
-    port, hits = http_server
-    guard.install(EgressPolicy(allow_http=True))
-    with pytest.raises(ConfigError) as exc:
-        model_loading.resolve(BaseModelSpec(uri="s3://models/base/tiny"), tmp_path, _internal_s3(port))
-    assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
-    assert hits == []
+    model_loading.resolve(BaseModelSpec(uri="s3://models/base/tiny"), tmp_path, s3)
 
 
-def test_guard_refuses_s3_eval_data_behind_such_an_endpoint(http_server, guard, s3_keys, tmp_path):
+def _resolve_eval_tasks(s3, tmp_path):
     from finetune_trainer.evaluation.data import resolve_task_dir
     from finetune_trainer.s3 import S3Store
 
+    resolve_task_dir("s3://models/eval-tasks/", tmp_path, S3Store(s3))
+
+
+@pytest.mark.parametrize("reach", [_check_output_bucket, _resolve_base_model, _resolve_eval_tasks],
+                         ids=["output-bucket", "s3-base-model", "s3-eval-data"])
+def test_guard_refuses_an_s3_endpoint_that_resolves_inside(http_server, guard, s3_keys, tmp_path, reach):
+    """An S3 endpoint the operator could not judge, whatever reads through it (the output bucket, an
+    s3:// base model, s3:// eval data): refused where it resolves, at once (no retries), typed as the
+    trainer's EgressDenied; the server never sees a request."""
     port, hits = http_server
     guard.install(EgressPolicy(allow_http=True))
     with pytest.raises(ConfigError) as exc:
-        resolve_task_dir("s3://models/eval-tasks/", tmp_path, S3Store(_internal_s3(port)))
+        reach(_internal_s3(port), tmp_path)
     assert exc.value.reason == "EgressDenied" and "127.0.0.1" in exc.value.message
     assert hits == []
