@@ -418,7 +418,8 @@ def free_port() -> int:
 
 @pytest.mark.cluster
 def test_streamable_http_with_a_bearer_token(operator, k8s, kubeconfig, namespace, tmp_path) -> None:
-    """Lighter: a suspended job (no training), re-run as run 2 with history, wait timing out, over HTTP."""
+    """Lighter: bad arguments refused, a suspended job (no training), re-run as run 2 with history, wait
+    timing out, over HTTP."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
@@ -448,6 +449,12 @@ def test_streamable_http_with_a_bearer_token(operator, k8s, kubeconfig, namespac
         async with httpx2.AsyncClient(headers={"Authorization": "Bearer tok-123"}, timeout=60) as http, \
                 Client(streamable_http_client(url, http_client=http)) as client:
             s = Session(client)
+            # Bad arguments over HTTP too: refused naming the field, nothing created.
+            base = {"base_model": "tiny/model", "dataset": "tiny/data", "s3_bucket": "models"}
+            assert "unknown quantization 'q9_k'" in await s.refused("finetune_unsloth", {**base, "quant": "q9_k"})
+            assert "epochs (spec.training.epochs)" in await s.refused("finetune_unsloth", {**base, "epochs": -2})
+            assert "not one this server allows" in await s.refused("finetune_unsloth", {**base, "namespace": "default"})
+            assert not k8s.get("ftj")["items"]
             started = await s.ok("finetune_unsloth", {
                 "base_model": "tiny/model", "dataset": "tiny/data", "max_steps": 2, "gpus": 0, "name": "held",
                 "s3_bucket": "models",
