@@ -404,3 +404,24 @@ def test_compile_key_ignores_variables_set_after_startup(monkeypatch):
     assert inputs["env"] == {"UNSLOTH_BLOCK_COMPILE": "0"}  # the pod's own value wins over the trainer's default
     monkeypatch.setattr(finetune_trainer, "STARTUP_ENV", {"UNSLOTH_BLOCK_COMPILE": "1"})
     assert key() != before  # a switch the pod was started with is part of the key
+
+
+def test_what_a_cache_entry_carries_into_the_status_is_bounded():
+    """Whoever can write the bucket can write an entry: its origin and parity result reach the status only
+    in the shapes the trainer writes them."""
+    import numpy as np
+
+    from finetune_trainer import export_cache, parity
+
+    origin = trained_cache.origin_fields(json.dumps({
+        "namespace": "team-a", "name": "x" * 5000, "uid": "u", "run": 2, "outputUri": "s3://b/p/",
+        "extra": {"nested": "blob"}, }))
+    assert origin == {"namespace": "team-a", "name": "x" * 512, "uid": "u", "run": 2, "outputUri": "s3://b/p/"}
+    assert trained_cache.origin_fields(json.dumps({"run": "2", "name": ["a"]})) == {}
+    assert trained_cache.origin_fields("not json") == {} and trained_cache.origin_fields("[1]") == {}
+
+    rows = [{"top1": np.array([1, 2]), "nll": np.array([0.5, 0.7])}]
+    written = parity.compare(rows, rows)
+    assert export_cache.parity_shaped(written) and export_cache.parity_shaped({})
+    assert not export_cache.parity_shaped({**written, "note": "x" * 10**6})
+    assert not export_cache.parity_shaped({"perplexity": "1.0"}) and not export_cache.parity_shaped([written])

@@ -43,6 +43,15 @@ def entry_key(adapter_key: str, quant: str, name: str, template: ChatTemplate, e
     return digest(inputs), inputs
 
 
+PARITY_FIELDS = {"top1Agreement", "perplexity", "referencePerplexity", "tokens"}  # parity.compare's
+
+
+def parity_shaped(result: Any) -> bool:
+    """Whether a cached parity result has parity.compare's fields, numbers all (or is empty: none was run)."""
+    return isinstance(result, dict) and set(result) <= PARITY_FIELDS and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in result.values())
+
+
 class ExportCache:
     """Lookups before the export and pointers after the upload, for one run."""
 
@@ -74,6 +83,10 @@ class ExportCache:
         if dest.stat().st_size != pointer.get("size") or sha256_file(dest) != pointer.get("sha256"):
             dest.unlink()
             return None, Lookup(False, f"changed: {uri} no longer matches its checksum", lookup.seconds)
+        parity = pointer.get("parity") or {}
+        if not parity_shaped(parity):  # it goes into the status: only what parity.compare writes
+            dest.unlink()
+            return None, Lookup(False, "corrupt: the pointer's parity result is not parity's", lookup.seconds)
         return pointer, lookup
 
     def store_pointer(self, key: str, inputs: dict[str, Any], artifact: dict[str, Any], parity: dict | None) -> bool:

@@ -69,6 +69,22 @@ def entry_files(wd: Workdir) -> list[str]:
     return files
 
 
+ORIGIN_FIELDS = {"namespace": str, "name": str, "uid": str, "run": int, "outputUri": str}
+
+
+def origin_fields(text: str) -> dict[str, Any]:
+    """The run an entry names as its maker, as it goes into the status: only the known fields, of their
+    types, strings bounded. Whoever can write the bucket can write this file; it never shapes the status."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v[:512] if isinstance(v, str) else v for k, kind in ORIGIN_FIELDS.items()
+            if isinstance(v := raw.get(k), kind) and not isinstance(v, bool)}
+
+
 class TrainedCache:
     """Lookup before training, store after it, for one run's workdir."""
 
@@ -89,7 +105,7 @@ class TrainedCache:
             shutil.rmtree(self.wd.adapter, ignore_errors=True)
             for path in sorted(staging.iterdir()):
                 shutil.move(str(path), str(self.wd.root / path.name))
-            self.origin = json.loads((self.wd.root / ORIGIN).read_text()) if (self.wd.root / ORIGIN).is_file() else {}
+            self.origin = origin_fields((self.wd.root / ORIGIN).read_text()) if (self.wd.root / ORIGIN).is_file() else {}
         shutil.rmtree(staging, ignore_errors=True)
         self.lookup = lookup
         return lookup
