@@ -82,7 +82,7 @@ def origin_fields(text: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         return {}
     return {k: v[:512] if isinstance(v, str) else v for k, kind in ORIGIN_FIELDS.items()
-            if isinstance(v := raw.get(k), kind) and not isinstance(v, bool)}
+            if k in raw and ((v := raw[k]) is None or isinstance(v, kind) and not isinstance(v, bool))}
 
 
 class TrainedCache:
