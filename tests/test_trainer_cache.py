@@ -425,3 +425,33 @@ def test_what_a_cache_entry_carries_into_the_status_is_bounded():
     assert export_cache.parity_shaped(written) and export_cache.parity_shaped({})
     assert not export_cache.parity_shaped({**written, "note": "x" * 10**6})
     assert not export_cache.parity_shaped({"perplexity": "1.0"}) and not export_cache.parity_shaped([written])
+
+
+def test_a_training_entry_restores_only_the_adapter_and_its_log(store, tmp_path):
+    """An entry that would write elsewhere in the workdir (the prepared dataset, say) is a miss."""
+    from finetune_trainer.paths import Workdir
+
+    cache = S3Cache(store, cache_uri(store.bucket, "runs", "team-a"), "trained")
+    made = Workdir(tmp_path / "made")
+    (made.adapter).mkdir(parents=True)
+    (made.adapter / "train_result.json").write_text("{}")
+    (made.adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    made.train_log.write_text("{}\n")
+    good = trained_cache.TrainedCache(cache, made, {"k": 1})
+    assert good.store({"name": "job", "run": 1})
+    (made.root / "dataset").mkdir()
+    (made.root / "dataset" / "train.parquet").write_bytes(b"poison")
+    files = [*trained_cache.entry_files(made), "dataset/train.parquet", trained_cache.ORIGIN]
+    assert cache.store_entry(digest({"k": 2}), made.root, files, {"k": 2})
+
+    fresh = Workdir(tmp_path / "fresh")
+    fresh.root.mkdir()
+    hit = trained_cache.TrainedCache(cache, fresh, {"k": 1})
+    assert hit.restore().hit and (fresh.adapter / "adapter_model.safetensors").read_bytes() == b"lora"
+    assert hit.origin == {"name": "job", "run": 1}
+    other = Workdir(tmp_path / "other")
+    other.root.mkdir()
+    poisoned = trained_cache.TrainedCache(cache, other, {"k": 2})
+    lookup = poisoned.restore()
+    assert not lookup.hit and lookup.reason == "corrupt: the entry holds 'dataset'"
+    assert not (other.root / "dataset").exists() and not other.adapter.exists()

@@ -101,6 +101,10 @@ class TrainedCache:
         lookup = self.cache.fetch(self.key, staging)
         if lookup.hit and not (staging / "adapter" / RESULT).is_file():
             lookup = Lookup(False, "corrupt: the entry has no train_result.json", lookup.seconds)
+        allowed = {self.wd.adapter.name, self.wd.train_log.name, self.wd.loss_plot.name, ORIGIN}
+        stray = sorted(p.name for p in staging.iterdir() if p.name not in allowed) if lookup.hit else []
+        if stray:  # an entry writes only the adapter, its log, plot and origin, never the rest of the workdir
+            lookup = Lookup(False, f"corrupt: the entry holds {stray[0]!r}", lookup.seconds)
         if lookup.hit:
             shutil.rmtree(self.wd.adapter, ignore_errors=True)
             for path in sorted(staging.iterdir()):
