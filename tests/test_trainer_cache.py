@@ -455,3 +455,9 @@ def test_a_training_entry_restores_only_the_adapter_and_its_log(store, tmp_path)
     lookup = poisoned.restore()
     assert not lookup.hit and lookup.reason == "corrupt: the entry holds 'dataset'"
     assert not (other.root / "dataset").exists() and not other.adapter.exists()
+    # The run that stored an entry does not reuse it on a retry: it resumes from its own checkpoints.
+    retry = Workdir(tmp_path / "retry")
+    retry.root.mkdir()
+    own = trained_cache.TrainedCache(cache, retry, {"k": 1}, run=(None, 1))
+    assert own.restore().reason.startswith("own:") and not retry.adapter.exists()
+    assert trained_cache.TrainedCache(cache, retry, {"k": 1}, run=("other-uid", 1)).restore().hit

@@ -226,7 +226,7 @@ def _lookup_trained(ctx: Context, cache: S3Cache) -> bool:
     inputs = trained_cache.key_inputs(
         model=model, dataset_dir=ctx.wd.dataset, training=ctx.spec.training, versions=compile_cache.versions(),
         device=compile_cache.gpu(), world_size=ctx.world.size, backend=model_loading.backend())
-    ctx.trained = trained_cache.TrainedCache(cache, ctx.wd, inputs)
+    ctx.trained = trained_cache.TrainedCache(cache, ctx.wd, inputs, run=(ctx.cfg.job.uid, ctx.cfg.job.run))
     hit = ctx.trained.restore().hit
     ctx.caches.update(ctx.trained.report())
     ctx.timings["trainingCacheLookupSeconds"] = round(time.monotonic() - t0, 2)

@@ -88,8 +88,9 @@ def origin_fields(text: str) -> dict[str, Any]:
 class TrainedCache:
     """Lookup before training, store after it, for one run's workdir."""
 
-    def __init__(self, cache: S3Cache, wd: Workdir, inputs: dict[str, Any]):
+    def __init__(self, cache: S3Cache, wd: Workdir, inputs: dict[str, Any], run: tuple | None = None):
         self.cache, self.wd, self.inputs = cache, wd, inputs
+        self.run = run  # (uid, run number) of the run looking: its own entry is not a reuse
         self.key = digest(inputs)
         self.lookup: Lookup | None = None
         self.origin: dict[str, Any] | None = None
@@ -105,11 +106,16 @@ class TrainedCache:
         stray = sorted(p.name for p in staging.iterdir() if p.name not in allowed) if lookup.hit else []
         if stray:  # an entry writes only the adapter, its log, plot and origin, never the rest of the workdir
             lookup = Lookup(False, f"corrupt: the entry holds {stray[0]!r}", lookup.seconds)
+        origin = origin_fields((staging / ORIGIN).read_text()) if lookup.hit and (staging / ORIGIN).is_file() else {}
+        if lookup.hit and self.run is not None and (origin.get("uid"), origin.get("run")) == self.run:
+            # A retry of the run that stored it (its pod died after training): it resumes from its own
+            # checkpoints, so its restarts and resume are counted as for any retry.
+            lookup = Lookup(False, "own: this run stored it; a retry resumes from its checkpoints", lookup.seconds)
         if lookup.hit:
             shutil.rmtree(self.wd.adapter, ignore_errors=True)
             for path in sorted(staging.iterdir()):
                 shutil.move(str(path), str(self.wd.root / path.name))
-            self.origin = origin_fields((self.wd.root / ORIGIN).read_text()) if (self.wd.root / ORIGIN).is_file() else {}
+            self.origin = origin
         shutil.rmtree(staging, ignore_errors=True)
         self.lookup = lookup
         return lookup
