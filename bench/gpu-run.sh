@@ -17,6 +17,8 @@
 #                            #   full PIQA (+ naive), its f32 twin against lm-eval's `hf` model on the GPU, then MMLU
 #                            #   5-shot (MMLU_LIMIT questions a subject; all without). llama.cpp runs on the CPUs, or
 #                            #   on the GPU with a CUDA build of the same llama.cpp carried as .gpu/llama-cuda.tar.xz
+#   bench/gpu-run.sh profile # bench/startup_profile.py: where a trainer's time goes before its first step
+#                            #   (import unsloth with -X importtime and cProfile, the model load under cProfile)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
 #
 # The real GGUF (253 MB) is more than one call may carry (64 MiB), so it travels as pieces
@@ -41,7 +43,11 @@ fi
 [[ $MODE == stash ]] && exit 0
 
 mkdir -p /tmp/site /tmp/tok
-[[ -f /tmp/site/.unpacked ]] || { tar xJf .gpu/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
+# Byte-compiled once, as pip leaves an image's packages: without it every trainer process compiled ~3,000
+# modules from source (a third of `import unsloth`), which no image run pays.
+[[ -f /tmp/site/.unpacked ]] || { tar xJf .gpu/site.tar.xz -C /tmp/site &&
+  { python3 -m compileall -q -j 0 /tmp/site >/dev/null || true; } && touch /tmp/site/.unpacked; }
+echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}"; unset PYTHONDONTWRITEBYTECODE
 for whl in .gpu/extra/*.whl; do [[ -f $whl ]] && python3 -m zipfile -e "$whl" /tmp/site; done  # late additions
 [[ -f /tmp/tok/tokenizer.model || ! -f .gpu/tokenizer.tar.xz ]] || tar xJf .gpu/tokenizer.tar.xz -C /tmp/tok
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer-image:$PWD/hack
@@ -186,6 +192,9 @@ seed)
     --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}"
   echo "seed scenario: exit $?"
   cp -r /tmp/seed-out/. "$OUT/"
+  ;;
+profile)
+  python3 bench/startup_profile.py --model-dir $model_dir --out "$OUT/profile"
   ;;
 tests)
   # The tests' own fixtures: the rebuilt Gemma 3 tokenizer in the model cache, `weed` on PATH.
