@@ -5,6 +5,7 @@ transformers, so a QLoRA adapter is merged into the real 16-bit weights, not deq
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -75,6 +76,11 @@ def early_imports() -> None:
         os.environ.setdefault(key, value)
     if backend() == "unsloth":
         import unsloth  # noqa: F401
+
+        # Unsloth calls gc.collect() again and again while it loads and patches a model, and each call
+        # walked the millions of objects these imports made: half of a model load (docs/benchmarks.md).
+        # Frozen, they are skipped by every later collection; they live as long as the process anyway.
+        gc.freeze()
 
 
 def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
