@@ -96,6 +96,7 @@ MARKS = {  # log line → the moment it marks
     "loaded": re.compile(r"training config: "),
     "export": re.compile(r"== stage Exporting"),
     "upload": re.compile(r"== stage Uploading"),
+    "finished": re.compile(r"run finished: manifest.json"),  # in S3, and the status says so
 }
 
 
@@ -208,9 +209,11 @@ def phases(r: dict) -> dict[str, float | None]:
         "steps": round(step_time, 1) if step_time else None, "save": span(last, m.get("export")),
         "export": span(m.get("export"), m.get("upload")),
         **{f"export.{k}": v for k, v in ex.items()},
-        "upload": span(m.get("upload"), m.get("end")), "total": round(m["end"], 1),
+        "upload": span(m.get("upload"), m.get("finished", m["end"])),
+        "exit": span(m.get("finished"), m["end"]),  # the process ending after it (not in the total)
+        "total": round(m.get("finished", m["end"]), 1),
     }
-    out["overhead"] = round(m["end"] - step_time, 1) if step_time else None  # everything but steady steps
+    out["overhead"] = round(out["total"] - step_time, 1) if step_time else None  # everything but steady steps
     return out
 
 

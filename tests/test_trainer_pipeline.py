@@ -276,3 +276,22 @@ def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_p
     assert "SIGTERM at step 2" in err.value.message
     assert json.loads((wd.checkpoints / "step-00000002" / "state.json").read_text())["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_the_converter_started_ahead_writes_the_same_file_as_a_cold_one(trained, tmp_path, caplog):
+    """The run starts llama.cpp's converter while the model trains (its imports overlap training);
+    what it writes is byte for byte what the converter run cold writes."""
+    from finetune_trainer import export
+
+    merged = trained.workdir / "merged"
+    warm = export.WarmConverter(str(tiny_gemma()))
+    with caplog.at_level("INFO", logger="finetune_trainer.export"):
+        ahead = export.convert(merged, tmp_path / "ahead.gguf", "f16", "tiny", warm)
+    assert "(started ahead)" in caplog.text and warm.take() is None  # used once, then gone
+    cold = export.convert(merged, tmp_path / "cold.gguf", "f16", "tiny")
+    assert hashlib.sha256(ahead.read_bytes()).digest() == hashlib.sha256(cold.read_bytes()).digest()
+
+    unused = export.WarmConverter(str(tiny_gemma()))  # every type came from the export cache, say
+    proc = unused.proc
+    unused.close()
+    assert proc.returncode == 0 and not list(tmp_path.glob("*.gguf"))[2:]

@@ -16,8 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .chat_templates import ChatTemplate
 from .errors import ConfigError
@@ -66,14 +68,21 @@ def _tokenizer_model(base: BaseModel, tokenizer) -> Path | None:
     return None
 
 
-def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate) -> Path:
-    """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template."""
+def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate,
+          with_model: Callable[[Any], None] | None = None) -> Path:
+    """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template.
+
+    with_model: called with the merged model as saved (16-bit weights, upcast to fp32, on the device
+    it merged on) before it is freed, e.g. for the parity check's reference predictions.
+    """
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_merged(base, adapter_dir, device)
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
+    if with_model is not None:
+        with_model(model.float().eval())
     model_type = model.config.model_type
     stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     del model
@@ -94,18 +103,78 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     return out_dir
 
 
-def convert(merged_dir: Path, out_file: Path, outtype: str, name: str) -> Path:
+def _converter() -> Path:
     conv = converter_dir()
     if conv is None:
         raise ConfigError("ConverterNotFound", "llama.cpp's convert_hf_to_gguf.py was not found: set "
                           "LLAMA_CPP_CONVERTER_DIR or run hack/bootstrap.sh")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(merged_dir), "--outfile", str(out_file),
-           "--outtype", outtype, "--model-name", name]
-    log.info("converting to GGUF %s with %s", outtype, conv)
+    return conv
+
+
+def _converter_env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter must never reach for the Hub
     env.pop("NO_LOCAL_GGUF", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return env
+
+
+# The converter as a module in a child that imports first and converts when told what: its imports
+# (torch, its gguf-py, transformers' config classes for the model) take about as long as the conversion.
+_WARM = r"""
+import json, os, sys
+conv, base = sys.argv[1], sys.argv[2]
+sys.argv = [os.path.join(conv, "convert_hf_to_gguf.py")]
+sys.path.insert(0, conv)
+import convert_hf_to_gguf
+try:  # the config classes the converter's AutoConfig call will import, for this model's family
+    from transformers import AutoConfig
+    AutoConfig.from_pretrained(base, local_files_only=True)
+except Exception:
+    pass
+line = sys.stdin.readline()
+if line:
+    sys.argv += json.loads(line)
+    convert_hf_to_gguf.main()
+"""
+
+
+class WarmConverter:
+    """llama.cpp's converter started ahead (while the model trains), ready for one conversion at export.
+
+    The same converter, arguments and environment as a cold `convert`, so the same file comes out; a
+    child that died or was never asked is replaced by a cold run, or ended by close()."""
+
+    def __init__(self, base_source: str):
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-c", _WARM, str(_converter()), base_source], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_converter_env())
+
+    def take(self) -> subprocess.Popen | None:
+        """The child, once (None if it is gone already)."""
+        proc, self.proc = self.proc, None
+        return proc if proc is not None and proc.poll() is None else None
+
+    def close(self) -> None:
+        proc = self.take()
+        if proc is not None:
+            try:
+                proc.communicate("", timeout=30)  # stdin closed at once: it exits without converting
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def convert(merged_dir: Path, out_file: Path, outtype: str, name: str, warm: WarmConverter | None = None) -> Path:
+    conv = _converter()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    argv = [str(merged_dir), "--outfile", str(out_file), "--outtype", outtype, "--model-name", name]
+    child = warm.take() if warm is not None else None
+    log.info("converting to GGUF %s with %s%s", outtype, conv, " (started ahead)" if child else "")
+    if child is not None:
+        stdout, stderr = child.communicate(json.dumps(argv) + "\n")
+        proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    else:
+        proc = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), *argv], capture_output=True,
+                              text=True, env=_converter_env())
     if proc.returncode != 0 or not out_file.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise ConfigError("ConversionFailed", f"convert_hf_to_gguf.py failed ({proc.returncode}):\n{tail}")
@@ -128,8 +197,9 @@ def quantize(src: Path, out_file: Path, quant: str) -> Path:
 
 
 def export(merged_dir: Path, out_dir: Path, quants: list[str], name: str, template: ChatTemplate,
-           modelfiles: bool = True) -> ExportResult:
-    """GGUF files (and Modelfiles) for every requested type, from an already merged 16-bit folder."""
+           modelfiles: bool = True, warm: WarmConverter | None = None) -> ExportResult:
+    """GGUF files (and Modelfiles) for every requested type, from an already merged 16-bit folder.
+    warm: a converter started ahead, for the 16-bit master."""
     for q in quants:  # fail before the slow conversion
         if q not in CONVERTER_TYPES:
             ftype(q)
@@ -140,7 +210,7 @@ def export(merged_dir: Path, out_dir: Path, quants: list[str], name: str, templa
     # The 16-bit master every quantization starts from: bf16 if asked for and f16 is not.
     master_type = "bf16" if "bf16" in quants and "f16" not in quants else "f16"
     t0 = time.monotonic()
-    master = convert(merged_dir, out_dir / f"{name}-{master_type}.gguf", master_type, name)
+    master = convert(merged_dir, out_dir / f"{name}-{master_type}.gguf", master_type, name, warm)
     result.seconds["convert"] = round(time.monotonic() - t0, 2)
     for q in quants:
         target = out_dir / f"{name}-{q}.gguf"

@@ -33,21 +33,35 @@ def _top1_and_nll(logits: np.ndarray, ids: list[int]) -> dict[str, np.ndarray]:
     return {"top1": x.argmax(-1).cpu().numpy(), "nll": nll.cpu().numpy()}
 
 
+def usable_rows(rows: list[list[int]]) -> list[list[int]]:
+    """The rows a parity check scores: at least two tokens, at most MAX_TOKENS of each."""
+    return [r[:MAX_TOKENS] for r in rows if len(r) >= 2]
+
+
 @torch.no_grad()
 def reference(merged_dir: Path, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
-    """Top-1 predictions and next-token log-probs of the merged model, in fp32."""
+    """Top-1 predictions and next-token log-probs of the merged model as saved, in fp32."""
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).to(device).eval()
+    out = reference_of(model, rows)
+    del model
+    return out
+
+
+@torch.no_grad()
+def reference_of(model, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """The same from a model already in memory (fp32, on its device): export's merged model, upcast from
+    the 16-bit weights it saved, so the check does not read them back."""
+    device = next(model.parameters()).device
     out = []
-    for ids in rows:
+    for ids in usable_rows(rows):
         logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0].float()
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(ids[1:], device=device)
         out.append({"top1": logits.argmax(-1).cpu().numpy(),
                     "nll": (-logp[:-1].gather(1, target[:, None])[:, 0]).cpu().numpy()})
-    del model
     return out
 
 
@@ -80,11 +94,14 @@ def compare(ref: list[dict], got: list[dict]) -> dict[str, float]:
     }
 
 
-def check(merged_dir: Path, gguf_files: dict[str, Path], rows: list[list[int]]) -> dict[str, dict]:
-    rows = [r[:MAX_TOKENS] for r in rows if len(r) >= 2]
+def check(merged_dir: Path, gguf_files: dict[str, Path], rows: list[list[int]],
+          ref: list[dict[str, np.ndarray]] | None = None) -> dict[str, dict]:
+    """Each GGUF against the merged model; ref: reference_of(the merged model, rows), where made already."""
+    rows = usable_rows(rows)
     if not rows:
         return {}
-    ref = reference(merged_dir, rows)
+    if ref is None:
+        ref = reference(merged_dir, rows)
     results = {}
     for quant, path in gguf_files.items():
         results[quant] = compare(ref, gguf_predictions(path, rows))

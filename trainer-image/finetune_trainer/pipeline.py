@@ -62,6 +62,7 @@ class Context:
     trained: trained_cache.TrainedCache | None = None  # the training cache's lookup (rank 0)
     exports: export_cache.ExportCache | None = None  # the export cache (only after a training lookup)
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
+    converter: export.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
 
@@ -267,17 +268,21 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
     todo = [q for q in spec.gguf if q not in files]
     steps: dict[str, float] = {}
     if todo or spec.merged_safetensors:
+        rows = parity.usable_rows([list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
+                                  [: spec.parity_samples]) if spec.parity_check and todo else []
+        reference: list = []  # the merged model's predictions on those rows, while it is still in memory
         t_merge = time.monotonic()
-        merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template)
+        merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
+                              with_model=(lambda m: reference.extend(parity.reference_of(m, rows))) if rows else None)
         steps["merge"] = round(time.monotonic() - t_merge, 2)
-        result = export.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile)
+        result = export.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile,
+                               warm=ctx.converter)
         steps.update(result.seconds)
         files.update(result.gguf)
-        if spec.parity_check and result.gguf:
+        if rows and result.gguf:
             ctx.reporter.message("parity check: each GGUF against the merged model on held-out rows")
-            rows = [list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
             t_parity = time.monotonic()
-            parity_results.update(parity.check(merged, result.gguf, rows[: spec.parity_samples]))
+            parity_results.update(parity.check(merged, result.gguf, rows, ref=reference or None))
             steps["parity"] = round(time.monotonic() - t_parity, 2)
     if spec.ollama_modelfile:
         for q in spec.gguf:
@@ -418,6 +423,7 @@ def finish(ctx: Context) -> dict[str, Any]:
     metrics["timings"] = dict(ctx.timings)
     ctx.wd.metrics.write_text(json.dumps(metrics, indent=2))
     ctx.reporter.finish(metrics, artifacts)
+    log.info("run finished: manifest.json and %d artifacts in %s", len(artifacts), ctx.cfg.output_uri)
     return {"metrics": metrics, "artifacts": [a.wire() for a in artifacts]}
 
 
@@ -434,6 +440,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
         if world.main:
             preflight(ctx)
         stage_prepare(ctx)
+        if world.main and ctx.spec.export.gguf:
+            ctx.converter = export.WarmConverter(ctx.base.source)
         result = stage_train(ctx)
         if not world.main:
             # Wait for rank 0 to export and upload: should it fail, this process fails too, so the
@@ -446,4 +454,6 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
         distributed.barrier()
         return out
     finally:
+        if ctx.converter is not None:  # not needed after all (every type from the export cache), or a failure
+            ctx.converter.close()
         distributed.shutdown()
