@@ -295,3 +295,41 @@ def test_the_converter_started_ahead_writes_the_same_file_as_a_cold_one(trained,
     proc = unused.proc
     unused.close()
     assert proc.returncode == 0 and not list(tmp_path.glob("*.gguf"))[2:]
+
+
+def test_the_dataset_is_prepared_in_a_child_while_the_training_libraries_load(trained, s3, tmp_path, monkeypatch):
+    """On a GPU the run encodes the dataset in a child process while it imports Unsloth (forced on here):
+    the same stage in the same workdir, so the same prepared files as the run that prepared in process."""
+    monkeypatch.setenv("FINETUNE_PREPARE_AHEAD", "on")
+    bucket = s3.make_bucket(f"ahead-{uuid.uuid4().hex[:10]}")  # its own dataset cache: a miss, encoded
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
+    job = job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma(), training={"maxSteps": 2},
+                       export={"gguf": []})
+    rc, _, workdir = run_job(job, tmp_path)
+    assert rc == 0
+    child_log = (workdir / "prepare-ahead.log").read_text()
+    assert "== stage Preparing" in child_log and "cache miss" in child_log
+    for split in ("train", "validation", "parity"):
+        assert (workdir / "dataset" / f"{split}.parquet").read_bytes() == \
+            (trained.workdir / "dataset" / f"{split}.parquet").read_bytes()
+
+
+def test_a_failed_child_prepare_is_done_again_in_the_training_process(env, s3, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from finetune_trainer.prepare_ahead import Ahead
+
+    bucket = s3.make_bucket(f"ahead-{uuid.uuid4().hex[:10]}")
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma(),
+                                                  training={"maxSteps": 2}, export={"gguf": []})))
+    with open(tmp_path / "child.log", "w") as out:
+        failed = Ahead(subprocess.Popen([sys.executable, "-c", "print('out of memory, say'); raise SystemExit(3)"],
+                                        stdout=out, stderr=subprocess.STDOUT), tmp_path / "child.log")
+    with caplog.at_level("WARNING", logger="finetune_trainer.prepare_ahead"):
+        out = pipeline.run(RunConfig.load(config), tmp_path / "work", ahead=failed)
+    assert "preparing the dataset ahead failed (exit 3)" in caplog.text
+    assert out["metrics"]["dataset"]["used"] == len(ALPACA_ROWS) * 5
+    assert (tmp_path / "work" / "dataset" / "train.parquet").exists()

@@ -126,7 +126,7 @@ def _print(result: Any) -> None:
 def cmd_run(args) -> Any:
     from .pipeline import run
 
-    return run(load_config(args.config), Path(args.workdir), resume=args.resume)
+    return run(load_config(args.config), Path(args.workdir), resume=args.resume, ahead=getattr(args, "ahead", None))
 
 
 def cmd_prepare(args) -> Any:
@@ -361,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "train"):
             from .compile_cache import default_root, use_dirs
-            from .model_loading import early_imports
+            from .model_loading import backend, early_imports
 
             use_dirs(default_root())  # before Unsloth reads its location at import
+            if args.command == "run":  # the dataset is encoded meanwhile (prepare_ahead.py)
+                args.ahead = _prepare_ahead(args, heavy_imports=backend() == "unsloth")
             early_imports()
         result = args.fn(args)
     except TrainerError as exc:
@@ -390,9 +392,24 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(Reason.EGRESS_DENIED, egress_guard.last_denial, contract.EXIT_CONFIG_ERROR)
         log.exception("unexpected failure")
         return _fail(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", 1)
+    finally:
+        if getattr(args, "ahead", None) is not None:
+            args.ahead.stop()  # a failure before the run waited for it
     if result is not None:
         _print(result)
     return contract.EXIT_OK
+
+
+def _prepare_ahead(args, heavy_imports: bool):
+    from . import prepare_ahead
+
+    if not prepare_ahead.wanted(heavy_imports):
+        return None
+    try:
+        base_uri = load_config(args.config).spec.base_model.uri
+    except TrainerError:  # the run itself says what is wrong with the config
+        return None
+    return prepare_ahead.start(args.config, Path(args.workdir), args.resume, base_uri)
 
 
 def _terminated(signum, frame) -> None:

@@ -33,6 +33,7 @@ from . import (
     model_loading,
     parity,
     plots,
+    prepare_ahead,
     recipe,
     trained_cache,
     upload,
@@ -63,6 +64,7 @@ class Context:
     exports: export_cache.ExportCache | None = None  # the export cache (only after a training lookup)
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
     converter: export.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
+    ahead: prepare_ahead.Ahead | None = None  # the dataset, prepared in a child while this process imported
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
 
@@ -157,10 +159,13 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
     elif ctx.done("prepare"):
         report = ctx.read_json(ctx.wd.dataset / "report.json", "prepare-dataset")
     else:
-        report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
-                         parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3, reporter=ctx.reporter,
-                         cache=ctx.cache("datasets"))
-        ctx.mark("prepare")
+        ahead, ctx.ahead = ctx.ahead, None
+        report = ahead.join(ctx.wd.dataset) if ahead is not None else None  # its stage marked the workdir
+        if report is None:
+            report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
+                             parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3,
+                             reporter=ctx.reporter, cache=ctx.cache("datasets"))
+            ctx.mark("prepare")
         if "cache" in report:
             ctx.caches.update(report["cache"])
             ctx.reporter.message(f"prepared dataset: cache {report['cache']['dataset']} "
@@ -427,11 +432,14 @@ def finish(ctx: Context) -> dict[str, Any]:
     return {"metrics": metrics, "artifacts": [a.wire() for a in artifacts]}
 
 
-def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None,
+        ahead: prepare_ahead.Ahead | None = None) -> dict[str, Any]:
+    """ahead: the prepare stage already running in a child process (cli.py starts it before the imports)."""
     world = distributed.World.from_env()
     if not resume and world.main:  # a run from scratch in a used workdir starts its training log over, too
         Workdir(workdir).train_log.unlink(missing_ok=True)
     ctx = make_context(cfg, workdir, resume, reporter)
+    ctx.ahead = ahead
     distributed.init(world)
     try:
         # Fail in seconds, not after hours of training, when the bucket, the credentials, the LoRA
