@@ -22,8 +22,8 @@ from finetune_trainer.s3 import S3Store
 from tests.trainer_fixtures import ALPACA_ROWS, gemma_tokenizer_dir, write_jsonl
 
 GB = 2**30
-GEMMA3_270M = ModelShape(parameters=268_098_176, layers=18, hidden=640, intermediate=2048)
-LLAMA32_1B = ModelShape(parameters=1_235_814_400, layers=16, hidden=2048, intermediate=8192)
+GEMMA3_270M = ModelShape(parameters=268_098_176, layers=18, hidden=640, intermediate=2048, vocab=262_144)
+LLAMA32_1B = ModelShape(parameters=1_235_814_400, layers=16, hidden=2048, intermediate=8192, vocab=128_256)
 
 
 # ------------------------------------------------------------------------- auto micro-batch
@@ -37,6 +37,23 @@ def test_gemma_270m_on_an_80gb_gpu_trains_32x2048_without_checkpointing():
     choice = auto_batch.choose(GEMMA3_270M, 2048, 79 * GB, cuda=True)
     assert (choice.batch_size, choice.gradient_checkpointing) == (32, False)
     assert "32 x 2048" in choice.reason
+
+
+def test_padding_free_batches_count_their_full_logits_and_halve_before_checkpointing():
+    """Packing on a GPU (padding-free) holds the whole micro-batch's logits: 32 x 2048 ran out of memory on
+    an 80 GB H100 (2026-12-05); 16 x 2048 without checkpointing fits, and a 141 GB H200 keeps 32."""
+    on_h100 = auto_batch.choose(GEMMA3_270M, 2048, 78 * GB, cuda=True, full_logits=True)
+    assert (on_h100.batch_size, on_h100.gradient_checkpointing) == (16, False)
+    assert auto_batch.peak_bytes(GEMMA3_270M, 65536, False, full_logits=True) > 78 * GB
+    on_h200 = auto_batch.choose(GEMMA3_270M, 2048, 139 * GB, cuda=True, full_logits=True)
+    assert (on_h200.batch_size, on_h200.gradient_checkpointing) == (32, False)
+    on_40gb = auto_batch.choose(GEMMA3_270M, 2048, 39 * GB, cuda=True, full_logits=True)
+    assert on_40gb.batch_size < 16 and auto_batch.peak_bytes(
+        GEMMA3_270M, on_40gb.batch_size * 2048, on_40gb.gradient_checkpointing, full_logits=True) <= 0.7 * 39 * GB
+    spec = TrainingSpec(max_seq_length=2048, packing=True)
+    assert auto_batch.resolve(spec, GEMMA3_270M, 78 * GB, cuda=True)[0].batch_size == 16
+    assert auto_batch.resolve(spec.model_copy(update={"padding_free": "off"}), GEMMA3_270M, 78 * GB,
+                              cuda=True)[0].batch_size == 32
 
 
 def test_a_smaller_gpu_turns_checkpointing_on_before_it_shrinks_the_batch():
@@ -381,7 +398,7 @@ def test_model_shape_counts_the_parameters_from_the_safetensors_headers():
     model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma()))
     assert shape == ModelShape(parameters=sum(p.numel() for p in model.parameters()),
                                layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
-                               intermediate=model.config.intermediate_size)
+                               intermediate=model.config.intermediate_size, vocab=model.config.vocab_size)
 
 
 def test_compile_key_ignores_variables_set_after_startup(monkeypatch):

@@ -242,7 +242,8 @@ def model_shape(base: BaseModel):
             kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             attn = 2 * hidden * config.num_attention_heads * head_dim + 2 * hidden * kv * head_dim
             params = config.vocab_size * hidden + layers * (attn + 3 * hidden * inter)
-        return ModelShape(parameters=params, layers=layers, hidden=hidden, intermediate=inter)
+        return ModelShape(parameters=params, layers=layers, hidden=hidden, intermediate=inter,
+                          vocab=getattr(config, "vocab_size", 0) or 0)
     except Exception as exc:  # noqa: BLE001 - without a shape, auto falls back to the small defaults
         log.warning("model size unknown (%s): batchSize auto takes the small defaults", exc)
         return None
