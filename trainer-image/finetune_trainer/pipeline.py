@@ -49,6 +49,10 @@ from .s3 import S3Store
 
 log = logging.getLogger(__name__)
 ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (cache.py)
+# "on": also keep the compile caches in S3. Off by default: on an H200 (2026-12-05) the first re-run that
+# restored them died of a segmentation fault at its first step (docs/benchmarks.md); until that is
+# understood, every new pod compiles (~30 s on Gemma 3 270M).
+ENV_COMPILE_CACHE = "FINETUNE_COMPILE_CACHE"
 
 
 @dataclass
@@ -245,6 +249,9 @@ def restore_compile_cache(ctx: Context, training) -> None:
 
     cache = ctx.cache("compile")
     if cache is None or not torch.cuda.is_available():
+        return
+    if os.environ.get(ENV_COMPILE_CACHE, "off").lower() not in ("on", "1", "true"):
+        ctx.caches["compile"] = f"off ({ENV_COMPILE_CACHE}=on keeps it in S3)"
         return
     t0 = time.monotonic()
     dirs = compile_cache.use_dirs(compile_cache.default_root())
