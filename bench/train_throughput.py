@@ -215,15 +215,16 @@ def worker(args) -> dict:
     torch.cuda.reset_peak_memory_stats()
 
     losses = []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The trainer's own step (recipe.py), not a copy: one micro-batch's forward and backward, then the
+    # clipped update. The baseline takes the same path through its plain transformers + PEFT model.
+    from finetune_trainer.recipe import forward_backward, optimizer_step
 
     def step(m: int) -> int:
         b = batches.get(m)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**b.model_inputs(device), use_cache=False)
-        losses.append(out.loss.detach())  # read after the timing: a lever must not change the numbers
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # padding-free's "the varlen kernel ran" check is done below after the warmup steps, as before
+        losses.append(forward_backward(model, b, device, 1.0, padding_free=False))  # read after the timing
+        optimizer_step(trainable, optimizer)
         return b.tokens
 
     t_compile = time.monotonic()

@@ -92,6 +92,29 @@ def build_optimizer(model, training: TrainingSpec):
     return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=fused)
 
 
+def forward_backward(model, batch, device, weight: float, padding_free: bool) -> torch.Tensor:
+    """One micro-batch of a training step: the forward (bf16 autocast on CUDA), its mean loss times
+    `weight`, the backward; returns that weighted loss, detached. bench/train_throughput.py times this."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(**batch.model_inputs(device), use_cache=False)
+    if padding_free:  # never across sequences: the varlen kernel must really have run
+        varlen_attention.require_reached()
+    # No label tokens on this rank: DDP still needs its backward, a zero-weight one.
+    loss = out.logits.float().sum() * 0.0 if batch.label_tokens == 0 else out.loss * weight
+    loss.backward()
+    return loss.detach()
+
+
+def optimizer_step(trainable, optimizer, scheduler=None) -> float:
+    """The end of a step: gradients clipped to MAX_GRAD_NORM, the update, the schedule; the norm before clipping."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def plan_steps(training: TrainingSpec, per_epoch: int) -> int:
     if training.max_steps:
         return training.max_steps
@@ -245,26 +268,15 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 # DDP all-reduces gradients in the backward of this rank's last micro-batch only.
                 sync = i == len(micro) - 1 or not world.distributed
                 with ddp.no_sync() if not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        out = ddp(**b.model_inputs(device), use_cache=False)
-                    if padding_free:
-                        varlen_attention.require_reached()
-                    if b.label_tokens == 0:  # DDP needs every rank's backward: a zero-weight one
-                        loss = out.logits.float().sum() * 0.0
-                    else:
-                        # out.loss is this micro-batch's mean; weight it by its share of the step's label
-                        # tokens (times the ranks, since DDP averages the ranks' gradients).
-                        loss = out.loss * (b.label_tokens / n_labels * world.size)
-                    loss.backward()
-                step_loss += float(loss.detach()) / world.size
+                    # out.loss is this micro-batch's mean; weighted by its share of the step's label tokens
+                    # (times the ranks, since DDP averages the ranks' gradients).
+                    loss = forward_backward(ddp, b, device, b.label_tokens / n_labels * world.size, padding_free)
+                step_loss += float(loss) / world.size
             step_tokens = sum(b.tokens for b in micro)
             if world.distributed:  # the step's loss and tokens, over all ranks
                 step_loss, step_tokens = distributed.all_sum([step_loss, step_tokens], device)
                 step_tokens = int(step_tokens)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(trainable, optimizer, scheduler)
             step += 1
             tokens_seen += step_tokens
             losses.append(round(step_loss, 6))
