@@ -6,10 +6,13 @@
     .venv/bin/python bench/eval_speed.py --tasks mmlu --limit 5 --baselines sequential
     # the project's tiny test tasks (default):
     .venv/bin/python bench/eval_speed.py --threads 2
+    # both output layers on the same requests (llama.cpp's and torch's; see evaluation/head.py):
+    .venv/bin/python bench/eval_speed.py --piqa /path/to/piqa --limit 150 --baselines --heads llamacpp,torch
 
 Modes, each on the same requests (same seeds, so the same few-shot prompts):
   packed      LlamaCppLM as run_eval uses it: many sequences per llama_decode, shared prefixes decoded
-              once, logits only at scored positions
+              once, logits only at scored positions; once per --heads entry (`packed[torch]`, ...):
+              auto, llamacpp, torch, or torch:fp32 / torch:bf16 for the torch head's precision
   sequential  the path before packing: one sequence per decode, sorted requests sharing KV-cache prefixes
   naive       every request alone from an empty cache with logits at every position (what a plain
               llama-cpp-python wrapper for lm-eval does)
@@ -17,10 +20,11 @@ Modes, each on the same requests (same seeds, so the same few-shot prompts):
   hf          lm-eval's own `hf` model on a Hugging Face folder with the same weights (--hf-reference; see
               bench/gguf_reference.py: an f32 GGUF and its float32 HF twin make the reference path)
 
-Baselines may run on the first --baseline-limit documents per task only; their time is then
-extrapolated by request count (the output says so). Accuracy agreement: per-request log-likelihoods
-of `packed` against each baseline on the documents both scored (max and mean |Δ| in nats) and the
-share of documents whose argmax choice is the same. The first lines say what hardware llama.cpp
+Baselines (with llama.cpp's head) may run on the first --baseline-limit documents per task only; their
+time is then extrapolated by request count (the output says so). Accuracy agreement: per-request
+log-likelihoods of the first --heads entry against every other run on the documents both scored (max
+and mean |Δ| in nats) and the share of documents whose argmax choice is the same. CPU s is the
+process's CPU time (every llama.cpp and torch thread), the figure to compare on a shared machine. The first lines say what hardware llama.cpp
 uses (a CUDA build offloads every layer; a CPU-only build cannot use a GPU that is present).
 Not a test: timings depend on the machine; run it on an idle one.
 """
@@ -129,11 +133,17 @@ def naive_lm(**kw):
             def keep(rows, positions):
                 idx = [k for k, p in enumerate(positions) if p in wanted]
                 if idx:
-                    on_logits(rows[idx], [positions[k] for k in idx])
+                    on_logits(rows.take(idx), [positions[k] for k in idx])
 
             super()._forward(tokens, range(len(tokens)), keep)
 
     return NaiveLM(packed=False, prefix_cache=False, **kw)
+
+
+def head_args(entry: str) -> dict:
+    """--heads entry -> LlamaCppLM arguments: auto, llamacpp, torch, torch:fp32, torch:bf16."""
+    head, _, precision = entry.partition(":")
+    return {"head": head, **({"head_precision": precision} if precision else {})}
 
 
 def hf_lm(folder: Path, batch_size: int):
@@ -181,8 +191,14 @@ def hardware(n_gpu_layers: int) -> dict:
                            capture_output=True, text=True)
         gpu = r.stdout.strip() or None
     offload = bool(llama_cpp.llama_supports_gpu_offload())
-    return {"gpu": gpu, "llama_cpp": llama_cpp.__version__, "llama_cpp_gpu_offload": offload,
+    info = {"gpu": gpu, "llama_cpp": llama_cpp.__version__, "llama_cpp_gpu_offload": offload,
             "n_gpu_layers": n_gpu_layers if offload else 0, "cpus": os.cpu_count()}
+    with contextlib.suppress(ImportError):  # the torch head's runtime: its version and CPU kernels
+        import torch
+
+        info.update(torch=torch.__version__, torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    torch_cuda=torch.cuda.is_available())
+    return info
 
 
 def compare(new: dict, ref: dict) -> dict:
@@ -190,8 +206,11 @@ def compare(new: dict, ref: dict) -> dict:
     deltas = [abs(new["scores"][k] - ref["scores"][k]) for k in common]
     docs = [d for d in ref["choices"] if d in new["choices"]]
     same = sum(new["choices"][d] == ref["choices"][d] for d in docs)
+    ranked = sorted(deltas) or [0.0]
     return {"requests": len(common), "max_abs_delta_nats": round(max(deltas, default=0.0), 4),
             "mean_abs_delta_nats": round(sum(deltas) / max(len(deltas), 1), 4),
+            "median_abs_delta_nats": round(ranked[len(ranked) // 2], 4),
+            "p95_abs_delta_nats": round(ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))], 4),
             "within_0.01_nats": round(sum(d <= 0.01 for d in deltas) / max(len(deltas), 1), 4),
             "same_argmax": f"{same}/{len(docs)}"}
 
@@ -205,6 +224,8 @@ def main() -> None:
                    "the local task library for mmlu)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="documents per task for the packed run")
+    p.add_argument("--heads", default="auto", help="comma-separated output layers for the packed run, each "
+                   "run on the same requests: auto, llamacpp, torch, torch:fp32, torch:bf16 (default: auto)")
     p.add_argument("--baselines", nargs="*", default=["naive", "sequential"], choices=["naive", "sequential"])
     p.add_argument("--baseline-limit", type=int, default=None,
                    help="documents per task for the baselines (default: as --limit); time extrapolated")
@@ -246,15 +267,25 @@ def main() -> None:
     base_limit = args.baseline_limit if args.baseline_limit is not None else args.limit
     runs = {}
     load0 = os.getloadavg()
-    t_load = time.monotonic()
-    lm = lcp.LlamaCppLM(**base)
-    print(f"model loaded in {time.monotonic() - t_load:.1f} s")
-    evaluate(lm, args, limit=2)  # warm-up: page cache, dataset cache, lazy imports
-    runs["packed"] = evaluate(lm, args, args.limit)
-    lm.close()
-    print(f"packed: {runs['packed']['model_s']:.1f} s in the model, {runs['packed']['requests']} requests")
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    primary = "packed" if len(heads) == 1 else f"packed[{heads[0]}]"
+    for entry in heads:
+        name = "packed" if len(heads) == 1 else f"packed[{entry}]"
+        t_load, c_load = time.monotonic(), time.process_time()
+        lm = lcp.LlamaCppLM(**base, **head_args(entry))
+        load = (time.monotonic() - t_load, time.process_time() - c_load)
+        print(f"{name}: model loaded in {load[0]:.1f} s ({load[1]:.1f} CPU s); {lm.head_reason}")
+        evaluate(lm, args, limit=2)  # warm-up: page cache, dataset cache, lazy imports
+        before = os.getloadavg()
+        runs[name] = evaluate(lm, args, args.limit)
+        runs[name].update(head=lm.head, head_reason=lm.head_reason, load_s=load[0], load_cpu_s=load[1],
+                          loadavg=[before, os.getloadavg()])
+        lm.close()
+        print(f"{name}: {runs[name]['model_s']:.1f} s in the model, {runs[name]['cpu_s']:.1f} CPU s, "
+              f"{runs[name]['requests']} requests, load average {before} -> {os.getloadavg()}")
     for mode in args.baselines:
-        lm = naive_lm(**base) if mode == "naive" else lcp.LlamaCppLM(**base, packed=False)
+        kw = {**base, "head": "llamacpp"}
+        lm = naive_lm(**kw) if mode == "naive" else lcp.LlamaCppLM(**kw, packed=False)
         runs[mode] = evaluate(lm, args, base_limit)
         lm.close()
         print(f"{mode}: {runs[mode]['model_s']:.1f} s in the model, {runs[mode]['requests']} requests")
@@ -273,13 +304,14 @@ def main() -> None:
         runs["hf"] = evaluate(hf_lm(args.hf_reference, args.hf_batch_size), args, base_limit)
         print(f"hf: {runs['hf']['model_s']:.1f} s in the model, {runs['hf']['requests']} requests")
 
-    new = runs["packed"]
+    new = runs[primary]
     print(f"\n{gguf.name}, tasks {', '.join(args.tasks)} from {args.include_path}, few-shot "
           f"{'task default' if args.num_fewshot is None else args.num_fewshot}, {threads} threads")
     print(f"load average before: {load0}, after: {os.getloadavg()}")
     print(f"{'mode':<12}{'docs':>7}{'requests':>10}{'model s':>10}{'CPU s':>9}{'req/s':>8}{'for all requests s':>20}"
-          f"{'× packed':>10}")
-    figures = {"hardware": hw, "gguf": gguf.name, "tasks": args.tasks, "threads": threads, "modes": {}}
+          f"{'× first':>10}")
+    figures = {"hardware": hw, "gguf": gguf.name, "tasks": args.tasks, "threads": threads, "heads": heads,
+               "limit": args.limit, "load_average": [load0, os.getloadavg()], "modes": {}}
     for mode, r in runs.items():
         full = r["model_s"] * new["requests"] / max(r["requests"], 1)
         note = " (extrapolated)" if r["requests"] != new["requests"] else ""
@@ -289,12 +321,25 @@ def main() -> None:
         figures["modes"][mode] = {"docs": r["docs"], "requests": r["requests"], "model_s": round(r["model_s"], 2), "cpu_s": round(r["cpu_s"], 2),
                                   "total_s": round(r["total_s"], 2), "all_requests_s": round(full, 2),
                                   "extrapolated": bool(note), "metrics": r["metrics"]}
+        for key in ("head", "head_reason", "loadavg"):
+            if key in r:
+                figures["modes"][mode][key] = r[key]
+        for key in ("load_s", "load_cpu_s"):
+            if key in r:
+                figures["modes"][mode][key] = round(r[key], 2)
     print("\nmetrics:", json.dumps({m: r["metrics"] for m, r in runs.items()}, indent=1))
     for mode, r in runs.items():
-        if mode != "packed" and r["scores"]:
+        if mode != primary and r["scores"]:
             agreement = compare(new, r)
-            figures["modes"][mode]["agreement_with_packed"] = agreement
-            print(f"packed vs {mode}: {json.dumps(agreement)}")
+            figures["modes"][mode][f"agreement_with_{primary}"] = agreement
+            print(f"{primary} vs {mode}: {json.dumps(agreement)}")
+    packed_runs = [m for m in runs if m.startswith("packed[")]
+    for i, a in enumerate(packed_runs):  # every pair of heads, not just against the first
+        for b in packed_runs[i + 1:]:
+            if a != primary:
+                pair = compare(runs[b], runs[a])
+                figures.setdefault("head_agreement", {})[f"{b} vs {a}"] = pair
+                print(f"{b} vs {a}: {json.dumps(pair)}")
     if runs.get("naive", {}).get("scores") and runs.get("sequential", {}).get("scores"):
         # two unpacked llama.cpp paths: how far apart layouts alone move the scores (the noise floor)
         floor = compare(runs["sequential"], runs["naive"])

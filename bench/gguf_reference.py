@@ -4,7 +4,7 @@
     # → /tmp/ref/hf/ (the dequantized weights as float32 safetensors + the GGUF's tokenizer rebuilt)
     #   /tmp/ref/model-f32.gguf (the same weights back in an f32 GGUF)
     .venv/bin/python bench/eval_speed.py --piqa PIQA --gguf /tmp/ref/model-f32.gguf --kv-type f32 \\
-        --hf-reference /tmp/ref/hf --baselines
+        --hf-reference /tmp/ref/hf --baselines --heads llamacpp,torch:fp32
 
 A q4_k_m file cannot be compared with a PyTorch model to 0.01 nats: llama.cpp's CPU kernels round
 activations to 8 bits before each quantized matmul, so any change in summation order moves a

@@ -145,8 +145,8 @@ def fine_tune(base: Path, out: Path, steps: int = 100) -> list[float]:
     return losses
 
 
-def to_gguf(hf_dir: Path, out: Path) -> Path:
-    r = subprocess.run([sys.executable, str(_converter()), str(hf_dir), "--outtype", "f16", "--outfile", str(out)],
+def to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    r = subprocess.run([sys.executable, str(_converter()), str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -182,7 +182,8 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     base = to_gguf(base_hf, root / "base-f16.gguf")
     f16 = to_gguf(tuned_hf, root / "tuned-f16.gguf")
     q4 = quantize(f16, root / "tuned-q4_k_m.gguf", "q4_k_m")
-    return SimpleNamespace(base_hf=base_hf, tuned_hf=tuned_hf, base=base, f16=f16, q4_k_m=q4, losses=losses)
+    f32 = to_gguf(tuned_hf, root / "tuned-f32.gguf", "f32")
+    return SimpleNamespace(base_hf=base_hf, tuned_hf=tuned_hf, base=base, f16=f16, f32=f32, q4_k_m=q4, losses=losses)
 
 
 # -- pure helpers -------------------------------------------------------------------------------------
@@ -324,16 +325,18 @@ def _scoring_requests(lm) -> list[tuple]:
     return reqs
 
 
-def test_packed_scoring_equals_each_request_alone(tiny):
+@pytest.mark.parametrize("head", ["llamacpp", "torch"])
+def test_packed_scoring_equals_each_request_alone(tiny, head):
     """Many sequences per decode with shared prefixes == every request alone from an empty cache.
 
     Small batch budgets make the 64 requests span many decodes (and batches split questions).
     """
     from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
 
-    packed = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, n_seq_max=5, max_outputs=24)
-    alone = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, packed=False, prefix_cache=False)
+    packed = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, n_seq_max=5, max_outputs=24, head=head)
+    alone = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, packed=False, prefix_cache=False, head=head)
     try:
+        assert packed.head == alone.head == head
         reqs = _scoring_requests(packed)
         assert len(reqs) == 12 * 4 + 16
         got = packed._loglikelihood_tokens(reqs[::-1], disable_tqdm=True)[::-1]
@@ -342,12 +345,162 @@ def test_packed_scoring_equals_each_request_alone(tiny):
         packed.close()
         alone.close()
     worst = max(abs(a[0] - b[0]) for a, b in zip(got, ref, strict=True))
-    print(f"worst |Δ loglikelihood| packed vs alone: {worst:.2e} nats")
+    print(f"{head} head: worst |Δ loglikelihood| packed vs alone: {worst:.2e} nats")
     assert worst < 0.01
     assert [g for _, g in got] == [g for _, g in ref]
     for q in range(0, len(reqs), 4):  # the argmax choice of every 4-way question
         pick = [max(range(4), key=lambda i, run=run: run[q + i][0]) for run in (got, ref)]
         assert pick[0] == pick[1], q
+
+
+# -- the output layer in torch (evaluation/head.py) ---------------------------------------------------
+
+
+def _compare(got, ref) -> tuple[float, int, int]:
+    """Worst |Δ loglikelihood|, greedy flags that differ, 4-way questions whose argmax differs."""
+    worst = max(abs(a[0] - b[0]) for a, b in zip(got, ref, strict=True))
+    flags = sum(a[1] != b[1] for a, b in zip(got, ref, strict=True))
+    picks = sum(max(range(4), key=lambda i: got[q + i][0]) != max(range(4), key=lambda i: ref[q + i][0])
+                for q in range(0, 48, 4))
+    return worst, flags, picks
+
+
+@pytest.mark.parametrize("model", ["f32", "f16", "q4_k_m"])
+def test_torch_head_matches_llamacpp_head(tiny, model):
+    """The same requests scored with llama.cpp's output layer and with torch's, packed and sequential:
+    the same greedy flags and argmax choices, and log-likelihoods as close as the heads' arithmetic
+    allows. Torch in float32 on the f32 file computes llama.cpp's sums in another order (< 1e-4 nats);
+    on the f16 file llama.cpp rounds the hidden state to f16 first, and on the q4_k_m file to 8 bits
+    (its quantized dot products), so these differ by that rounding. Torch's CPU default, bf16
+    products, rounds weight and hidden state to bf16: within LL_TOL of every llama.cpp head."""
+    from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
+
+    gguf = getattr(tiny, model)
+    runs = {}
+    for head, precision in (("llamacpp", None), ("torch", "bf16"), ("torch", "fp32")):
+        for packed in (True, False):
+            lm = LlamaCppLM(pretrained=str(gguf), n_ctx=256, n_threads=1, n_seq_max=5, max_outputs=24,
+                            packed=packed, head=head, head_precision=precision)
+            try:
+                assert lm.head == head
+                reqs = _scoring_requests(lm)
+                runs[head, precision, packed] = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+            finally:
+                lm.close()
+    bound = {("f32", "fp32"): 1e-4, ("f16", "fp32"): 0.005}
+    for packed in (True, False):
+        ref = runs["llamacpp", None, packed]
+        for precision in ("fp32", "bf16"):
+            worst, flags, picks = _compare(runs["torch", precision, packed], ref)
+            print(f"{model} {'packed' if packed else 'sequential'}: torch ({precision}) vs llama.cpp head: "
+                  f"worst |Δ| {worst:.2e} nats, {flags} greedy flags and {picks} choices differ")
+            assert worst < bound.get((model, precision), LL_TOL), (precision, worst)
+            assert flags == 0 and picks == 0
+        assert _compare(runs["torch", "bf16", packed], runs["torch", "fp32", packed])[0] < LL_TOL
+
+
+def test_torch_head_skips_llamacpp_output_layer(tiny):
+    """With the torch head, llama.cpp's graph stops at result_norm: the scheduler never even asks about
+    the output matmul (result_output), and the logits buffer llama.cpp copies out is not the model's
+    logits. With the callback wanting nothing, the same decode runs llama.cpp's head, whose logits are
+    the torch head's on the captured rows (the rows are the right ones, in batch order)."""
+    import numpy as np
+
+    from finetune_trainer.evaluation import packing
+    from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
+
+    lm = LlamaCppLM(pretrained=str(tiny.f16), n_ctx=256, n_threads=1, head="torch", head_precision="fp32")
+    try:
+        reqs = _scoring_requests(lm)[:12]
+        seqs = sorted({packing.Seq(tuple(c + w[:-1]), len(c) - 1) for _, c, w in reqs}, key=lambda q: q.tokens)
+        (plan,) = packing.plan(seqs, 256, 64, 16)
+        assert plan.n_outputs > 4
+        lm._capture.trace = trace = []
+        hidden = lm._decode_packed(plan).hidden.copy()
+        assert b"result_norm" in trace and b"result_output" not in trace, trace[-5:]
+        garbage = np.ctypeslib.as_array(lm._lc.llama_get_logits(lm._ctx), shape=(plan.n_outputs, lm._n_vocab))
+        logits = hidden @ lm._head.weight.numpy().T
+        assert np.abs(garbage - logits).max() > 1.0
+
+        del trace[:]
+        lm._capture.enabled = False  # the callback wants no tensor: llama.cpp computes its logits
+        computed = lm._decode_packed(plan).rows
+        assert b"result_output" in trace
+        assert np.abs(computed - logits).max() < 0.01
+        assert (computed.argmax(axis=1) == logits.argmax(axis=1)).all()
+    finally:
+        lm.close()
+
+
+def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[int, int]], **fields: float) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in fields.items():
+        w.add_float32(f"{arch}.{key}", value)
+    for name, shape in tensors.items():
+        w.add_tensor(name, np.zeros(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_head_chooser(tmp_path, monkeypatch):
+    """Torch computes the head only where llama.cpp's is exactly a matmul of output (or the tied
+    token_embd) with result_norm, plus Gemma 2's soft-capping; anything else keeps llama.cpp's."""
+    from finetune_trainer.evaluation.head import HeadSpec, HeadUnsupported, choose_head, resolve_head
+
+    emb = {"token_embd.weight": (16, 4)}
+    out = {**emb, "output.weight": (16, 4)}
+    gpt2 = _write_gguf(tmp_path / "gpt2.gguf", "gpt2", out)
+    spec, why = choose_head("auto", gpt2)
+    assert spec is None and "gpt2" in why
+    with pytest.raises(HeadUnsupported, match="gpt2"):
+        choose_head("torch", gpt2)
+    biased = _write_gguf(tmp_path / "qwen2.gguf", "qwen2", {**out, "output.bias": (16,)})
+    assert choose_head("auto", biased)[0] is None and "output.bias" in choose_head("auto", biased)[1]
+    assert choose_head("auto", _write_gguf(tmp_path / "q.gguf", "qwen2", out))[0] == HeadSpec("qwen2", "output.weight", 0.0)
+    assert choose_head("auto", _write_gguf(tmp_path / "l.gguf", "llama", emb))[0] == HeadSpec("llama", "token_embd.weight", 0.0)
+    # Gemma and Gemma 2 always use token_embd; Gemma 2 soft-caps at 30 unless the file says otherwise
+    assert choose_head("auto", _write_gguf(tmp_path / "g.gguf", "gemma", out))[0].weight == "token_embd.weight"
+    assert choose_head("auto", _write_gguf(tmp_path / "g2.gguf", "gemma2", emb))[0].softcap == 30.0
+    g2 = _write_gguf(tmp_path / "g2b.gguf", "gemma2", emb, final_logit_softcapping=25.0)
+    assert choose_head("auto", g2)[0] == HeadSpec("gemma2", "token_embd.weight", 25.0)
+    g3 = _write_gguf(tmp_path / "g3.gguf", "gemma3", out, final_logit_softcapping=7.5)
+    assert choose_head("auto", g3)[0] == HeadSpec("gemma3", "output.weight", 7.5)
+    assert choose_head("auto", _write_gguf(tmp_path / "g3b.gguf", "gemma3", emb))[0].softcap == 0.0
+    # the llama.cpp head when asked, also through the environment; the argument wins over it
+    assert choose_head("llamacpp", g3)[0] is None
+    monkeypatch.setenv("FINETUNE_EVAL_HEAD", "llamacpp")
+    assert resolve_head(None) == "llamacpp" and choose_head(None, g3)[0] is None
+    assert choose_head("auto", g3)[0] is not None
+    monkeypatch.setenv("FINETUNE_EVAL_HEAD", "fast")
+    with pytest.raises(ValueError, match="auto, llamacpp, torch"):
+        resolve_head(None)
+
+
+def test_head_default_is_torch_for_gemma3_unless_the_environment_says(tiny, monkeypatch):
+    """And greedy generation, which keeps llama.cpp's head, decodes the same text either way."""
+    from finetune_trainer.evaluation.llamacpp_lm import LlamaCppLM
+
+    prompt = "The opposite of hot is cold. The opposite of big is"
+    lm = LlamaCppLM(pretrained=str(tiny.q4_k_m), n_ctx=64, n_threads=1)
+    try:
+        assert lm.head == "torch" and "gemma3" in lm.head_reason
+        text = lm._greedy(lm.tok_encode(prompt), ["."], 8)
+        assert lm._capture.enabled  # back on for scoring
+    finally:
+        lm.close()
+    monkeypatch.setenv("FINETUNE_EVAL_HEAD", "llamacpp")
+    lm = LlamaCppLM(pretrained=str(tiny.q4_k_m), n_ctx=64, n_threads=1)
+    try:
+        assert lm.head == "llamacpp"
+        assert lm._greedy(lm.tok_encode(prompt), ["."], 8) == text and text.strip()
+    finally:
+        lm.close()
 
 
 @pytest.fixture(scope="session")
@@ -416,9 +569,10 @@ def test_cli(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["eval", "--gguf", f"f16={tiny.f16}", "--gguf", f"q4_k_m={tiny.q4_k_m}", "--tasks", "tiny_antonyms",
                "--limit", "8", "--num-fewshot", "1", "--include-path", str(TASKS_DIR), "--output", str(out),
-               "--n-ctx", "128", "--n-threads", "1"])
+               "--n-ctx", "128", "--n-threads", "1", "--head", "llamacpp"])
     assert rc == 0
     doc = json.loads((out / "eval.json").read_text())
+    assert doc["models"]["f16"]["head"] == doc["models"]["q4_k_m"]["head"] == "llamacpp"
     assert doc["numFewshot"]["tiny_antonyms"] == 1 and doc["nSamples"]["tiny_antonyms"]["effective"] == 8
     assert "quantizationCost" in doc["metrics"]
     assert "acc" in json.loads(capsys.readouterr().out)["f16"]["tiny_antonyms"]  # the metrics, as JSON

@@ -32,6 +32,7 @@ from finetune_api.status import Reason
 
 from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
+from .evaluation.head import HEAD_ENV, HEADS
 from .flags import add_flags, from_flags
 
 log = logging.getLogger("finetune")
@@ -248,7 +249,7 @@ def cmd_eval(args) -> Any:
     if args.data_uri and not args.data_uri.startswith("s3://"):
         args.data_uri = str(Path(args.data_uri).expanduser().resolve())
     spec = from_flags(args, EvaluationSpec, include_base="base" in files)
-    model_args = {k: v for k in ("n_ctx", "n_gpu_layers", "n_threads") if (v := getattr(args, k)) is not None}
+    model_args = {k: v for k in ("n_ctx", "n_gpu_layers", "n_threads", "head") if (v := getattr(args, k)) is not None}
     return run_eval(files, spec, Path(args.output_dir), lambda msg, pct=None, eta=None: log.info("%s", msg),
                     model_args=model_args)
 
@@ -336,6 +337,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--n-ctx", type=int, help="llama.cpp context size (default 4096)")
     v.add_argument("--n-gpu-layers", type=int, help="layers offloaded to a GPU (-1: all)")
     v.add_argument("--n-threads", type=int, help="CPU threads (default: all usable)")
+    v.add_argument("--head", choices=HEADS, help=f"output layer: llama.cpp's, torch's on llama.cpp's hidden states, "
+                   f"or auto (torch where the architecture allows it; default ${HEAD_ENV}, else auto)")
     v.set_defaults(fn=cmd_eval)
 
     u = staged("upload", "upload artifacts and manifest.json to the run's S3 prefix")

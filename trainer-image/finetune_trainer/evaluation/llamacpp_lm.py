@@ -13,7 +13,7 @@ How requests are batched:
   into one ``llama_decode`` as a token trie: a token shared by several sequences (few-shot prefix,
   question, the common start of two answers) is decoded once for all of them (``seq_id`` lists
   each sequence through it; the KV cache is unified and cleared between batches), and logits are
-  computed only at scored positions. Log-softmax is taken in numpy at those rows only.
+  computed only at scored positions. Log-softmax is taken at those rows only.
   ``packed=False`` is the earlier path: one sequence per decode, consecutive sorted requests
   sharing the KV cells of their common prefix (``prefix_cache``).
 * **loglikelihood_rolling**: lm-eval's disjoint rolling windows of ``max_length`` tokens, each
@@ -21,6 +21,13 @@ How requests are batched:
 * **generate_until**: greedy decoding, one sequence at a time, stopping at an end-of-generation
   token, a stop string or ``max_gen_toks``; prompts are sorted so that shared few-shot prefixes
   stay in the KV cache.
+
+Where the logits come from (``head``): llama.cpp's own output layer, or, for the architectures
+``head.ARCHITECTURES`` allows, llama.cpp runs the transformer body only and torch computes the output
+layer and the log-softmax at the rows asked for (``head.py``: bf16 matmuls with float32 logits on a
+CPU, float32 on CUDA). The packed and the sequential path read their rows through the same
+``_Logits``/``_Hidden`` interface, so either head serves both; greedy generation (one row per
+decode) keeps llama.cpp's head.
 
 Sliding-window models (Gemma 3) are loaded with ``swa_full=True``: the KV cache then keeps every
 position, which prefix reuse needs (a pruned sliding-window cache cannot be rolled back).
@@ -46,6 +53,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from . import packing
+from .head import HeadUnsupported, HiddenCapture, TorchHead, choose_head, resolve_head
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,10 @@ class LlamaCppLM(TemplateLM):
             sequential path (one sequence per decode).
         prefix_cache: sequential path only: keep the KV cache between requests and reuse their
             common prefix (default); False evaluates every request from an empty cache.
+        head: the output layer: ``"auto"`` (torch where the architecture allows it, see head.py),
+            ``"llamacpp"`` or ``"torch"``; default ``$FINETUNE_EVAL_HEAD``, else auto.
+        head_device: the torch head's device (default: cuda when torch sees a GPU, else cpu).
+        head_precision: the torch head's ``"bf16"`` (CPU default) or ``"fp32"`` (CUDA default) matmuls.
     """
 
     def __init__(
@@ -106,6 +118,9 @@ class LlamaCppLM(TemplateLM):
         progress: Progress | None = None,
         packed: bool = True,
         prefix_cache: bool = True,
+        head: str | None = None,
+        head_device: str | None = None,
+        head_precision: str | None = None,
         verbose: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -152,6 +167,25 @@ class LlamaCppLM(TemplateLM):
         cparams.type_k = cparams.type_v = kv
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.embeddings = False
+        # The output layer: llama.cpp's, or torch's on the hidden states a graph callback copies out.
+        self._head: TorchHead | None = None
+        self._capture: HiddenCapture | None = None
+        head = resolve_head(head)
+        spec, self.head_reason = choose_head(head, self.path)
+        if spec is not None:
+            try:
+                self._head = TorchHead(self.path, spec, n_vocab, self._model.n_embd(), device=head_device,
+                                       threads=threads, precision=head_precision)
+            except HeadUnsupported as exc:
+                if head == "torch":
+                    raise
+                self.head_reason = f"llama.cpp's head: {exc}"
+            else:
+                self._capture = HiddenCapture(self._model.n_embd(), cparams.n_outputs_max)
+                cparams.cb_eval = self._capture.callback
+                cparams.cb_eval_user_data = None
+        self.head = "torch" if self._head is not None else "llamacpp"
+        log.info("%s: %s", self.path.name, self.head_reason)
         self._context = _internals.LlamaContext(model=self._model, params=cparams, verbose=bool(verbose))
         self._ctx = self._context.ctx
         self._vocab = self._model.vocab
@@ -188,6 +222,7 @@ class LlamaCppLM(TemplateLM):
         if getattr(self, "_context", None) is not None:
             self._context.close()
             self._context = None
+        self._capture = self._head = None  # the callback lives as long as the context that calls it
         if getattr(self, "_model", None) is not None:
             self._model.close()
             self._model = None
@@ -265,13 +300,27 @@ class LlamaCppLM(TemplateLM):
 
     # -- the forward pass ------------------------------------------------------------------------
 
-    def _forward(self, tokens: Sequence[int], wanted: Iterable[int],
-                 on_logits: Callable[[np.ndarray, list[int]], None]) -> None:
-        """Make the KV cache hold exactly ``tokens`` and hand over the logits at ``wanted`` positions.
+    def _decode(self, batch) -> int:
+        if self._capture is not None:
+            self._capture.reset()
+        return self._lc.llama_decode(self._ctx, batch)
 
-        ``on_logits(rows, positions)`` receives a (k, n_vocab) float32 view that is valid only during
-        the call. Positions already in the cache are not decoded again, except those whose logits
-        are wanted (llama.cpp keeps no logits of earlier calls).
+    def _outputs(self, n: int) -> _Logits | _Hidden:
+        """The last decode's n output rows, as logits (llama.cpp's head) or hidden states (torch's).
+
+        Generation turns the capture off (``_greedy``) and reads llama.cpp's logits."""
+        if self._capture is not None and self._capture.enabled:
+            return _Hidden(self._head, self._capture.hidden(n))
+        ptr = self._lc.llama_get_logits(self._ctx)
+        return _Logits(np.ctypeslib.as_array(ptr, shape=(n, self._n_vocab)))
+
+    def _forward(self, tokens: Sequence[int], wanted: Iterable[int],
+                 on_logits: Callable[[_Logits | _Hidden, list[int]], None]) -> None:
+        """Make the KV cache hold exactly ``tokens`` and hand over the outputs at ``wanted`` positions.
+
+        ``on_logits(rows, positions)`` receives the k output rows (``_Logits`` or ``_Hidden``), valid
+        only during the call. Positions already in the cache are not decoded again, except those
+        whose logits are wanted (llama.cpp keeps no logits of earlier calls).
         """
         tokens = list(tokens)
         wanted = sorted(set(wanted))
@@ -299,16 +348,14 @@ class LlamaCppLM(TemplateLM):
                 batch.logits[k] = flag
                 if flag:
                     out_positions.append(pos)
-            rc = self._lc.llama_decode(self._ctx, batch)
+            rc = self._decode(batch)
             if rc != 0:
                 self._lc.llama_memory_clear(self._mem, True)
                 self._kv.clear()
                 raise RuntimeError(f"llama_decode returned {rc} ({len(chunk)} tokens at position {start})")
             self._kv.extend(chunk)
             if out_positions:
-                ptr = self._lc.llama_get_logits(self._ctx)
-                rows = np.ctypeslib.as_array(ptr, shape=(len(out_positions), self._n_vocab))
-                on_logits(rows, out_positions)
+                on_logits(self._outputs(len(out_positions)), out_positions)
 
     # -- loglikelihood ---------------------------------------------------------------------------
 
@@ -369,14 +416,13 @@ class LlamaCppLM(TemplateLM):
                     _, first, cont = prepared[i]
                     for j, tok in enumerate(cont):
                         wanted.setdefault(batch.rows[s][first + j], set()).add(tok)
-            logprob, peak = _log_softmax_at(rows, wanted)
+            logprob, greedy = rows.scores(wanted)
             n = 0
             for s, m in enumerate(batch.members):
                 for i in owners[seqs[m].tokens]:
                     _, first, cont = prepared[i]
-                    at = [batch.rows[s][first + j] for j in range(len(cont))]
-                    results[i] = (float(sum(logprob[r, t] for r, t in zip(at, cont, strict=True))),
-                                  all(rows[r, t] >= peak[r] for r, t in zip(at, cont, strict=True)))
+                    at = list(zip((batch.rows[s][first + j] for j in range(len(cont))), cont, strict=True))
+                    results[i] = (float(sum(logprob[rt] for rt in at)), all(greedy[rt] for rt in at))
                     n += 1
             done += n
             pbar.update(n)
@@ -386,8 +432,8 @@ class LlamaCppLM(TemplateLM):
         pbar.close()
         return results
 
-    def _decode_packed(self, plan: packing.Batch) -> np.ndarray:
-        """Decode one planned batch from an empty cache; the (n_outputs, n_vocab) logits, valid until the next decode."""
+    def _decode_packed(self, plan: packing.Batch) -> _Logits | _Hidden:
+        """Decode one planned batch from an empty cache; its n_outputs rows, valid until the next decode."""
         self._lc.llama_memory_clear(self._mem, True)
         batch = self._batch
         batch.n_tokens = len(plan)
@@ -399,13 +445,12 @@ class LlamaCppLM(TemplateLM):
             for j, s in enumerate(ids):
                 seq_id[j] = s
             batch.logits[k] = out
-        rc = self._lc.llama_decode(self._ctx, batch)
+        rc = self._decode(batch)
         if rc != 0:
             self._lc.llama_memory_clear(self._mem, True)
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {len(plan)} tokens in "
                                f"{len(plan.members)} sequences")
-        ptr = self._lc.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(plan.n_outputs, self._n_vocab))
+        return self._outputs(plan.n_outputs)
 
     def _score_sequential(self, prepared: list[tuple[tuple[int, ...], int, tuple[int, ...]]],
                           disable_tqdm: bool) -> list[tuple[float, bool]]:
@@ -427,21 +472,20 @@ class LlamaCppLM(TemplateLM):
                 _, first, cont = prepared[i]
                 for j, tok in enumerate(cont):
                     targets.setdefault(first + j, set()).add(tok)
-            stats: dict[int, tuple[float, dict[int, float], dict[int, float]]] = {}
+            stats: dict[int, tuple[dict[int, float], dict[int, bool]]] = {}
 
-            def collect(rows: np.ndarray, positions: list[int], stats=stats, targets=targets) -> None:
+            def collect(rows: _Logits | _Hidden, positions: list[int], stats=stats, targets=targets) -> None:
                 wanted = {r: targets[p] for r, p in enumerate(positions) if p in targets}
-                logprob, peak = _log_softmax_at(rows, wanted)
+                logprob, greedy = rows.scores(wanted)
                 for r, pos in enumerate(positions):
                     if pos in targets:
-                        stats[pos] = (float(peak[r]), {t: logprob[r, t] for t in targets[pos]},
-                                      {t: float(rows[r, t]) for t in targets[pos]})
+                        stats[pos] = ({t: logprob[r, t] for t in targets[pos]}, {t: greedy[r, t] for t in targets[pos]})
 
             self._forward(inp, targets, collect)
             for i in group:
                 _, first, cont = prepared[i]
-                logprob = sum(stats[first + j][1][tok] for j, tok in enumerate(cont))
-                greedy = all(stats[first + j][2][tok] >= stats[first + j][0] for j, tok in enumerate(cont))
+                logprob = sum(stats[first + j][0][tok] for j, tok in enumerate(cont))
+                greedy = all(stats[first + j][1][tok] for j, tok in enumerate(cont))
                 results[i] = (float(logprob), greedy)
             pbar.update(len(group))
             done += len(group)
@@ -514,25 +558,70 @@ class LlamaCppLM(TemplateLM):
     def _greedy(self, tokens: list[int], until: list[str], max_gen: int) -> str:
         picked: list[int] = []
 
-        def take(rows: np.ndarray, positions: list[int]) -> None:
-            picked.append(int(rows[-1].argmax()))
+        def take(rows: _Logits, positions: list[int]) -> None:
+            picked.append(rows.argmax(len(positions) - 1))
 
         stops = [s for s in until if s]
         generated: list[int] = []
         if not tokens:  # an empty prompt for a model without BOS
             tokens = [self.prefix_token_id]
-        self._forward(tokens, [len(tokens) - 1], take)
-        while True:
-            tok = picked.pop()
-            if self._lc.llama_vocab_is_eog(self._vocab, tok):
-                break
-            generated.append(tok)
-            text = self._detokenize(generated)
-            if any(s in text for s in stops) or len(generated) >= max_gen or len(tokens) >= self._n_ctx:
-                break
-            tokens.append(tok)
+        # One row per decode is bound by reading the head's weight, which llama.cpp holds quantized
+        # (smallest): generation keeps llama.cpp's head whichever head scores.
+        if self._capture is not None:
+            self._capture.enabled = False
+        try:
             self._forward(tokens, [len(tokens) - 1], take)
+            while True:
+                tok = picked.pop()
+                if self._lc.llama_vocab_is_eog(self._vocab, tok):
+                    break
+                generated.append(tok)
+                text = self._detokenize(generated)
+                if any(s in text for s in stops) or len(generated) >= max_gen or len(tokens) >= self._n_ctx:
+                    break
+                tokens.append(tok)
+                self._forward(tokens, [len(tokens) - 1], take)
+        finally:
+            if self._capture is not None:
+                self._capture.enabled = True
         return self._detokenize(generated)
+
+
+class _Logits:
+    """Output rows as llama.cpp's logits (a float32 view of its buffer, valid until the next decode)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, index: Sequence[int]) -> _Logits:
+        return _Logits(self.rows[list(index)])
+
+    def scores(self, wanted: dict[int, set[int]]) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], bool]]:
+        """log_softmax(row r)[t] and whether t is row r's maximum, for every row r and token t in ``wanted``."""
+        logprob, peak = _log_softmax_at(self.rows, wanted)
+        return logprob, {(r, t): bool(self.rows[r, t] >= peak[r]) for r, t in logprob}
+
+    def argmax(self, r: int) -> int:
+        return int(self.rows[r].argmax())
+
+
+class _Hidden:
+    """Output rows as final hidden states, turned into logits by the torch head when asked."""
+
+    def __init__(self, head: TorchHead, hidden: np.ndarray) -> None:
+        self.head, self.hidden = head, hidden
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def take(self, index: Sequence[int]) -> _Hidden:
+        return _Hidden(self.head, self.hidden[list(index)])
+
+    def scores(self, wanted: dict[int, set[int]]) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], bool]]:
+        return self.head.score(self.hidden, wanted)
 
 
 def _log_softmax_at(rows: np.ndarray, wanted: dict[int, set[int]]) -> tuple[dict[tuple[int, int], float], np.ndarray]:

@@ -101,7 +101,7 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
         workdir: where eval.json, eval.md (and a downloaded dataUri) go.
         report: optional report(message, percent, eta_seconds) for progress: requests done/total of
             the current model in the message, the whole run's percent and an ETA.
-        model_args: extra LlamaCppLM arguments (n_ctx, n_gpu_layers, n_threads, n_batch, max_length).
+        model_args: extra LlamaCppLM arguments (n_ctx, n_gpu_layers, n_threads, n_batch, max_length, head).
         store: the S3Store (s3.py) an s3:// dataUri is read with (default: from the environment).
 
     Returns:
@@ -143,8 +143,10 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
                 n * share + share * done / max(total, 1), eta, force=done == total)
 
         t0 = time.monotonic()
+        head = None
         try:
             lm = LlamaCppLM(pretrained=str(path), progress=progress, **dict(model_args or {}))
+            head = lm.head
             try:
                 with contextlib.chdir(task_dir) if task_dir else contextlib.nullcontext():
                     out = evaluator.simple_evaluate(
@@ -165,7 +167,7 @@ def run_eval(gguf_files: Mapping[str, Path], spec: EvaluationSpec, workdir: Path
         per_model[name], details[name] = R.summarize(out, tasks)
         better.update(R.higher_is_better(out))
         info[name] = {"file": path.name, "sizeBytes": path.stat().st_size,
-                      "seconds": round(time.monotonic() - t0, 1)}
+                      "seconds": round(time.monotonic() - t0, 1), "head": head}
         extra = {"versions": out.get("versions"), "nSamples": out.get("n-samples"),
                  "numFewshot": out.get("n-shot")}
 
