@@ -104,6 +104,28 @@ def test_loss_falls_and_the_adapter_weights_change(trained):
     assert (trained.workdir / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_parity_reference_from_memory_is_the_saved_model_read_back(trained, tmp_path):
+    """Export scores the GGUFs against the merged model still in memory; its predictions must be those
+    of the folder it saved, as read back in fp32 (a bf16 round trip of RoPE's inv_freq once was not)."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import chat_templates, export, parity
+    from finetune_trainer.data.prepare import load_split
+    from finetune_trainer.model_loading import BaseModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(trained.workdir / "merged"))
+    rows = [list(r["input_ids"]) for r in load_split(trained.workdir / "dataset", "parity")][:4]
+    in_memory: list = []
+    merged = export.merge(BaseModel(str(tiny_gemma())), trained.workdir / "adapter", tmp_path / "merged", tokenizer,
+                          chat_templates.resolve("auto", tokenizer),
+                          with_model=lambda m: in_memory.extend(parity.reference_of(m, rows)))
+    read_back = parity.reference(merged, rows)
+    assert len(in_memory) == len(read_back) == len(parity.usable_rows(rows)) > 0
+    for a, b in zip(in_memory, read_back, strict=True):
+        assert (a["top1"] == b["top1"]).all()
+        assert abs(a["nll"] - b["nll"]).max() < 1e-4
+
+
 def test_each_gguf_loads_in_llama_cpp_chats_and_carries_template_and_eos(trained):
     import llama_cpp
     from transformers import AutoTokenizer

@@ -79,10 +79,17 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_merged(base, adapter_dir, device)
+    # Buffers outside the checkpoint (rotary inv_freq, Gemma's embed_scale) are recomputed in fp32 by
+    # whoever loads the saved folder; a bf16 round trip here would shift RoPE and skew the reference.
+    saved = model.state_dict().keys()
+    derived = {n: b.clone() for n, b in model.named_buffers() if n not in saved} if with_model else {}
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
     if with_model is not None:
-        with_model(model.float().eval())
+        model.float()
+        for n, b in derived.items():
+            model.get_buffer(n).copy_(b)
+        with_model(model.eval())
     model_type = model.config.model_type
     stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     del model
