@@ -68,6 +68,21 @@ def _tokenizer_model(base: BaseModel, tokenizer) -> Path | None:
     return None
 
 
+def _derived_buffers(model) -> dict[str, Any]:
+    """The buffers a model computes at construction rather than reads from its checkpoint (RoPE's
+    inv_freq, Gemma's embed_scale), as a float32 load of the saved folder computes them: a bf16 round
+    trip of these shifts every position's rotation and skews the parity reference. Built on a skeleton
+    whose weights are never allocated."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # parameters on the meta device; buffers real, on the CPU
+        skeleton = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    saved = skeleton.state_dict().keys()
+    return {n: b for n, b in skeleton.named_buffers() if n not in saved and n in dict(model.named_buffers())}
+
+
 def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate,
           with_model: Callable[[Any], None] | None = None) -> Path:
     """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template.
@@ -79,16 +94,12 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_merged(base, adapter_dir, device)
-    # Buffers outside the checkpoint (rotary inv_freq, Gemma's embed_scale) are recomputed in fp32 by
-    # whoever loads the saved folder; a bf16 round trip here would shift RoPE and skew the reference.
-    saved = model.state_dict().keys()
-    derived = {n: b.clone() for n, b in model.named_buffers() if n not in saved} if with_model else {}
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
     if with_model is not None:
         model.float()
-        for n, b in derived.items():
-            model.get_buffer(n).copy_(b)
+        for name, value in _derived_buffers(model).items():
+            model.get_buffer(name).copy_(value)
         with_model(model.eval())
     model_type = model.config.model_type
     stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
