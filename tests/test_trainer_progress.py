@@ -4,10 +4,11 @@ the trainer's real kubernetes client (token and CA from a service-account folder
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
-from finetune_trainer.kube_status import JSON_PATCH, StatusPatcher
+from finetune_trainer.kube_status import JSON_PATCH, BackgroundPatcher, StatusPatcher
 from finetune_trainer.progress import JsonlLogger, Reporter
 from tests.trainer_fixtures import FakeApiServer
 
@@ -147,3 +148,88 @@ def test_no_job_env_means_no_status_reporting(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert StatusPatcher.from_env() is None
     assert Reporter.from_env(run=1).patcher is None
+
+
+class StuckPatcher(RecordingPatcher):
+    """An apiserver that does not answer until released: each patch waits for the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.run, self.enabled = 1, True
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def patch(self, **fields):
+        self.entered.set()
+        assert self.gate.wait(30)
+        if fields.get("progress", {}).get("message") == "step 3/8":
+            raise RuntimeError("a bug in a patch must not stop the sender")
+        return super().patch(**fields)
+
+
+def run_with_deadline(fn, seconds=20.0):
+    """Runs fn on a thread; True when it returned within the deadline (a stuck patch would block it)."""
+    worker = threading.Thread(target=fn, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return not worker.is_alive()
+
+
+def test_a_stuck_apiserver_never_blocks_training_and_the_newest_progress_wins():
+    inner = StuckPatcher()
+    reporter = Reporter(run=1, patcher=BackgroundPatcher(inner), interval=0)
+    reporter.stage("Training")
+    assert inner.entered.wait(10)  # the first patch is in flight, and stuck
+
+    def train():
+        for step in range(1, 9):  # every step is due a patch (interval 0)
+            reporter.train_step(step, 8, step_metrics(1.0 / step))
+
+    assert run_with_deadline(train), "a training step waited for the apiserver"
+    assert inner.patches == []  # nothing has got through yet
+    inner.gate.set()
+    assert reporter.patcher.flush(10)
+    # The stuck stage patch, then only the newest progress: each patch carries the whole progress.
+    assert [p["progress"].get("step") for p in inner.patches] == [None, 8]
+    assert inner.patches[-1]["progress"]["percent"] == 100
+
+    reporter.train_step(3, 8, step_metrics(1.0))  # this patch raises inside the sender ...
+    assert reporter.patcher.flush(10)
+    reporter.stage("Exporting")  # ... which keeps sending
+    assert reporter.patcher.flush(10)
+    assert inner.patches[-1]["progress"]["stage"] == "Exporting"
+
+
+def test_the_completion_report_goes_after_the_patch_in_flight_and_close_delivers_the_last():
+    from finetune_api.status import Artifact
+
+    inner = StuckPatcher()
+    reporter = Reporter(run=1, patcher=BackgroundPatcher(inner), interval=0)
+    reporter.stage("Uploading", "manifest.json")
+    assert inner.entered.wait(10)
+    reporter.message("uploading adapter")  # waits behind the stuck one; the report will supersede it
+    art = Artifact(name="manifest.json", kind="manifest", uri="s3://b/m.json", size_bytes=3, sha256="ab")
+    finished = threading.Thread(target=reporter.finish, args=({"trainLoss": 1.0}, [art]), daemon=True)
+    finished.start()
+    finished.join(0.5)
+    assert finished.is_alive()  # the report waits for the patch in flight ...
+    inner.gate.set()
+    finished.join(10)
+    assert not finished.is_alive()
+    sent = [(p["progress"]["message"], "metrics" in p) for p in inner.patches]
+    assert sent == [("manifest.json", False), ("done", True)]  # ... and the waiting one is dropped
+
+    reporter.stage("Failed?")  # anything after: close() delivers it before the process goes
+    reporter.close()
+    assert inner.patches[-1]["progress"]["stage"] == "Failed?"
+    assert not reporter.patcher.patch(progress={}) and not reporter.patcher._thread.is_alive()  # closed for good
+
+
+def test_a_pod_reports_from_the_background_to_the_apiserver(apiserver, monkeypatch):
+    for k, v in apiserver.env("tiny", namespace="team-a", run=4).items():
+        monkeypatch.setenv(k, v)
+    reporter = Reporter.from_env(interval=0)
+    assert isinstance(reporter.patcher, BackgroundPatcher) and reporter.run == 4
+    reporter.stage("Training", "lora")
+    reporter.close()
+    assert apiserver.requests[-1]["body"][1]["value"]["stage"] == "Training"
+    assert apiserver.requests[-1]["body"][0] == {"op": "test", "path": "/status/run", "value": 4}

@@ -9,8 +9,10 @@ Configuration ourselves rather than rely on load_incluster_config's fixed paths.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,86 @@ class StatusPatcher:
         except Exception as exc:  # noqa: BLE001 - network trouble must not kill training
             log.warning("status patch failed: %s", exc)
         return False
+
+
+class BackgroundPatcher:
+    """A StatusPatcher driven from its own thread, so a slow or unreachable apiserver (each patch may
+    wait its timeout, with retries) never stalls a training step.
+
+    Every progress patch carries the whole progress object, so only the newest waiting one matters:
+    patch() leaves it in a one-place slot (replacing an older one not yet sent) and returns at once.
+    send() is for the completion report, whose delivery decides the attempt: it waits for the patch in
+    flight, drops the older waiting one (the report carries the newer progress) and sends on the
+    caller's thread. close() delivers what is waiting, within a bound, before the process exits.
+    """
+
+    def __init__(self, patcher: StatusPatcher):
+        self.inner = patcher
+        self.run = patcher.run
+        self._slot: dict[str, Any] | None = None
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="status-patch", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a stage command that ends without closing still delivers its last patch
+
+    @property
+    def enabled(self) -> bool:
+        return self.inner.enabled
+
+    def patch(self, **fields: Any) -> bool:
+        """Queues the patch (the newest replaces a waiting one); False once reporting has stopped."""
+        if not self.inner.enabled:
+            return False
+        with self._cond:
+            if self._closed:
+                return False
+            self._slot = fields
+            self._cond.notify_all()
+        return True
+
+    def send(self, **fields: Any) -> bool:
+        """Sends now, after the patch in flight; the result of this very patch."""
+        with self._cond:
+            self._slot = None
+            self._cond.wait_for(lambda: not self._busy)
+            self._busy = True
+        try:
+            return self.inner.patch(**fields)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until nothing is waiting or in flight; False if that took longer than timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._slot is None and not self._busy, timeout)
+
+    def close(self, timeout: float = 15.0) -> None:
+        if self._closed:
+            return
+        delivered = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(1.0 if delivered else 0)
+        if not delivered:
+            log.warning("status: the last progress patch was not delivered within %.0f s", timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: (self._slot is not None and not self._busy) or self._closed)
+                if self._closed:
+                    return
+                fields, self._slot, self._busy = self._slot, None, True
+            try:
+                self.inner.patch(**fields)
+            except Exception as exc:  # noqa: BLE001 - patch() logs its own failures; this is a last guard
+                log.warning("status patch failed: %s", exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

@@ -471,4 +471,5 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
     finally:
         if ctx.converter is not None:  # not needed after all (every type from the export cache), or a failure
             ctx.converter.close()
+        ctx.reporter.close()  # the last progress still waiting for the apiserver (a failure's stage, say)
         distributed.shutdown()

@@ -3,7 +3,8 @@
 - metric loggers (torchtune style) get every training step: JSON Lines on disk, for the loss curve;
 - the log gets a tqdm bar while training and one line per report;
 - the FinetuneJob status gets a patch at most every FINETUNE_PROGRESS_INTERVAL seconds (default 5),
-  at every stage change, and at the end with the final metrics and artifacts.
+  at every stage change, and at the end with the final metrics and artifacts; in a pod the patches
+  go out from their own thread (kube_status.BackgroundPatcher), so the apiserver never stalls a step.
 A failing sink is logged and skipped: reporting never stops training.
 """
 
@@ -56,10 +57,10 @@ class Reporter:
 
     @classmethod
     def from_env(cls, run: int | None = None, **kw) -> Reporter:
-        from .kube_status import StatusPatcher
+        from .kube_status import BackgroundPatcher, StatusPatcher
 
         patcher = StatusPatcher.from_env()
-        return cls(run=patcher.run if patcher else run, patcher=patcher, **kw)
+        return cls(run=patcher.run if patcher else run, patcher=BackgroundPatcher(patcher) if patcher else None, **kw)
 
     # --- what stages call ----------------------------------------------------------------------
     def stage(self, stage: str, message: str | None = None) -> None:
@@ -106,7 +107,8 @@ class Reporter:
             "eta_seconds": int(metrics.get("etaSeconds", 0)),
             "message": f"step {step}/{total_steps}",
         })
-        # A new eval loss is always sent: a sweep's median rule compares trials at their eval steps.
+        # A new eval loss is always sent (a sweep's median rule compares trials at their eval steps); in a pod
+        # a newer patch may overtake it only before it left, and that one carries it too (the latest eval).
         if self._send(force=step == total_steps or evaluated):
             self._losses.clear()
 
@@ -138,15 +140,23 @@ class Reporter:
                                                          "updated_at": now_rfc3339()})
         if self.patcher is None:
             return
+        # A background patcher's send() delivers on this thread, after what was queued before it.
+        deliver = getattr(self.patcher, "send", self.patcher.patch)
         for attempt in range(attempts):
-            if self.patcher.patch(progress=self.progress.wire(), metrics=metrics,
-                                  artifacts=[a.wire() for a in artifacts]):
+            if deliver(progress=self.progress.wire(), metrics=metrics, artifacts=[a.wire() for a in artifacts]):
                 return
             if not self.patcher.enabled:  # a newer run owns the status, or the object is gone
                 return
             time.sleep(min(2.0 ** attempt, 10.0))
         raise TransientError("StatusReportFailed", "could not write the completion report into the "
                              "FinetuneJob's status; the artifacts are uploaded and the retry will report them")
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Delivers the progress still waiting to be sent (a failing run's last stage and message)."""
+        self._close_bar()
+        close = getattr(self.patcher, "close", None)
+        if close is not None:
+            close(timeout)
 
     # --- sinks ---------------------------------------------------------------------------------
     def _send(self, force: bool = False, **final: Any) -> bool:
