@@ -28,7 +28,7 @@ def dequantize(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.gguf_tokenizer import tokenizer_from_gguf
+    from finetune_trainer.train.gguf_tokenizer import tokenizer_from_gguf
 
     if (out / "config.json").exists():
         return out
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    from finetune_trainer.export import convert
+    from finetune_trainer.export.convert import convert
 
     hf = dequantize(args.gguf.resolve(), args.out / "hf")
     f32 = args.out / "model-f32.gguf"

@@ -278,11 +278,11 @@ def baseline_worker(args) -> None:
     mark("merged")
     sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer-image")]
     # llama.cpp's converter and quantizer, called as a user would call them
-    from finetune_trainer import export
+    from finetune_trainer.export import convert
 
-    f16 = export.convert(merged, Path(args.workdir_root) / "baseline-f16.gguf", "f16", "baseline")
+    f16 = convert.convert(merged, Path(args.workdir_root) / "baseline-f16.gguf", "f16", "baseline")
     mark("converted")
-    export.quantize(f16, Path(args.workdir_root) / "baseline-q4_k_m.gguf", "q4_k_m")
+    convert.quantize(f16, Path(args.workdir_root) / "baseline-q4_k_m.gguf", "q4_k_m")
     mark("quantized")
     print("BASELINE " + json.dumps({"marks": marks, "stepTimes": step_times, "fullSteps": full_steps,
                                     "packedRows": packed_rows, "tokensPerStep": 8 * 4 * args.seq}), flush=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EARLY = "import finetune_trainer.model_loading as m; m.early_imports()"
+EARLY = "import finetune_trainer.train.model_loading as m; m.early_imports()"
 
 
 def importtime(out: Path, top: int) -> None:
@@ -76,7 +76,7 @@ def main() -> int:
                                                 os.environ.get("PYTHONPATH", "")])
     importtime(args.out, args.top)
 
-    from finetune_trainer import model_loading
+    from finetune_trainer.train import model_loading
 
     profiled("import", args.out, args.top, model_loading.early_imports)
     from finetune_api.spec import TrainingSpec

@@ -176,20 +176,20 @@ def worker(args) -> dict:
     batch = max(1, int(args.batch * mult))
     if impl == "project":
         os.environ["FINETUNE_BACKEND"] = "unsloth"
-        from finetune_trainer.model_loading import early_imports
+        from finetune_trainer.train.model_loading import early_imports
 
         early_imports()  # Unsloth first, as the trainer does
     from finetune_api.spec import LoraSpec, TrainingSpec
-    from finetune_trainer import varlen_attention
-    from finetune_trainer.batching import Batches
+    from finetune_trainer.train import varlen_attention
+    from finetune_trainer.train.batching import Batches
 
     training = TrainingSpec(method="qlora" if qlora else "lora", max_seq_length=args.seq, batch_size=batch,
                             gradient_checkpointing=bool(gc), packing=packing, lora=LoraSpec(r=16, alpha=16),
                             **config_spec(args.config))
     t_load = time.monotonic()
     if impl == "project":
-        from finetune_trainer.model_loading import BaseModel, load_for_training
-        from finetune_trainer.recipe import build_optimizer
+        from finetune_trainer.train.model_loading import BaseModel, load_for_training
+        from finetune_trainer.train.recipe import build_optimizer
 
         model, backend = load_for_training(BaseModel(source=args.model_dir), training,
                                            offload_checkpoints=gc != "gpu")
@@ -218,7 +218,7 @@ def worker(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The trainer's own step (recipe.py), not a copy: one micro-batch's forward and backward, then the
     # clipped update. The baseline takes the same path through its plain transformers + PEFT model.
-    from finetune_trainer.recipe import forward_backward, optimizer_step
+    from finetune_trainer.train.recipe import forward_backward, optimizer_step
 
     def step(m: int) -> int:
         b = batches.get(m)

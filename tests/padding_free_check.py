@@ -23,9 +23,9 @@ import torch
 
 def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: str = "lora") -> dict:
     from finetune_api.spec import TrainingSpec
-    from finetune_trainer import varlen_attention
-    from finetune_trainer.batching import Batches
-    from finetune_trainer.model_loading import BaseModel, early_imports, load_for_training
+    from finetune_trainer.train import varlen_attention
+    from finetune_trainer.train.batching import Batches
+    from finetune_trainer.train.model_loading import BaseModel, early_imports, load_for_training
 
     early_imports()
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: 
 def _spy(model, probe: dict) -> None:
     """Notes which padding-free keywords (ours, `ft_*`, or Unsloth's) reach the decoder, its first layer
     and that layer's attention."""
-    from finetune_trainer import varlen_attention
+    from finetune_trainer.train import varlen_attention
 
     decoder = model.get_base_model().get_decoder()
 

@@ -14,8 +14,8 @@ from finetune_api.crd import build_crd
 from finetune_api.spec import FinetuneJobSpec
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
-from finetune_trainer.distributed import World
 from finetune_trainer.launch import exit_code
+from finetune_trainer.train.distributed import World
 
 OWNER = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
          "metadata": {"name": "demo", "namespace": "team-a", "uid": "uid-1", "generation": 1}}

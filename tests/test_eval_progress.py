@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune_trainer.evaluation.runner import eta_seconds
-from finetune_trainer.progress import Reporter
+from finetune_trainer.reporting.progress import Reporter
 
 
 class RecordingPatcher:

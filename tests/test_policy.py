@@ -16,8 +16,8 @@ from finetune_api.egress import EgressPolicy, denied_address, host_allowed, loca
 from finetune_api.spec import FinetuneJobSpec
 from finetune_operator import builders, policy
 from finetune_operator.config import OperatorConfig, image_repository
-from finetune_trainer import egress_guard
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.storage import egress_guard
 
 STRICT = EgressPolicy()
 BASE = {"dataset": {"source": "yahma/alpaca-cleaned"}, "output": {"s3": {"bucket": "models"}}}
@@ -196,21 +196,21 @@ def _internal_s3(port: int):
 
 
 def _check_output_bucket(s3, tmp_path):
-    from finetune_trainer.s3 import S3Store
+    from finetune_trainer.storage.s3 import S3Store
 
     S3Store(s3).check_access("s3://models/out/")
 
 
 def _resolve_base_model(s3, tmp_path):
     from finetune_api.spec import BaseModelSpec
-    from finetune_trainer import model_loading
+    from finetune_trainer.train import model_loading
 
     model_loading.resolve(BaseModelSpec(uri="s3://models/base/tiny"), tmp_path, s3)
 
 
 def _resolve_eval_tasks(s3, tmp_path):
     from finetune_trainer.evaluation.data import resolve_task_dir
-    from finetune_trainer.s3 import S3Store
+    from finetune_trainer.storage.s3 import S3Store
 
     resolve_task_dir("s3://models/eval-tasks/", tmp_path, S3Store(s3))
 

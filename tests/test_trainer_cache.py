@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from finetune_api.spec import DatasetSpec, TrainingSpec
-from finetune_trainer import auto_batch, compile_cache, trained_cache
-from finetune_trainer.auto_batch import ModelShape
-from finetune_trainer.cache import S3Cache, cache_uri, digest
 from finetune_trainer.data import prepare as prep
 from finetune_trainer.data.sources import Rows
-from finetune_trainer.s3 import S3Store
+from finetune_trainer.storage.cache import S3Cache, cache_uri, digest
+from finetune_trainer.storage.s3 import S3Store
+from finetune_trainer.train import auto_batch, compile_cache, trained_cache
+from finetune_trainer.train.auto_batch import ModelShape
 from tests.trainer_fixtures import ALPACA_ROWS, gemma_tokenizer_dir, write_jsonl
 
 GB = 2**30
@@ -110,7 +110,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_dataset_key_hits_on_equal_inputs_and_misses_on_each_change(tokenizer, tmp_path):
-    from finetune_trainer import chat_templates
+    from finetune_trainer.data import chat_templates
 
     template = chat_templates.resolve("gemma3", tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
@@ -148,7 +148,7 @@ def test_dataset_key_hits_on_equal_inputs_and_misses_on_each_change(tokenizer, t
 def test_dataset_key_changes_with_the_tokenizer_files_and_the_preparation_code(tokenizer, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from finetune_trainer import chat_templates
+    from finetune_trainer.data import chat_templates
 
     template = chat_templates.resolve("gemma3", tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
@@ -245,7 +245,7 @@ def test_cache_paths_carry_the_namespace():
 
 # ------------------------------------------------------------------------- parallel encoding
 def test_parallel_encoding_equals_serial(tokenizer):
-    from finetune_trainer import chat_templates
+    from finetune_trainer.data import chat_templates
     from finetune_trainer.data.formats import normalize
 
     template = chat_templates.resolve("gemma3", tokenizer)
@@ -313,7 +313,7 @@ def test_an_entry_round_trips_and_a_corrupt_or_mismatched_one_is_a_miss(store, t
 
 
 def test_prepare_hits_the_cache_and_rebuilds_a_corrupted_entry(store, tokenizer, tmp_path):
-    from finetune_trainer import chat_templates
+    from finetune_trainer.data import chat_templates
 
     template = chat_templates.resolve("gemma3", tokenizer)
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
@@ -350,7 +350,7 @@ def _full_key(store, cache: S3Cache) -> str:
 
 
 def test_compile_cache_round_trips_through_s3_and_rejects_a_corrupt_archive(store, tmp_path):
-    from finetune_trainer.cache import Lookup
+    from finetune_trainer.storage.cache import Lookup
 
     def dirs(root: Path) -> dict[str, Path]:
         out = {name: root / name for name in compile_cache.ENV_DIRS}
@@ -391,7 +391,7 @@ def test_compile_cache_round_trips_through_s3_and_rejects_a_corrupt_archive(stor
 def test_model_shape_counts_the_parameters_from_the_safetensors_headers():
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.model_loading import BaseModel, model_shape
+    from finetune_trainer.train.model_loading import BaseModel, model_shape
     from tests.trainer_fixtures import tiny_gemma
 
     shape = model_shape(BaseModel(str(tiny_gemma())))
@@ -428,7 +428,8 @@ def test_what_a_cache_entry_carries_into_the_status_is_bounded():
     in the shapes the trainer writes them."""
     import numpy as np
 
-    from finetune_trainer import export_cache, parity
+    from finetune_trainer.export import cache as export_cache
+    from finetune_trainer.export import parity
 
     origin = trained_cache.origin_fields(json.dumps({
         "namespace": "team-a", "name": "x" * 5000, "uid": "u", "run": 2, "outputUri": "s3://b/p/",

@@ -53,9 +53,9 @@ def reruns(s3, tmp_path_factory):
             edits = [(3, 5e-3, "f16", False), (5, 1e-5, "f16", False), (5, 1e-5, "q8_0", False), (5, 1e-5, "q8_0", True)]
             for run, (steps, lr, gguf, evaluate) in enumerate(edits, 1):
                 if run == 3:  # an export-only change: training must come from the cache
-                    mp.setattr("finetune_trainer.recipe.train", _must_not(run, "train"))
+                    mp.setattr("finetune_trainer.train.recipe.train", _must_not(run, "train"))
                 if run == 4:  # an evaluate-only change: the GGUF too
-                    mp.setattr("finetune_trainer.export.merge", _must_not(run, "merge"))
+                    mp.setattr("finetune_trainer.export.convert.merge", _must_not(run, "merge"))
                 for k, v in apiserver.env("cached", namespace="team-c", run=run).items():
                     mp.setenv(k, v)
                 cfg = RunConfig.build(_spec(bucket, s3.endpoint, data, steps, lr, gguf, evaluate),

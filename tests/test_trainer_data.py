@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from finetune_api.spec import DatasetSpec, S3Spec, TrainingSpec
-from finetune_trainer import chat_templates
-from finetune_trainer.batching import IGNORE, Batches
+from finetune_trainer.data import chat_templates
 from finetune_trainer.data.prepare import load_split, prepare
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.train.batching import IGNORE, Batches
 from tests.trainer_fixtures import OFFLINE_ENV, tiny_gemma, write_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -344,7 +344,7 @@ def test_packing_restarts_positions_and_never_predicts_across_rows():
 
 
 def test_bucketed_batches_pad_to_power_of_two_widths():
-    from finetune_trainer.batching import Batches
+    from finetune_trainer.train.batching import Batches
 
     rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 70, 130, 250)]
     widths = {Batches(rows, 1, 256, pad_id=0, seed=0, bucket=True).get(m).input_ids.shape[1] for m in range(4)}

@@ -14,7 +14,7 @@ import pytest
 from finetune_api.spec import S3Spec
 from finetune_trainer.cli import main
 from finetune_trainer.errors import ConfigError, TransientError
-from finetune_trainer.s3 import S3Store
+from finetune_trainer.storage.s3 import S3Store
 from tests.trainer_fixtures import ALPACA_ROWS, run_job, tiny_gemma, trainer_env, write_jsonl
 
 WRONG_SECRET = "wrong-secret-" + uuid.uuid4().hex
@@ -106,7 +106,7 @@ def test_a_compilation_failure_fails_at_once_with_its_reason(run, bucket, monkey
     reason CompileFailed, exit 42 (no retry), Inductor's own message kept."""
     from torch._inductor.exc import InductorError
 
-    from finetune_trainer import recipe
+    from finetune_trainer.train import recipe
 
     def fails(*args, **kwargs):
         raise InductorError(AssertionError("graph node count changed"), None)
@@ -193,8 +193,8 @@ def test_the_operators_egress_rule_refuses_a_name_resolving_inside(tmp_path, mon
     from finetune_api import RunConfig, RunRef
     from finetune_api.egress import EgressPolicy
     from finetune_api.spec import FinetuneJobSpec
-    from finetune_trainer import egress_guard
     from finetune_trainer.paths import cache_dir
+    from finetune_trainer.storage import egress_guard
 
     hits = []
 

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from finetune_api.spec import DatasetSpec, TrainingSpec
-from finetune_trainer import chat_templates, recipe
-from finetune_trainer.checkpoints import Checkpoints
+from finetune_trainer.data import chat_templates
 from finetune_trainer.data.prepare import prepare
-from finetune_trainer.model_loading import BaseModel, load_tokenizer
 from finetune_trainer.paths import Workdir
-from finetune_trainer.progress import Reporter
+from finetune_trainer.reporting.progress import Reporter
+from finetune_trainer.train import recipe
+from finetune_trainer.train.checkpoints import Checkpoints
+from finetune_trainer.train.model_loading import BaseModel, load_tokenizer
 from tests.trainer_fixtures import ALPACA_ROWS, tiny_gemma, write_jsonl
 
 STEPS = 5

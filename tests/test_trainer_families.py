@@ -82,7 +82,7 @@ def test_a_family_trains_exports_and_keeps_parity(family, s3, bucket, tmp_path, 
 def test_the_unsloth_switches_a_family_needs_follow_its_config(tmp_path):
     """model_loading reads the model_type from the folder's config and sets that family's Unsloth
     switches before Unsloth loads it: Gemma 2 trains without the block compile (see the GPU test)."""
-    from finetune_trainer.model_loading import UNSLOTH_FAMILY_ENV, BaseModel, model_type
+    from finetune_trainer.train.model_loading import UNSLOTH_FAMILY_ENV, BaseModel, model_type
 
     assert model_type(BaseModel(str(build_model("gemma2", tmp_path / "gemma2")))) == "gemma2"
     assert model_type(BaseModel(str(build_model("llama", tmp_path / "llama")))) == "llama"
@@ -97,7 +97,7 @@ def test_a_family_trains_with_unsloth(family, padding_free, s3, bucket, tmp_path
     """The same on a GPU, through Unsloth. Llama trains padding-free (`auto`) through Unsloth's own packed
     attention; Gemma 2 on padded batches (its attention softcaps logits), without Unsloth's block compile
     (model_loading.UNSLOTH_FAMILY_ENV: with it, Inductor failed compiling the block's backward)."""
-    from finetune_trainer import varlen_attention
+    from finetune_trainer.train import varlen_attention
 
     calls = varlen_attention.STATS["calls"]
     assert run_family(family, s3, bucket, tmp_path, monkeypatch, gpus=1)["backend"] == "unsloth"

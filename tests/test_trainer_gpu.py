@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="
 def test_finetune_run_with_unsloth(method, padding_free, s3, bucket, tmp_path, monkeypatch):
     """paddingFree auto: 16-bit LoRA and 4-bit QLoRA train padding-free on FlashAttention's varlen
     kernel; off: on padded batches."""
-    from finetune_trainer import varlen_attention
+    from finetune_trainer.train import varlen_attention
 
     for k, v in trainer_env(s3, tmp_path / "term").items():
         monkeypatch.setenv(k, v)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from finetune_api.spec import BaseModelSpec, S3Spec
-from finetune_trainer import chat_templates, model_loading
 from finetune_trainer.cli import base_model_spec
+from finetune_trainer.data import chat_templates
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.train import model_loading
 from tests.trainer_fixtures import OFFLINE_ENV, tiny_gemma
 
 

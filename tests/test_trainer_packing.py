@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from finetune_api.spec import TrainingSpec
-from finetune_trainer import varlen_attention
-from finetune_trainer.batching import IGNORE, Batches
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.train import varlen_attention
+from finetune_trainer.train.batching import IGNORE, Batches
 
 LENGTHS = [13, 21, 7, 30, 5, 18, 26, 9]
 

@@ -20,7 +20,7 @@ import yaml
 from finetune_api import RunConfig
 from finetune_trainer import pipeline
 from finetune_trainer.cli import main
-from finetune_trainer.progress import Reporter
+from finetune_trainer.reporting.progress import Reporter
 from tests.trainer_fixtures import ALPACA_ROWS, FakeApiServer, run_job, tiny_gemma, trainer_env, write_jsonl
 
 QUANTS = ["f16", "q8_0", "q4_k_m"]
@@ -109,14 +109,15 @@ def test_the_parity_reference_from_memory_is_the_saved_model_read_back(trained, 
     of the folder it saved, as read back in fp32 (a bf16 round trip of RoPE's inv_freq once was not)."""
     from transformers import AutoTokenizer
 
-    from finetune_trainer import chat_templates, export, parity
+    from finetune_trainer.data import chat_templates
     from finetune_trainer.data.prepare import load_split
-    from finetune_trainer.model_loading import BaseModel
+    from finetune_trainer.export import convert, parity
+    from finetune_trainer.train.model_loading import BaseModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(trained.workdir / "merged"))
     rows = [list(r["input_ids"]) for r in load_split(trained.workdir / "dataset", "parity")][:4]
     in_memory: list = []
-    merged = export.merge(BaseModel(str(tiny_gemma())), trained.workdir / "adapter", tmp_path / "merged", tokenizer,
+    merged = convert.merge(BaseModel(str(tiny_gemma())), trained.workdir / "adapter", tmp_path / "merged", tokenizer,
                           chat_templates.resolve("auto", tokenizer),
                           with_model=lambda m: in_memory.extend(parity.reference_of(m, rows)))
     read_back = parity.reference(merged, rows)
@@ -282,11 +283,11 @@ def test_a_preempted_run_resumes_from_its_s3_checkpoint_and_continues_the_step_c
 
 def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_path):
     from finetune_api.spec import TrainingSpec
-    from finetune_trainer import recipe
-    from finetune_trainer.checkpoints import Checkpoints
     from finetune_trainer.errors import TransientError
-    from finetune_trainer.model_loading import BaseModel
     from finetune_trainer.paths import Workdir
+    from finetune_trainer.train import recipe
+    from finetune_trainer.train.checkpoints import Checkpoints
+    from finetune_trainer.train.model_loading import BaseModel
 
     before = signal.getsignal(signal.SIGTERM)
     wd = Workdir(tmp_path / "work").ensure()
@@ -303,17 +304,17 @@ def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_p
 def test_the_converter_started_ahead_writes_the_same_file_as_a_cold_one(trained, tmp_path, caplog):
     """The run starts llama.cpp's converter while the model trains (its imports overlap training);
     what it writes is byte for byte what the converter run cold writes."""
-    from finetune_trainer import export
+    from finetune_trainer.export import convert
 
     merged = trained.workdir / "merged"
-    warm = export.WarmConverter(str(tiny_gemma()))
-    with caplog.at_level("INFO", logger="finetune_trainer.export"):
-        ahead = export.convert(merged, tmp_path / "ahead.gguf", "f16", "tiny", warm)
+    warm = convert.WarmConverter(str(tiny_gemma()))
+    with caplog.at_level("INFO", logger="finetune_trainer.export.convert"):
+        ahead = convert.convert(merged, tmp_path / "ahead.gguf", "f16", "tiny", warm)
     assert "(started ahead)" in caplog.text and warm.take() is None  # used once, then gone
-    cold = export.convert(merged, tmp_path / "cold.gguf", "f16", "tiny")
+    cold = convert.convert(merged, tmp_path / "cold.gguf", "f16", "tiny")
     assert hashlib.sha256(ahead.read_bytes()).digest() == hashlib.sha256(cold.read_bytes()).digest()
 
-    unused = export.WarmConverter(str(tiny_gemma()))  # every type came from the export cache, say
+    unused = convert.WarmConverter(str(tiny_gemma()))  # every type came from the export cache, say
     proc = unused.proc
     unused.close()
     assert proc.returncode == 0 and not list(tmp_path.glob("*.gguf"))[2:]
@@ -340,7 +341,7 @@ def test_a_failed_child_prepare_is_done_again_in_the_training_process(env, s3, t
     import subprocess
     import sys
 
-    from finetune_trainer.prepare_ahead import Ahead
+    from finetune_trainer.data.prepare_ahead import Ahead
 
     bucket = s3.make_bucket(f"ahead-{uuid.uuid4().hex[:10]}")
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
@@ -350,7 +351,7 @@ def test_a_failed_child_prepare_is_done_again_in_the_training_process(env, s3, t
     with open(tmp_path / "child.log", "w") as out:
         failed = Ahead(subprocess.Popen([sys.executable, "-c", "print('out of memory, say'); raise SystemExit(3)"],
                                         stdout=out, stderr=subprocess.STDOUT), tmp_path / "child.log")
-    with caplog.at_level("WARNING", logger="finetune_trainer.prepare_ahead"):
+    with caplog.at_level("WARNING", logger="finetune_trainer.data.prepare_ahead"):
         out = pipeline.run(RunConfig.load(config), tmp_path / "work", ahead=failed)
     assert "preparing the dataset ahead failed (exit 3)" in caplog.text
     assert out["metrics"]["dataset"]["used"] == len(ALPACA_ROWS) * 5

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from finetune_trainer.kube_status import JSON_PATCH, BackgroundPatcher, StatusPatcher
-from finetune_trainer.progress import JsonlLogger, Reporter
+from finetune_trainer.reporting.kube_status import JSON_PATCH, BackgroundPatcher, StatusPatcher
+from finetune_trainer.reporting.progress import JsonlLogger, Reporter
 from tests.trainer_fixtures import FakeApiServer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_trainer.gguf_tokenizer import BYTE, CONTROL, UNKNOWN, USER_DEFINED
+from finetune_trainer.train.gguf_tokenizer import BYTE, CONTROL, UNKNOWN, USER_DEFINED
 from tests.trainer_fixtures import gemma_tokenizer_dir, real_gguf
 
 SAMPLES = [

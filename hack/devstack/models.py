@@ -64,7 +64,7 @@ def real_gguf() -> Path:
 
 
 def gemma_tokenizer_dir() -> Path:
-    from finetune_trainer.gguf_tokenizer import tokenizer_from_gguf
+    from finetune_trainer.train.gguf_tokenizer import tokenizer_from_gguf
 
     return _build_once(TOKENIZER_VERSION, lambda out: tokenizer_from_gguf(real_gguf(), out))
 

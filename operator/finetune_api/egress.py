@@ -7,7 +7,7 @@ metadata at 169.254.169.254 and fd00:ec2::254), private, shared and reserved ran
 is plain http. A cluster admin opens in-cluster stores by name (Helm values security.egress.*).
 
 The operator can only judge what a URL says (scheme, literal address, obviously internal names); the
-trainer judges what a name resolves to, on every connection (`finetune_trainer.egress_guard`), so a
+trainer judges what a name resolves to, on every connection (`finetune_trainer.storage.egress_guard`), so a
 name that resolves to a public address at admission and to an internal one later (DNS rebinding) is
 still refused.
 """

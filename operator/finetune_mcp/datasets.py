@@ -98,8 +98,8 @@ class Lengths:
             self.note = "transformers (the trainer extra) is not installed here: lengths are in characters"
             return
         try:
-            from finetune_trainer import chat_templates
-            from finetune_trainer.model_loading import BaseModel, load_tokenizer
+            from finetune_trainer.data import chat_templates
+            from finetune_trainer.train.model_loading import BaseModel, load_tokenizer
 
             self.tokenizer = load_tokenizer(BaseModel(base_model))
             self.template = chat_templates.resolve(training.chat_template, self.tokenizer)

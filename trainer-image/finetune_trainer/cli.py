@@ -30,10 +30,10 @@ from typing import Any
 from finetune_api import contract
 from finetune_api.status import Reason
 
-from . import egress_guard
 from .errors import ConfigError, TrainerError, redact, write_termination_message
 from .evaluation.head import HEAD_ENV, HEADS
 from .flags import add_flags, from_flags
+from .storage import egress_guard
 
 log = logging.getLogger("finetune")
 
@@ -133,9 +133,10 @@ def cmd_run(args) -> Any:
 def cmd_prepare(args) -> Any:
     from finetune_api.spec import DatasetSpec, TrainingSpec
 
-    from . import chat_templates, model_loading
+    from .data import chat_templates
     from .data.prepare import prepare
     from .pipeline import stage_prepare
+    from .train import model_loading
 
     if args.config:
         return stage_prepare(_context(args))
@@ -160,10 +161,11 @@ def training_spec(args):
 def cmd_train(args) -> Any:
     from dataclasses import asdict
 
-    from . import model_loading, plots, recipe
     from .paths import Workdir
     from .pipeline import stage_train
-    from .progress import JsonlLogger, Reporter
+    from .reporting import plots
+    from .reporting.progress import JsonlLogger, Reporter
+    from .train import model_loading, recipe
 
     if args.config:
         return asdict(stage_train(_context(args)))
@@ -184,9 +186,11 @@ def cmd_train(args) -> Any:
 def cmd_export(args) -> Any:
     from finetune_api.spec import DEFAULT_GGUF, TrainingSpec
 
-    from . import chat_templates, export, model_loading, parity
+    from .data import chat_templates
     from .data.prepare import load_split
+    from .export import convert, parity
     from .pipeline import stage_export
+    from .train import model_loading
 
     if args.config:
         files, parity_results = stage_export(_context(args))
@@ -203,13 +207,13 @@ def cmd_export(args) -> Any:
         base = model_loading.resolve(base_model_spec(base_ref), out_dir / "base-model")
         tokenizer = model_loading.load_tokenizer(base)
         template = chat_templates.resolve(chat_template, tokenizer)
-        merged = export.merge(base, ckpt, out_dir / "merged", tokenizer, template)
+        merged = convert.merge(base, ckpt, out_dir / "merged", tokenizer, template)
     elif (ckpt / "config.json").exists():
         merged = ckpt
         template = chat_templates.resolve(chat_template, model_loading.load_tokenizer(model_loading.BaseModel(str(ckpt))))
     else:
         raise ConfigError(Reason.MODEL_NOT_FOUND, f"{ckpt} is neither a LoRA adapter nor a model folder")
-    result = export.export(merged, out_dir, quants, name, template)
+    result = convert.export(merged, out_dir, quants, name, template)
     files = dict(result.gguf)
     if args.output_file and len(quants) == 1:  # the exact file asked for
         target = Path(args.output_file)
@@ -217,7 +221,7 @@ def cmd_export(args) -> Any:
         modelfile = result.modelfiles.get(quants[0])
         if modelfile:
             modelfile.unlink()
-            from .modelfile import write_modelfile
+            from .export.modelfile import write_modelfile
 
             write_modelfile(target, template, name, quants[0])
     summary: dict[str, Any] = {"gguf": {q: str(p) for q, p in files.items()}}
@@ -363,11 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command in ("run", "train"):
-            from .compile_cache import default_root, use_dirs
-            from .model_loading import backend, early_imports
+            from .train.compile_cache import default_root, use_dirs
+            from .train.model_loading import backend, early_imports
 
             use_dirs(default_root())  # before Unsloth reads its location at import
-            if args.command == "run":  # the dataset is encoded meanwhile (prepare_ahead.py)
+            if args.command == "run":  # the dataset is encoded meanwhile (data/prepare_ahead.py)
                 args.ahead = _prepare_ahead(args, heavy_imports=backend() == "unsloth")
             early_imports()
         result = args.fn(args)
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare_ahead(args, heavy_imports: bool):
-    from . import prepare_ahead
+    from .data import prepare_ahead
 
     if not prepare_ahead.wanted(heavy_imports):
         return None

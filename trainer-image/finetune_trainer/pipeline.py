@@ -23,32 +23,24 @@ from typing import Any
 from finetune_api import RunConfig
 from finetune_api.status import Artifact, Phase
 
-from . import (
-    chat_templates,
-    compile_cache,
-    distributed,
-    egress_guard,
-    export,
-    export_cache,
-    model_loading,
-    parity,
-    plots,
-    prepare_ahead,
-    recipe,
-    trained_cache,
-    upload,
-)
-from .cache import CACHE_DIR, S3Cache, cache_uri
-from .checkpoints import Checkpoints
+from .data import chat_templates, prepare_ahead
 from .data.prepare import load_split, prepare
 from .errors import ConfigError
-from .modelfile import write_modelfile
+from .export import cache as export_cache
+from .export import convert, parity
+from .export.modelfile import write_modelfile
 from .paths import Workdir
-from .progress import JsonlLogger, Reporter
-from .s3 import S3Store
+from .reporting import plots
+from .reporting.progress import JsonlLogger, Reporter
+from .storage import egress_guard
+from .storage.cache import CACHE_DIR, S3Cache, cache_uri
+from .storage.s3 import S3Store
+from .train import compile_cache, distributed, model_loading, recipe, trained_cache
+from .train.checkpoints import Checkpoints
+from .upload.artifacts import upload as upload_artifacts
 
 log = logging.getLogger(__name__)
-ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (cache.py)
+ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (storage/cache.py)
 # "on": also keep the compile caches in S3. Off by default: on an H200 (2026-12-05) the first re-run that
 # restored them died of a segmentation fault at its first step (docs/benchmarks.md); until that is
 # understood, every new pod compiles (~30 s on Gemma 3 270M).
@@ -67,7 +59,7 @@ class Context:
     trained: trained_cache.TrainedCache | None = None  # the training cache's lookup (rank 0)
     exports: export_cache.ExportCache | None = None  # the export cache (only after a training lookup)
     checkpoints: Checkpoints | None = None  # the final checkpoint may still be uploading (finish joins it)
-    converter: export.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
+    converter: convert.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
     ahead: prepare_ahead.Ahead | None = None  # the dataset, prepared in a child while this process imported
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
@@ -181,7 +173,7 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context) -> recipe.TrainResult | None:
-    """Trains, or reuses the adapter of an earlier run with the same training inputs (trained_cache.py).
+    """Trains, or reuses the adapter of an earlier run with the same training inputs (train/trained_cache.py).
     None on the other ranks of a run that reused one."""
     t0 = time.monotonic()
     ctx.reporter.stage(Phase.TRAINING.value, f"{ctx.spec.training.method} on {ctx.spec.base_model.resolved_name()}")
@@ -244,7 +236,7 @@ def _lookup_trained(ctx: Context, cache: S3Cache) -> bool:
 
 
 def restore_compile_cache(ctx: Context, training) -> None:
-    """On GPU: the compile caches for this model, shapes, versions and GPU, from S3 (compile_cache.py)."""
+    """On GPU: the compile caches for this model, shapes, versions and GPU, from S3 (train/compile_cache.py)."""
     import torch
 
     cache = ctx.cache("compile")
@@ -284,10 +276,10 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
                                   [: spec.parity_samples]) if spec.parity_check and todo else []
         reference: list = []  # the merged model's predictions on those rows, while it is still in memory
         t_merge = time.monotonic()
-        merged = export.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
+        merged = convert.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
                               with_model=(lambda m: reference.extend(parity.reference_of(m, rows))) if rows else None)
         steps["merge"] = round(time.monotonic() - t_merge, 2)
-        result = export.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile,
+        result = convert.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile,
                                warm=ctx.converter)
         steps.update(result.seconds)
         files.update(result.gguf)
@@ -311,7 +303,7 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
 
 
 def restore_exports(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
-    """GGUF files of the same adapter from the export cache (export_cache.py), with their parity results.
+    """GGUF files of the same adapter from the export cache (export/cache.py), with their parity results.
     Only where the adapter came from the training cache: a freshly trained one has no earlier exports."""
     ctx.exports = None
     if ctx.trained is None or ctx.trained.lookup is None:
@@ -383,7 +375,7 @@ def base_gguf(ctx: Context) -> Path:
 
         source = Path(snapshot_download(ctx.base.source, revision=ctx.base.revision))
     ctx.reporter.message("converting the base model to GGUF f16 for the before/after delta")
-    out = export.export(source, ctx.wd.eval / "base", ["f16"], f"{ctx.cfg.job.name}-base", ctx.template,
+    out = convert.export(source, ctx.wd.eval / "base", ["f16"], f"{ctx.cfg.job.name}-base", ctx.template,
                         modelfiles=False)
     return out.gguf["f16"]
 
@@ -406,8 +398,8 @@ def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
     ctx.reporter.stage(Phase.UPLOADING.value, f"to {ctx.cfg.output_uri}")
     extra = {"job": ctx.cfg.job.wire(), "baseModel": ctx.spec.base_model.resolved_name(),
              "chatTemplate": ctx.template.name, "parity": metrics.get("parity", {}), "metrics": metrics}
-    artifacts = upload.upload(ctx.wd, ctx.cfg.output_uri, ctx.store, extra, adapter=ctx.spec.export.adapter,
-                              merged=ctx.spec.export.merged_safetensors, on_file=ctx.reporter.message)
+    artifacts = upload_artifacts(ctx.wd, ctx.cfg.output_uri, ctx.store, extra, adapter=ctx.spec.export.adapter,
+                                  merged=ctx.spec.export.merged_safetensors, on_file=ctx.reporter.message)
     _timed(ctx, "upload", t0)
     return artifacts
 
@@ -456,7 +448,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
             preflight(ctx)
         stage_prepare(ctx)
         if world.main and ctx.spec.export.gguf:
-            ctx.converter = export.WarmConverter(ctx.base.source)
+            ctx.converter = convert.WarmConverter(ctx.base.source)
         result = stage_train(ctx)
         if not world.main:
             # Wait for rank 0 to export and upload: should it fail, this process fails too, so the

@@ -12,7 +12,7 @@ from pathlib import Path
 from finetune_api.spec import EvaluationSpec
 
 from .errors import ConfigError
-from .model_loading import BaseModel
+from .train.model_loading import BaseModel
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Nothing is dropped silently: malformed rows (with their row numbers), truncated 
 no trainable tokens are all counted in the report.
 
 Rows are encoded in worker processes on large sets (rendering the chat template is Python, so threads
-would not help); the result is the same as encoding them one by one. With a cache (cache.py), the
+would not help); the result is the same as encoding them one by one. With a cache (storage/cache.py), the
 prepared files are content-addressed in S3: a re-run on the same source bytes, tokenizer, template,
 maxSeqLength and options downloads and verifies them instead of tokenizing again.
 """
@@ -30,10 +30,10 @@ import numpy as np
 
 from finetune_api.spec import DatasetSpec, S3Spec, TrainingSpec
 
-from ..cache import Lookup, S3Cache, digest, sha256_files
-from ..chat_templates import ChatTemplate
 from ..errors import ConfigError
+from ..storage.cache import Lookup, S3Cache, digest, sha256_files
 from . import IGNORE
+from .chat_templates import ChatTemplate
 from .formats import AmbiguousFormat, RowError, detect, normalize
 from .sources import Rows, load_rows
 

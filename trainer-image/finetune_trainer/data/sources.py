@@ -25,8 +25,8 @@ from typing import Any
 from finetune_api import contract
 from finetune_api.spec import DatasetSpec, S3Spec
 
-from ..egress_guard import EgressDenied
 from ..errors import ConfigError, TransientError
+from ..storage.egress_guard import EgressDenied
 from .formats import RowError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def load_rows(spec: DatasetSpec, download_dir: Path, s3: S3Spec | None = None) -
 
     source = spec.source or ""
     if source.startswith("s3://"):
-        from ..s3 import S3Store
+        from ..storage.s3 import S3Store
 
         if s3 is None:
             raise ConfigError("InvalidSpec", "an s3:// dataset needs output.s3 for the endpoint and region")

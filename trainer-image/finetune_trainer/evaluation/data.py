@@ -40,7 +40,7 @@ def store_from_env():
     need it), credentials from the environment or the pod's identity, never the spec."""
     from finetune_api.spec import S3Spec
 
-    from ..s3 import S3Store
+    from ..storage.s3 import S3Store
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return S3Store(S3Spec(endpoint=endpoint, force_path_style=bool(endpoint)))

@@ -21,7 +21,7 @@ import torch
 
 from finetune_api.status import Reason
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 STATE = "state.json"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import Lookup, S3Cache
+from ..storage.cache import Lookup, S3Cache
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def switches(defaults: dict[str, str] | None = None) -> dict[str, str]:
     set in-process, and on the GPU a re-run's key differed from its first run's that way (the seed
     bench's run 2 missed, 2026-12-05). What libraries set follows from their versions, already keyed.
     """
-    from . import STARTUP_ENV
+    from .. import STARTUP_ENV
 
     return {**(defaults or {}), **STARTUP_ENV}
 
@@ -145,7 +145,7 @@ class CompileCache:
     """Restore before the model loads; save (in the background) after a run that missed."""
 
     def __init__(self, cache: S3Cache, dirs: dict[str, Path], inputs: dict[str, Any], scratch: Path):
-        from .cache import digest
+        from ..storage.cache import digest
 
         self.cache = cache
         self.dirs = dirs

@@ -26,14 +26,14 @@ import torch
 
 from finetune_api.spec import TrainingSpec
 
+from ..data.prepare import load_split
+from ..errors import ConfigError, TransientError
+from ..paths import Workdir
+from ..reporting.progress import Reporter
 from . import distributed, varlen_attention
 from .batching import Batches
 from .checkpoints import Checkpoints
-from .data.prepare import load_split
-from .errors import ConfigError, TransientError
 from .model_loading import BaseModel, load_for_training, resolve_auto
-from .paths import Workdir
-from .progress import Reporter
 
 log = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune_api.spec import BaseModelSpec, S3Spec, TrainingSpec
 
-from .errors import ConfigError, TransientError
+from ..errors import ConfigError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def resolve(spec: BaseModelSpec, dest: Path, s3: S3Spec | None = None) -> BaseMo
     """Makes the base model loadable by from_pretrained, fetching or converting it into dest if needed."""
     ref = spec.resolved_name()
     if spec.uri and spec.uri.startswith("s3://"):
-        from .s3 import S3Store
+        from ..storage.s3 import S3Store
 
         if s3 is None:
             raise ConfigError("InvalidSpec", "an s3:// base model needs output.s3 for the endpoint and region")

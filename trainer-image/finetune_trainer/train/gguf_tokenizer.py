@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer_files import save_tokenizer
+from ..export.tokenizer_files import save_tokenizer
 
 # SentencePiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

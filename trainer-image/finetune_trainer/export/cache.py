@@ -1,6 +1,6 @@
 """The export cache: a GGUF already made from the same adapter is downloaded, not merged and converted again.
 
-A run that reuses an earlier run's adapter (trained_cache.py) would otherwise merge, convert, quantize
+A run that reuses an earlier run's adapter (train/trained_cache.py) would otherwise merge, convert, quantize
 and parity-check the very files that run already uploaded. An entry (cache.py's layout, kind "exports")
 is a pointer, not a copy: exported.json names the GGUF among the artifacts of the run that made it (an
 s3:// URI under the same namespace's prefix), its sha256 and size, and its parity result. The key: the
@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .cache import Lookup, S3Cache, digest, sha256_files
-from .chat_templates import ChatTemplate
-from .paths import LLAMA_CPP_VERSION
-from .s3 import S3Store, sha256_file
+from ..data.chat_templates import ChatTemplate
+from ..paths import LLAMA_CPP_VERSION
+from ..storage.cache import Lookup, S3Cache, digest, sha256_files
+from ..storage.s3 import S3Store, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .cache import Lookup, S3Cache, digest, sha256_files
-from .paths import Workdir
+from ..paths import Workdir
+from ..storage.cache import Lookup, S3Cache, digest, sha256_files
 
 log = logging.getLogger(__name__)
 

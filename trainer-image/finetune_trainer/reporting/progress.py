@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from finetune_api import contract
 from finetune_api.status import Artifact, Progress, now_rfc3339
 
-from .errors import TransientError
+from ..errors import TransientError
 
 log = logging.getLogger("finetune")
 

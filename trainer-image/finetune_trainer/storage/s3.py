@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune_api.spec import S3Spec
 
-from .errors import ConfigError, TrainerError, TransientError
+from ..errors import ConfigError, TrainerError, TransientError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from finetune_api.status import Artifact, now_rfc3339
 
-from .paths import Workdir
-from .s3 import S3Store, sha256_file
+from ..paths import Workdir
+from ..storage.s3 import S3Store, sha256_file
 
 CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".md": "text/markdown",
                  ".Modelfile": "text/plain", ".jsonl": "application/jsonl"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .chat_templates import ChatTemplate
+from ..data.chat_templates import ChatTemplate
 
 
 def write_modelfile(gguf_file: Path, template: ChatTemplate, name: str, quant: str) -> Path:

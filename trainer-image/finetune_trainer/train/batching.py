@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE
+from ..data import IGNORE
 
 MIN_BUCKET = 64
 

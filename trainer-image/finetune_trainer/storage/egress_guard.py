@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune_api.egress import EgressPolicy, denied_address, host_allowed, under_roots
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _original_getaddrinfo = socket.getaddrinfo
 last_denial: str | None = None  # the most recent refusal, so a failure it caused is reported as such

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat_templates import ChatTemplate
-from .errors import ConfigError
-from .model_loading import BaseModel, hf_token, hub_offline, load_merged
+from ..data.chat_templates import ChatTemplate
+from ..errors import ConfigError
+from ..paths import converter_dir
+from ..train.model_loading import BaseModel, hf_token, hub_offline, load_merged
 from .modelfile import write_modelfile
-from .paths import converter_dir
 from .tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)

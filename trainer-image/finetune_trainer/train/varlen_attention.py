@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from finetune_api.status import Reason
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 NAME = "finetune_varlen"
 # Extra model(...) keyword arguments; transformers hands them to the attention function untouched.
