@@ -100,17 +100,23 @@ class BackgroundPatcher:
     """A StatusPatcher driven from its own thread, so a slow or unreachable apiserver (each patch may
     wait its timeout, with retries) never stalls a training step.
 
-    Every progress patch carries the whole progress object, so only the newest waiting one matters:
-    patch() leaves it in a one-place slot (replacing an older one not yet sent) and returns at once.
-    send() is for the completion report, whose delivery decides the attempt: it waits for the patch in
-    flight, drops the older waiting one (the report carries the newer progress) and sends on the
-    caller's thread. close() delivers what is waiting, within a bound, before the process exits.
+    Every progress patch carries the whole progress object, so of the step-by-step patches only the
+    newest waiting one matters: patch() replaces a waiting one not yet sent and returns at once.
+    milestone() is for what a watcher must see even when the next patch follows at once (a stage
+    change and its message, a new eval loss, the last step): milestones are sent in order, each once,
+    and only drop the plain patches waiting before them. send() is for the completion report, whose
+    delivery decides the attempt: it drops the waiting plain patches, lets the milestones go first
+    (within MILESTONE_WAIT seconds), then sends on the caller's thread. close() delivers what is
+    waiting, within a bound, before the process exits.
     """
+
+    MAX_WAITING = 64  # milestones kept while the apiserver is away; beyond that the oldest are dropped
+    MILESTONE_WAIT = 30.0
 
     def __init__(self, patcher: StatusPatcher):
         self.inner = patcher
         self.run = patcher.run
-        self._slot: dict[str, Any] | None = None
+        self._queue: list[tuple[bool, dict[str, Any]]] = []  # (milestone, fields), oldest first
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -123,20 +129,35 @@ class BackgroundPatcher:
         return self.inner.enabled
 
     def patch(self, **fields: Any) -> bool:
-        """Queues the patch (the newest replaces a waiting one); False once reporting has stopped."""
+        """Queues the patch (replacing a plain one still waiting); False once reporting has stopped."""
+        return self._put(False, fields)
+
+    def milestone(self, **fields: Any) -> bool:
+        """Queues a patch that no later one replaces; False once reporting has stopped."""
+        return self._put(True, fields)
+
+    def _put(self, milestone: bool, fields: dict[str, Any]) -> bool:
         if not self.inner.enabled:
             return False
         with self._cond:
             if self._closed:
                 return False
-            self._slot = fields
+            if milestone:  # it carries the newer progress: plain patches waiting before it are moot
+                self._queue = [q for q in self._queue if q[0]][-(self.MAX_WAITING - 1):]
+                self._queue.append((True, fields))
+            elif self._queue and not self._queue[-1][0]:
+                self._queue[-1] = (False, fields)
+            else:
+                self._queue.append((False, fields))
             self._cond.notify_all()
         return True
 
     def send(self, **fields: Any) -> bool:
-        """Sends now, after the patch in flight; the result of this very patch."""
+        """Sends now, after the patch in flight and the waiting milestones; the result of this very patch."""
         with self._cond:
-            self._slot = None
+            self._queue = [q for q in self._queue if q[0]]
+            self._cond.wait_for(lambda: not self._queue and not self._busy, self.MILESTONE_WAIT)
+            self._queue.clear()
             self._cond.wait_for(lambda: not self._busy)
             self._busy = True
         try:
@@ -149,7 +170,7 @@ class BackgroundPatcher:
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until nothing is waiting or in flight; False if that took longer than timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._slot is None and not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def close(self, timeout: float = 15.0) -> None:
         if self._closed:
@@ -165,10 +186,10 @@ class BackgroundPatcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: (self._slot is not None and not self._busy) or self._closed)
+                self._cond.wait_for(lambda: (self._queue and not self._busy) or self._closed)
                 if self._closed:
                     return
-                fields, self._slot, self._busy = self._slot, None, True
+                (_, fields), self._busy = self._queue.pop(0), True
             try:
                 self.inner.patch(**fields)
             except Exception as exc:  # noqa: BLE001 - patch() logs its own failures; this is a last guard
