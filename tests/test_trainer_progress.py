@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from finetune_trainer.reporting.kube_status import JSON_PATCH, BackgroundPatcher, StatusPatcher
-from finetune_trainer.reporting.progress import JsonlLogger, Reporter
+from finetune_trainer.reporting.progress import JsonlLogger, Reporter, StatusLogger
 from tests.trainer_fixtures import FakeApiServer
 
 
@@ -96,6 +96,39 @@ def test_a_new_eval_loss_is_sent_at_once_with_its_step():
     reporter.eval_loss(6, 0.4321)
     assert {k: patcher.patches[-1]["progress"][k] for k in ("step", "evalStep", "evalLoss")} == {
         "step": 6, "evalStep": 6, "evalLoss": 0.4321}
+
+
+def test_every_step_goes_through_the_metric_loggers_and_a_failing_one_is_skipped():
+    """The status is one metric logger among the others (torchtune's interface): each gets every step with
+    its total; a logger that fails (a full disk) is skipped, and the others, the status included, go on."""
+    class Recording:
+        def __init__(self):
+            self.seen = []
+
+        def log(self, step, metrics):
+            self.seen.append((step, metrics["totalSteps"], metrics["loss"]))
+
+    class FullDisk:
+        def log(self, step, metrics):
+            if step == 2:
+                raise OSError(28, "No space left on device")
+
+    recording, patcher = Recording(), RecordingPatcher()
+    reporter = Reporter(run=1, patcher=patcher, interval=0, metric_loggers=[FullDisk(), recording])
+    for step in (1, 2, 3):
+        reporter.train_step(step, 3, step_metrics(1.0 / step))
+    assert recording.seen == [(1, 3, 1.0), (2, 3, 0.5), (3, 3, pytest.approx(1 / 3))]
+    assert [p["progress"]["step"] for p in patcher.patches] == [1, 2, 3]
+
+
+def test_the_status_logger_alone_throttles_like_any_metric_logger():
+    clock, patcher = FakeClock(), RecordingPatcher()
+    status = StatusLogger(run=5, patcher=patcher, interval=5, clock=clock)
+    for step in range(1, 5):
+        clock.now += 1
+        status.log(step, step_metrics(2.0) | {"totalSteps": 4})
+    assert [(p["progress"]["step"], p["progress"]["run"]) for p in patcher.patches] == [(1, 5), (4, 5)]
+    assert patcher.patches[-1]["progress"]["percent"] == 100
 
 
 @pytest.fixture
@@ -197,6 +230,25 @@ def test_a_stuck_apiserver_never_blocks_training_and_the_newest_progress_wins():
     reporter.stage("Exporting")  # ... which keeps sending
     assert reporter.patcher.flush(10)
     assert inner.patches[-1]["progress"]["stage"] == "Exporting"
+
+
+def test_stage_changes_behind_a_stuck_patch_all_arrive_in_order():
+    """Step patches coalesce, milestones do not: a `kubectl get -w` sees every stage and its message (a
+    cache hit's "reused the adapter of ..." is followed at once by the next stage) even when the apiserver
+    was slow when they were made."""
+    inner = StuckPatcher()
+    reporter = Reporter(run=1, patcher=BackgroundPatcher(inner), interval=0)
+    reporter.stage("Training")
+    assert inner.entered.wait(10)
+    reporter.stage("Training", "reused the adapter of cached run 2 (training cache hit)")
+    reporter.message("checking the adapter")  # a plain update: the next milestone carries newer progress
+    reporter.stage("Exporting")
+    inner.gate.set()
+    assert reporter.patcher.flush(10)
+    assert [(p["progress"]["stage"], p["progress"]["message"]) for p in inner.patches] == [
+        ("Training", "Training"), ("Training", "reused the adapter of cached run 2 (training cache hit)"),
+        ("Exporting", "Exporting")]
+    reporter.close()
 
 
 def test_the_completion_report_goes_after_the_patch_in_flight_and_close_delivers_the_last():
