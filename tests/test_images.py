@@ -35,6 +35,10 @@ ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Word {i}: kestr
 # Set on the trainer's containers by the node, as an air-gapped cluster's runtime config would: the
 # Dockerfile leaves them to the pod, and the operator's Jobs do not set them.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Where the pods see the tiny model (a model volume's mount path). Not its host path: that is under
+# /root, which the image keeps 0700, so uid 1000 could not reach it (the first run of the trainer
+# image failed so, with PermissionError on config.json).
+MODEL_IN_POD = Path("/models/tiny-gemma3")
 
 
 def split_image(ref: str) -> tuple[str, str]:
@@ -64,13 +68,13 @@ def container_node(kubeconfig, images, tiny_model):
     # The tiny model reaches the pods the way a cluster's model volume would: mounted read-only at
     # the path the spec names.
     runner = ContainerPodRunner(kubeconfig, images, extra_env=OFFLINE, harden=True,
-                                extra_mounts=[Mount(str(tiny_model), str(tiny_model), read_only=True)]).start()
+                                extra_mounts=[Mount(str(MODEL_IN_POD), str(tiny_model), read_only=True)]).start()
     yield runner
     runner.stop()
 
 
 @pytest.fixture(scope="module")
-def release(helm, kubeconfig, crd, container_node, images, tiny_model, tmp_path_factory):  # noqa: F811
+def release(helm, kubeconfig, crd, container_node, images, tmp_path_factory):  # noqa: F811
     """The chart installed in its own namespace, the operator's image running on the container node."""
     built(images, "operator")
     namespace = f"images-{secrets.token_hex(3)}"
@@ -85,7 +89,7 @@ def release(helm, kubeconfig, crd, container_node, images, tiny_model, tmp_path_
         "trainer": {"image": {"repository": trainer_repo, "tag": trainer_tag, "pullPolicy": "Never"},
                     "nodeSelector": NODE_SELECTOR},
         "security": {"egress": {"allowHttp": True, "allowedHosts": ["127.0.0.1"]},
-                     "localPathRoots": [f"{tiny_model.parent}/"]},
+                     "localPathRoots": [f"{MODEL_IN_POD.parent}/"]},
         "extraEnv": [{"name": "FINETUNE_LIVENESS_ENDPOINT", "value": "off"},
                      {"name": "FINETUNE_METRICS_PORT", "value": "0"}],
     }
@@ -121,7 +125,7 @@ def mount_options(mountinfo: list[str], target: str) -> str:
     return found[-1]
 
 
-def test_operator_image_runs_from_the_chart_and_reconciles(kubeconfig, release, container_node, tiny_model):
+def test_operator_image_runs_from_the_chart_and_reconciles(kubeconfig, release, container_node):
     namespace, fullname = release
     (pod,) = pods(kubeconfig, namespace, "app.kubernetes.io/name=finetune-operator")
     assert pod["spec"]["nodeName"] == container_node.node_name
@@ -139,7 +143,7 @@ def test_operator_image_runs_from_the_chart_and_reconciles(kubeconfig, release, 
     # which only pretends to run it: the real run is the next test's.
     kubectl(kubeconfig, "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "probe"},
-        "spec": {"baseModel": {"uri": str(tiny_model)}, "dataset": {"source": f"{tiny_model}/none.jsonl"},
+        "spec": {"baseModel": {"uri": str(MODEL_IN_POD)}, "dataset": {"source": f"{MODEL_IN_POD}/none.jsonl"},
                  "output": {"s3": {"bucket": "probe", "endpoint": "http://127.0.0.1:9"}},
                  "resources": {"gpus": 0, "nodeSelector": {"type": "kwok"}}}}))
 
@@ -159,8 +163,7 @@ def images_ref(runner: ContainerPodRunner, kind: str) -> str:
 
 
 @pytest.mark.trainer_image
-def test_finetunejob_runs_in_the_trainer_image_and_uploads_to_s3(kubeconfig, release, container_node, s3,
-                                                                 tiny_model):
+def test_finetunejob_runs_in_the_trainer_image_and_uploads_to_s3(kubeconfig, release, container_node, s3):
     built(container_node.store, "trainer")
     namespace, _ = release
     bucket = f"images-{secrets.token_hex(4)}"
@@ -171,7 +174,7 @@ def test_finetunejob_runs_in_the_trainer_image_and_uploads_to_s3(kubeconfig, rel
     apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "rows"},
            "data": {"train.jsonl": "\n".join(json.dumps(r) for r in ROWS)}})
     apply({"apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "boxed"},
-           "spec": {"baseModel": {"uri": str(tiny_model)},
+           "spec": {"baseModel": {"uri": str(MODEL_IN_POD)},
                     "dataset": {"configMapRef": {"name": "rows", "key": "train.jsonl"}, "format": "alpaca"},
                     "training": {"maxSteps": 2, "batchSize": 2, "maxSeqLength": 64},
                     "export": {"gguf": ["f16"], "paritySamples": 2},

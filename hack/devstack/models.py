@@ -38,10 +38,10 @@ def _locked(name: str):
 def _build_once(name: str, build) -> Path:
     final = cache_root() / name
     if (final / ".complete").exists():
-        return final
+        return _readable_by_all(final)
     with _locked(name):
         if (final / ".complete").exists():
-            return final
+            return _readable_by_all(final)
         tmp = cache_root() / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -49,7 +49,18 @@ def _build_once(name: str, build) -> Path:
         (tmp / ".complete").write_text(name)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    return final
+    return _readable_by_all(final)
+
+
+def _readable_by_all(folder: Path) -> Path:
+    """The images' pods run as other uids (1000) and mount these folders: safetensors writes its files
+    0600, which they could not read (a cache made before this check is fixed on its next use)."""
+    for f in [folder, *folder.rglob("*")]:
+        mode = f.stat().st_mode
+        want = mode | (0o555 if f.is_dir() else 0o444)
+        if mode != want:
+            f.chmod(want)
+    return folder
 
 
 def real_gguf() -> Path:
