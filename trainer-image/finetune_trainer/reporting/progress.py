@@ -120,8 +120,8 @@ class StatusLogger:
         self.progress = self.progress.model_copy(update={"updated_at": now_rfc3339()})
         if self.patcher is not None:
             # A forced patch is a milestone a watcher must see; a background patcher never coalesces it.
-            send = getattr(self.patcher, "milestone", None) if force else None
-            (send or self.patcher.patch)(progress=self.progress.wire())
+            deliver = getattr(self.patcher, "milestone", None) if force else None
+            (deliver or self.patcher.patch)(progress=self.progress.wire())
         return True
 
 
