@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,3 +82,56 @@ def test_chat_template_choice():
     assert chat_templates.resolve("llama3", Tok()).name == "llama3"  # an explicit choice wins
     with pytest.raises(KeyError):
         chat_templates.load("vicuna")
+
+
+UNREADABLE_PROBE = """
+import json, os, sys
+from pathlib import Path
+from finetune_api.spec import BaseModelSpec
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.train import model_loading
+if os.getuid() == 0:  # imported as root (the interpreter lives under /root); resolve() runs as nobody
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    base = model_loading.resolve(BaseModelSpec(uri=sys.argv[1]), Path(sys.argv[2]))
+    print(json.dumps({"source": base.source}))
+except ConfigError as exc:
+    print(json.dumps({"reason": exc.reason, "message": exc.message}))
+"""
+
+
+def resolve_as_another_user(uri: Path, dest: Path) -> dict:
+    """resolve() in a child process as `nobody` (the image's trainer is not the owner of a mounted model);
+    a non-root developer's own uid serves as well, since the files below are made unreadable by modes."""
+    out = subprocess.run([sys.executable, "-c", UNREADABLE_PROBE, str(uri), str(dest)], capture_output=True,
+                         text=True, timeout=120, cwd="/", env={**os.environ, "HOME": str(dest.parent)})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_local_model_the_trainer_may_not_read_is_a_config_error_naming_it():
+    """safetensors writes its files 0600: a model volume made that way by another user is unreadable by the
+    trainer (uid 1000 in the image). That fails the same way on every retry: ModelNotReadable, never a
+    retried InternalError (the trainer image's first run met exactly this)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        top = Path(tmp)
+        top.chmod(0o777)
+        model = top / "model"
+        model.mkdir(mode=0o755)
+        shutil.copyfile(tiny_gemma() / "config.json", model / "config.json")
+        (model / "config.json").chmod(0o644)
+        (model / "model.safetensors").write_bytes(b"weights")
+        (model / "model.safetensors").chmod(0o600 if os.getuid() == 0 else 0o000)
+        got = resolve_as_another_user(model, top / "dest")
+        assert got["reason"] == "ModelNotReadable" and "model.safetensors" in got["message"], got
+        assert "config.json" not in got["message"] and "spec.baseModel.uri" in got["message"]
+
+        (model / "model.safetensors").chmod(0o644)
+        assert resolve_as_another_user(model, top / "dest") == {"source": str(model)}
+
+        model.chmod(0o700 if os.getuid() == 0 else 0o000)  # a folder it may not even enter
+        got = resolve_as_another_user(model, top / "dest")
+        assert got["reason"] == "ModelNotReadable" and "Permission denied" in got["message"], got
+        model.chmod(0o755)

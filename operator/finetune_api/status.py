@@ -112,6 +112,8 @@ class Reason(StrEnum):
     INVALID_DATASET = "InvalidDataset", "(42) rows are malformed, empty, or too few for the splits asked for."
     DATASET_NOT_FOUND = "DatasetNotFound", "(42) the dataset source does not exist."
     MODEL_NOT_FOUND = "ModelNotFound", "(42) the base model does not exist (or is gated without a token)."
+    MODEL_NOT_READABLE = "ModelNotReadable", ("(42) a local base model's files exist but the trainer's user (uid 1000 "
+                                              "in the image) may not read them.")
     INVALID_MODEL = "InvalidModel", "(42) the base model cannot be loaded or converted as asked."
     UNSUPPORTED_METHOD = "UnsupportedMethod", "(42) training.method needs what this pod lacks (qlora: a CUDA GPU)."
     UNSUPPORTED_OPTIMIZER = "UnsupportedOptimizer", "(42) training.optimizer is not available here."

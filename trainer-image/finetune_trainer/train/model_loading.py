@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_api.spec import BaseModelSpec, S3Spec, TrainingSpec
+from finetune_api.status import Reason
 
 from ..errors import ConfigError, TransientError
 
@@ -135,14 +136,30 @@ def resolve(spec: BaseModelSpec, dest: Path, s3: S3Spec | None = None) -> BaseMo
         return BaseModel(str(folder))
     if spec.uri:
         path = Path(spec.uri)
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ConfigError("ModelNotFound", f"{path} does not exist")
-            return BaseModel(str(gguf_to_hf(path, dest / "hf")), from_gguf=True)
-        if not (path / "config.json").is_file():
-            raise ConfigError("ModelNotFound", f"{path} is not a Hugging Face model folder (no config.json)")
+        try:
+            if path.suffix == ".gguf":
+                if not path.is_file():
+                    raise ConfigError("ModelNotFound", f"{path} does not exist")
+                if not os.access(path, os.R_OK):
+                    raise _not_readable(path, "the file")
+                return BaseModel(str(gguf_to_hf(path, dest / "hf")), from_gguf=True)
+            if not (path / "config.json").is_file():
+                raise ConfigError("ModelNotFound", f"{path} is not a Hugging Face model folder (no config.json)")
+            if unreadable := sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK)):
+                raise _not_readable(path, ", ".join(unreadable))
+        except PermissionError as exc:  # a folder on the way that this user may not enter
+            raise _not_readable(path, f"the path ({exc.strerror})") from exc
         return BaseModel(str(path))
     return BaseModel(ref, revision=spec.revision)
+
+
+def _not_readable(path: Path, what: str) -> ConfigError:
+    """A volume mounted with another owner's modes (safetensors writes its files 0600) fails the same way on
+    every retry: say what and for whom."""
+    return ConfigError(Reason.MODEL_NOT_READABLE,
+                       f"spec.baseModel.uri: {path}: {what} cannot be read by the trainer's user (uid {os.getuid()}, "
+                       f"gid {os.getgid()}); make its files readable by that user or group (a+r; the pod's fsGroup is "
+                       "applied to volumes that support it, not to hostPath)")
 
 
 def _from_pretrained_errors(base: BaseModel, exc: Exception) -> Exception:
