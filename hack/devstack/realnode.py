@@ -14,8 +14,10 @@ running it here:
 - the CNI plugins live in /usr/lib/cni (Debian), not /opt/cni/bin.
 
 Pods get addresses on the bridge (10.244.0.0/24); the local apiserver and S3 listen on loopback
-only, so a pod reaches neither: enough to run an image's own checks, not a FinetuneJob's pod
-(which reports to the apiserver and uploads to S3). See docs/images.md.
+only, and there is no kube-proxy. forward_to_loopback() gives pods a way in, as a cluster's Service
+network would: DNAT from the bridge to 127.0.0.1 (route_localnet on the bridge only), for the
+`kubernetes` Service's ClusterIP (the kubelet's KUBERNETES_SERVICE_HOST; the apiserver's
+self-signed certificate names it) and for S3 at the bridge's gateway address. See docs/images.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ LABELS = {"finetune.dev/real-node": "true", "type": "cpu"}
 K8S_VERSION = "1.36.3"
 PAUSE = "localhost/fto/pause:3.6"
 POD_SUBNET = "10.244.0.0/24"
+BRIDGE = "fto0"
+GATEWAY = "10.244.0.1"  # the bridge's address on the host, the pods' default route
 
 
 def containerd_config(default: str, root: Path, state: Path, sock: Path, cni_conf: Path) -> str:
@@ -94,6 +98,7 @@ class RealNode:
         self.sock = self.state / "containerd.sock"
         self.kubelet_bin = cache_dir() / "bin" / f"kubelet-{K8S_VERSION}" / "kubelet"
         self.procs: list[Proc] = []
+        self._nat_rules: list[list[str]] = []
 
     def ctr(self, *args: str, timeout: float = 600) -> str:
         proc = subprocess.run(["ctr", "-a", str(self.sock), "-n", "k8s.io", *args], capture_output=True, text=True,
@@ -110,6 +115,7 @@ class RealNode:
         cni = self.dir / "net.d"
         cni.mkdir(exist_ok=True)
         (cni / "10-fto.conflist").write_text(json.dumps(cni_conflist()))
+        self._bridge()
         default = subprocess.run(["containerd", "config", "default"], capture_output=True, text=True, check=True).stdout
         config = self.dir / "containerd.toml"
         config.write_text(containerd_config(default, self.root, self.state / "state", self.sock, cni))
@@ -125,6 +131,23 @@ class RealNode:
                                            f"--node-labels={labels}", "--v=1"], logs))
         wait_until(lambda: self.procs[1].check_alive() and self.ready(), 180, f"node {NODE} Ready")
         return self
+
+    def _bridge(self) -> None:
+        """The CNI bridge, made before the first pod (the plugin adopts it) so that loopback routing can be
+        allowed on it alone rather than on every interface of the host."""
+        if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0:
+            subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True, capture_output=True)
+        subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True, capture_output=True)
+        Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1")
+
+    def forward_to_loopback(self, ip: str, port: int, local_port: int) -> None:
+        """Connections from pods (and from this host) to ip:port reach 127.0.0.1:local_port."""
+        match = ["-d", f"{ip}/32", "-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", NODE]
+        target = ["-j", "DNAT", "--to-destination", f"127.0.0.1:{local_port}"]
+        for chain in (["PREROUTING", "-i", BRIDGE], ["OUTPUT"]):
+            rule = ["-t", "nat", "-A", chain[0], *chain[1:], *match, *target]
+            subprocess.run(["iptables", *rule], check=True, capture_output=True)
+            self._nat_rules.append(rule)
 
     def ready(self) -> bool:
         node = self.kube.get(f"/api/v1/nodes/{NODE}") or {}
@@ -149,6 +172,9 @@ class RealNode:
         return "".join(f.read_text(errors="replace") for f in files)
 
     def stop(self) -> None:
+        for rule in reversed(self._nat_rules):
+            subprocess.run(["iptables", *[("-D" if a == "-A" else a) for a in rule]], capture_output=True, check=False)
+        self._nat_rules.clear()
         for proc in reversed(self.procs[1:]):  # kubelet first: it would restart what containerd stops
             proc.stop()
         if self.procs:
