@@ -142,13 +142,14 @@ def resolve(spec: BaseModelSpec, dest: Path, s3: S3Spec | None = None) -> BaseMo
                     raise ConfigError("ModelNotFound", f"{path} does not exist")
                 if not os.access(path, os.R_OK):
                     raise _not_readable(path, "the file")
-                return BaseModel(str(gguf_to_hf(path, dest / "hf")), from_gguf=True)
-            if not (path / "config.json").is_file():
+            elif not (path / "config.json").is_file():
                 raise ConfigError("ModelNotFound", f"{path} is not a Hugging Face model folder (no config.json)")
-            if unreadable := sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK)):
+            elif unreadable := sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK)):
                 raise _not_readable(path, ", ".join(unreadable))
         except PermissionError as exc:  # a folder on the way that this user may not enter
             raise _not_readable(path, f"the path ({exc.strerror})") from exc
+        if path.suffix == ".gguf":
+            return BaseModel(str(gguf_to_hf(path, dest / "hf")), from_gguf=True)
         return BaseModel(str(path))
     return BaseModel(ref, revision=spec.revision)
 
