@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from devstack import binaries
+from devstack.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "finetune-operator"
@@ -659,7 +660,8 @@ def test_operator_reconciles_with_the_charts_env_and_service_account(
         env.update(env_of(dep))
         env["KUBECONFIG"] = str(_service_account_kubeconfig(kubeconfig, namespace, fullname, tmp_path / "sa.kubeconfig"))
         env["FINETUNE_METRICS_PORT"] = "0"  # any free port: the chart's 8080 may be taken on this host
-        env["FINETUNE_LIVENESS_ENDPOINT"] = "http://127.0.0.1:0/healthz"
+        # A free port of its own: kopf reads port 0 as "none" and binds 80, which another process may hold.
+        env["FINETUNE_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}/healthz"
         kubectl(kubeconfig, "-n", namespace, "create", "secret", "generic", "s3-credentials",
                 "--from-literal=AWS_ACCESS_KEY_ID=a", "--from-literal=AWS_SECRET_ACCESS_KEY=b")
         with log.open("w") as out:
