@@ -691,7 +691,11 @@ def test_operator_reconciles_with_the_charts_env_and_service_account(
                            "-o", "jsonpath={.status.phase}").stdout
 
         assert _wait_for("a status phase", phase, 60, proc, log)
-        assert "Forbidden" not in log.read_text(), log.read_text()
+        # No RBAC refusal. Watching all namespaces, it also meets an earlier test's FinetuneJob whose namespace is
+        # being deleted: the apiserver refuses new events there with a 403 too (NamespaceTerminating), no RBAC gap.
+        forbidden = [line for line in log.read_text().splitlines()
+                     if "Forbidden" in line and "NamespaceTerminating" not in line]
+        assert not forbidden, log.read_text()
         # The operator never writes spec: what was applied is what is stored (no Argo CD drift).
         stored = json.loads(kubectl(kubeconfig, "-n", namespace, "get", "ftj", "chart-probe", "-o", "json").stdout)
         assert stored["spec"] == job["spec"]
