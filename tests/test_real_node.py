@@ -18,6 +18,7 @@ import trainer_fixtures as fx
 import yaml
 from operator_fixtures import kubectl, wait_for
 from test_chart import CHART, adopt_crd, deployment_available, helm, run, values_args  # noqa: F401 - helm: fixture
+from test_images import ROWS
 
 from devstack.oci import ImageStore
 from devstack.realnode import GATEWAY, LABELS, NODE, RealNode
@@ -127,12 +128,11 @@ def test_the_chart_runs_the_operator_and_a_finetunejob_on_the_real_node(kubeconf
     for f in fx.tiny_gemma().iterdir():  # the model comes from S3: the node has no volume holding it
         if f.is_file() and not f.name.startswith("."):
             client.upload_file(str(f), bucket, f"models/tiny/{f.name}")
-    rows = [{"instruction": f"Say the word number {i}.", "output": f"Word {i}: kestrel."} for i in range(24)]
     apply = lambda obj: kubectl(kubeconfig, "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(obj))  # noqa: E731
     apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
     apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "rows"},
-           "data": {"train.jsonl": "\n".join(json.dumps(r) for r in rows)}})
+           "data": {"train.jsonl": "\n".join(json.dumps(r) for r in ROWS)}})
 
     release = f"fto-{namespace[-6:]}"
     on_node = {"finetune.dev/real-node": "true"}
