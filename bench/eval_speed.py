@@ -151,6 +151,7 @@ def hf_lm(folder: Path, batch_size: int):
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    torch.set_float32_matmul_precision("highest")  # no TF32 on a GPU: the reference is plain float32
     return HFLM(pretrained=str(folder), dtype="float32", batch_size=batch_size,
                 device="cuda" if torch.cuda.is_available() else "cpu")
 

@@ -13,10 +13,12 @@
 #                            #   (ROWS=51760 EPOCHS=2 RERUN_EPOCHS=4 PARTS=project,rerun,baseline BASELINE_STEPS=30;
 #                            #   results accumulate in /tmp/seed-out while the machine stays warm, so the
 #                            #   parts may be split over calls and the last one prints the ratio)
-#   bench/gpu-run.sh eval    # run_eval's scoring on the real 270M (lm-eval and the task data from .gpu/evalsite.tar.xz):
-#                            #   full PIQA (+ naive), its f32 twin against lm-eval's `hf` model on the GPU, then MMLU
-#                            #   5-shot (MMLU_LIMIT questions a subject; all without). llama.cpp runs on the CPUs, or
-#                            #   on the GPU with a CUDA build of the same llama.cpp carried as .gpu/llama-cuda.tar.xz
+#   bench/gpu-run.sh eval    # run_eval's scoring on the real 270M (lm-eval and the task data from .gpu/evalsite.tar.xz,
+#                            #   bench/gpu-evalsite.sh packs it): EVAL_PARTS=piqa,reference,mmlu (the default, all three):
+#                            #   full PIQA with HEADS (+ naive on 100 items), its f32 twin against lm-eval's `hf` model
+#                            #   (REF_LIMIT items; all without), MMLU 5-shot (MMLU_LIMIT questions a subject; all without).
+#                            #   llama.cpp runs on the CPUs, or on the GPU with a CUDA build of the same llama.cpp
+#                            #   carried as .gpu/llama-cuda.tar.xz (bench/build-llama-cuda.sh)
 #   bench/gpu-run.sh profile # bench/startup_profile.py: where a trainer's time goes before its first step
 #                            #   (import unsloth with -X importtime and cProfile, the model load under cProfile)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
@@ -133,13 +135,16 @@ eval)
   fi
   export PYTHONPATH=$PYTHONPATH:/tmp/evalsite
   data=/tmp/evalsite/_data
-  timeout 200 python3 bench/eval_speed.py --gguf $gguf --piqa $data/piqa --baselines naive --baseline-limit 100 \
-    --json "$OUT/eval-piqa-gpu.json"
-  timeout 200 python3 bench/gguf_reference.py --gguf $gguf --out /tmp/ref &&
-    timeout 200 python3 bench/eval_speed.py --gguf /tmp/ref/model-f32.gguf --kv-type f32 --piqa $data/piqa --baselines \
-      --hf-reference /tmp/ref/hf --json "$OUT/eval-piqa-f32-vs-hf-gpu.json"
-  timeout "${MMLU_TIMEOUT:-300}" python3 bench/eval_speed.py --gguf $gguf --tasks mmlu --include-path $data/lm-eval-tasks \
-    ${MMLU_LIMIT:+--limit $MMLU_LIMIT} --baselines --json "$OUT/eval-mmlu-gpu.json"
+  parts=,${EVAL_PARTS:-piqa,reference,mmlu},  # split over calls where they don't fit one's 10 minutes
+  [[ $parts != *,piqa,* ]] || timeout 240 python3 bench/eval_speed.py --gguf $gguf --piqa $data/piqa \
+    --heads "${HEADS:-torch,llamacpp}" --baselines naive --baseline-limit 100 --json "$OUT/eval-piqa-gpu.json"
+  [[ $parts != *,reference,* ]] || { timeout 200 python3 bench/gguf_reference.py --gguf $gguf --out /tmp/ref &&
+    timeout 300 python3 bench/eval_speed.py --gguf /tmp/ref/model-f32.gguf --kv-type f32 --piqa $data/piqa \
+      --heads "${REF_HEADS:-torch:fp32}" --baselines --hf-reference /tmp/ref/hf ${REF_LIMIT:+--limit $REF_LIMIT} \
+      ${REF_BASELINE_LIMIT:+--baseline-limit $REF_BASELINE_LIMIT} --json "$OUT/eval-piqa-f32-vs-hf-gpu.json"; }
+  [[ $parts != *,mmlu,* ]] || timeout "${MMLU_TIMEOUT:-540}" python3 bench/eval_speed.py --gguf $gguf --tasks mmlu \
+    --include-path $data/lm-eval-tasks --num-fewshot 5 ${MMLU_LIMIT:+--limit $MMLU_LIMIT} \
+    --baselines ${MMLU_BASELINES:-} --baseline-limit 2 --json "$OUT/eval-mmlu-gpu.json"
   ;;
 real)
   # The real Gemma 3 270M (the pretrained base, q4_k_m, from PyPI) fine-tuned on the demo's data with
