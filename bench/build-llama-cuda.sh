@@ -121,9 +121,12 @@ pack() {  # the file llama_cpp loads (libllama.so) and the sonames it needs, bes
   local lib
   for lib in ggml ggml-base ggml-cpu ggml-cuda; do cp -L "$BUILD/bin/lib$lib.so" "$stage/lib$lib.so.0"; done
   strip --strip-unneeded "$stage"/*.so*
+  # The unversioned names too: the evaluation's torch head loads ggml-base by its base name, as
+  # llama_cpp's loader does (libggml-base.so), beside LLAMA_CPP_LIB_PATH's libllama.so.
+  for lib in ggml ggml-base ggml-cpu ggml-cuda; do ln -s "lib$lib.so.0" "$stage/lib$lib.so"; done
   # What they may need: each other, the CUDA 13 sonames torch's wheels bring, the C/C++ runtime.
   local needed
-  needed=$(cd "$stage" && for lib in *; do readelf -d "$lib" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; done | sort -u)
+  needed=$(cd "$stage" && for lib in *.so.0 libllama.so; do readelf -d "$lib" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; done | sort -u)
   echo "NEEDED: $(echo $needed)"
   if grep -Evq '^(libggml(-base|-cpu|-cuda)?\.so\.0|libcudart\.so\.13|libcublas(Lt)?\.so\.13|libc\.so\.6|libm\.so\.6|libstdc\+\+\.so\.6|libgcc_s\.so\.1|libgomp\.so\.1|ld-linux-x86-64\.so\.2)$' <<<"$needed"; then
     echo "unexpected NEEDED entry" >&2; exit 1

@@ -42,7 +42,13 @@ echo "real GGUF pieces held: $(cd /tmp/gguf && ls | tr '\n' ' ')"
 if [[ -f .gpu/evalsite.tar.xz && ! -f /tmp/evalsite/.unpacked ]]; then  # kept, like the pieces, while warm
   mkdir -p /tmp/evalsite && tar xJf .gpu/evalsite.tar.xz -C /tmp/evalsite && touch /tmp/evalsite/.unpacked
 fi
-[[ $MODE == stash ]] && exit 0
+if [[ $MODE == stash ]]; then  # also unpack what the carried packs hold, for the calls after this one
+  [[ ! -f .gpu/llama-cuda.tar.xz || -f /tmp/llama-cuda/libllama.so ]] ||
+    { mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda; }
+  [[ ! -f .gpu/site.tar.xz || -f /tmp/site/.unpacked ]] || { mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site &&
+    { python3 -m compileall -q -j 0 /tmp/site >/dev/null || true; } && touch /tmp/site/.unpacked; }
+  exit 0
+fi
 
 mkdir -p /tmp/site /tmp/tok
 # Byte-compiled once, as pip leaves an image's packages: without it every trainer process compiled ~3,000
@@ -128,8 +134,10 @@ eval)
   cat /tmp/gguf/p0 /tmp/gguf/p1 /tmp/gguf/p2 /tmp/gguf/p3 /tmp/gguf/p4 >$gguf || exit 1
   echo "$REAL_GGUF_SHA256  $gguf" | sha256sum -c || exit 1
   [[ -f /tmp/evalsite/.unpacked ]] || { echo "no lm-eval site: carry .gpu/evalsite.tar.xz"; exit 1; }
-  if [[ -f .gpu/llama-cuda.tar.xz ]]; then  # else the portable CPU build, on every core of the machine
-    mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda || exit 1
+  # Kept in /tmp, like the pieces, while the machine stays warm; else the portable CPU build, on every core.
+  [[ ! -f .gpu/llama-cuda.tar.xz || -f /tmp/llama-cuda/libllama.so ]] ||
+    { mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda || exit 1; }
+  if [[ -f /tmp/llama-cuda/libllama.so && -z ${EVAL_CPU:-} ]]; then
     cuda_lib=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | sed -n 1p)")
     export LLAMA_CPP_LIB_PATH=/tmp/llama-cuda LD_LIBRARY_PATH=/tmp/llama-cuda:$cuda_lib:${LD_LIBRARY_PATH:-}
   fi
