@@ -119,7 +119,7 @@ timed "Python base ($PYTHON_IMAGE)" python_image
 timed "operator image ($OPERATOR_IMAGE)" build Dockerfile.operator "$OPERATOR_IMAGE" "PYTHON_IMAGE=$PYTHON_IMAGE"
 if [[ ${1:-} != operator ]]; then
   timed "trainer image, CPU ($TRAINER_IMAGE)" build Dockerfile.trainer "$TRAINER_IMAGE" \
-    "CUDA_IMAGE=$DEBIAN_IMAGE" "PYTHON=$PYTHON"
+    "CUDA_IMAGE=$DEBIAN_IMAGE" "BUILD_IMAGE=$DEBIAN_IMAGE" "LLAMA_CPP_CUDA=-DGGML_CUDA=OFF" "PYTHON=$PYTHON"
 fi
 write_env
 for img in "$DEBIAN_IMAGE" "$PYTHON_IMAGE" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do

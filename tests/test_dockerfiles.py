@@ -240,6 +240,19 @@ def test_llama_cpp_is_built_portable() -> None:
     assert "--no-binary llama-cpp-python" in run
 
 
+def test_llama_cpp_has_cuda_in_the_gpu_image_and_not_in_the_cpu_variant() -> None:
+    """run_eval offloads to the GPU only with a CUDA llama.cpp: the default build compiles it on the
+    devel twin of the runtime base; hack/images.sh's CPU variant turns it off by build args alone."""
+    ins = expand(parse(TRAINER))
+    build_from = next(i.args.split()[0] for i in ins if i.cmd == "FROM")
+    final_from = [i.args.split()[0] for i in ins if i.cmd == "FROM"][-1]
+    assert build_from == final_from.replace("-runtime-", "-devel-"), (build_from, final_from)
+    run = " ".join(i.args for i in ins if i.cmd == "RUN")
+    assert "-DGGML_CUDA=ON" in run and "90-real" in run and "-DGGML_CUDA_NO_VMM=ON" in run
+    images = (ROOT / "hack" / "images.sh").read_text()
+    assert '"BUILD_IMAGE=$DEBIAN_IMAGE" "LLAMA_CPP_CUDA=-DGGML_CUDA=OFF"' in images
+
+
 @pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=lambda p: p.name)
 def test_base_images_are_pinned_tags(path: Path) -> None:
     for ins in expand(parse(path)):
