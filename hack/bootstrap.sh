@@ -40,7 +40,7 @@ llama_wheel() {
   compgen -G "$LLAMA_WHEELS/llama_cpp_python-*.whl" >/dev/null && return
   sdist
   local src=$CACHE/build/llama-cpp-python-src
-  rm -rf "$src" && mkdir -p "$src"
+  rm -rf "$src" "$LLAMA_WHEELS" "$LLAMA_WHEELS.tmp" && mkdir -p "$src"  # leftovers of a build cut short
   tar xzf "$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz" -C "$src" --strip-components=1
   hack/patch-llama-cpp.sh "$src/vendor/llama.cpp"
   # GGML_NATIVE=OFF: a portable build (no -march=native), safe to cache and to ship in images.
