@@ -19,6 +19,8 @@
 #                            #   (REF_LIMIT items; all without), MMLU 5-shot (MMLU_LIMIT questions a subject; all without).
 #                            #   llama.cpp runs on the CPUs, or on the GPU with a CUDA build of the same llama.cpp
 #                            #   carried as .gpu/llama-cuda.tar.xz (bench/build-llama-cuda.sh)
+#   bench/gpu-run.sh lossmem # bench/loss_memory.py: peak memory and the LM-head loss path, padded vs padding-free
+#                            #   (BATCHES="8 16 32", SEQ=2048, LAYOUTS="padding-free padded")
 #   bench/gpu-run.sh profile # bench/startup_profile.py: where a trainer's time goes before its first step
 #                            #   (import unsloth with -X importtime and cProfile, the model load under cProfile)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
@@ -205,6 +207,11 @@ seed)
     --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}"
   echo "seed scenario: exit $?"
   cp -r /tmp/seed-out/. "$OUT/"
+  ;;
+lossmem)
+  # Padded against padding-free micro-batches at the LM head: peak memory, logits held, fused-loss calls
+  timeout "${BENCH_TIMEOUT:-560}" python3 bench/loss_memory.py --model-dir $model_dir --batches ${BATCHES:-8 16 32} \
+    --seq "${SEQ:-2048}" --layouts ${LAYOUTS:-padding-free padded} --out "$OUT/lossmem.jsonl"
   ;;
 profile)
   python3 bench/startup_profile.py --model-dir $model_dir --out "$OUT/profile"
