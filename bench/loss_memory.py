@@ -53,13 +53,13 @@ def main(argv=None) -> int:
 
     early_imports()
     import torch
+    from train_throughput import synthetic_rows
 
     from finetune_api.spec import LoraSpec, TrainingSpec
     from finetune_trainer.train import varlen_attention
     from finetune_trainer.train.batching import Batches
     from finetune_trainer.train.model_loading import BaseModel, load_for_training
     from finetune_trainer.train.recipe import build_optimizer, optimizer_step
-    from train_throughput import synthetic_rows
 
     device = torch.device("cuda")
     results = []
