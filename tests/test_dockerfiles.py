@@ -163,8 +163,46 @@ def test_operator_image_installs_only_the_operator_extra() -> None:
     assert "torch" not in steps and "trainer-image" not in steps
 
 
-def test_trainer_image_installs_trainer_and_gpu_extras() -> None:
-    assert project_installs(TRAINER) == [".[trainer,gpu]"]
+def stages(path: Path) -> dict[str, list[Instruction]]:
+    """Named stages (`FROM … AS name`) and their instructions; the last one also as "final"."""
+    ins = parse(path)
+    names = {i.stage: i.args.split()[-1] for i in ins if i.cmd == "FROM" and " as " in i.args.lower()}
+    out = {names.get(s, str(s)): [i for i in ins if i.stage == s] for s in sorted({i.stage for i in ins})}
+    out["final"] = final_stage(ins)
+    return out
+
+
+def test_trainer_image_installs_trainer_and_gpu_extras(tmp_path) -> None:
+    """The venv holds pyproject's dependencies with the trainer and gpu extras, from requirements the
+    Dockerfile's own command derives from pyproject.toml (run here); the project goes in last, alone."""
+    (req,) = [i for i in stages(TRAINER)["requirements"] if i.cmd == "RUN"]
+    code = re.search(r'python -c "(.*)" /build/pyproject.toml', req.args).group(1)
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    assert out == [*project["dependencies"], *extras["trainer"], *extras["gpu"]]
+    operator_only = set(extras["operator"]) - set(extras["trainer"])  # kopf, optuna…
+    assert operator_only and not operator_only & set(out)
+    venv = " ".join(i.args for i in stages(TRAINER)["venv"])
+    assert "pip install --find-links /build/wheels -r /build/requirements.txt" in venv
+    # The project's wheel, without dependencies, into the final image after the venv.
+    final = [i.args for i in stages(TRAINER)["final"]]
+    assert final.index("--from=venv /opt/venv /opt/venv") < final.index("--from=project /build/project/ /tmp/project/")
+    assert any("pip install --no-cache-dir --no-deps /tmp/project/*.whl" in a for a in final)
+    assert project_installs(TRAINER) == []  # no `.[extras]` install that would pull the source into the venv
+
+
+def test_trainer_venv_layer_does_not_depend_on_the_source() -> None:
+    """A code change must not rebuild the ~6 GB venv layer the final stage copies: no stage it is built
+    from copies the project's source, and its dependencies come from requirements.txt, not pyproject."""
+    named = stages(TRAINER)
+    for stage in ("build", "requirements", "venv"):
+        copies = " ".join(i.args for i in named[stage] if i.cmd in ("COPY", "ADD"))
+        assert "operator/" not in copies and "trainer-image/" not in copies, stage
+    assert not [i for i in named["venv"] if i.cmd == "COPY" and "pyproject" in i.args]
+    source = " ".join(i.args for i in named["project"] if i.cmd == "COPY")
+    assert "operator/" in source and "trainer-image/" in source
 
 
 @pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=lambda p: p.name)
@@ -280,7 +318,7 @@ def test_base_images_are_pinned_tags(path: Path) -> None:
     for ins in expand(parse(path)):
         if ins.cmd == "FROM":
             image = ins.args.split()[0]
-            if image in {"build"}:
+            if image in stages(path):  # an earlier stage of the same file
                 continue
             assert re.search(r":[\w.-]+$|@sha256:[0-9a-f]{64}$", image), f"{path.name}: FROM {image} is unpinned"
             assert not image.endswith(":latest")
