@@ -2,7 +2,7 @@
 
 On an H100, `batchSize: auto`'s 32 x 2048 ran out of memory padding-free while the same micro-batch
 padded fits (docs/benchmarks.md, "Time to model"): the padding-free step held the whole micro-batch's
-logits. This probe runs one forward and backward of the trainer's own step (recipe.forward_backward)
+logits. This probe runs the trainer's own step (recipe.forward_backward, then optimizer_step) three times
 per layout and micro-batch on the random-init Gemma 3 270M shape, and prints, for each, the peak GPU
 memory, the size of the `logits` the model returned (Unsloth's fused loss returns an empty
 placeholder) and how many times the model's module called Unsloth's fused loss.
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from finetune_trainer.train import varlen_attention
     from finetune_trainer.train.batching import Batches
     from finetune_trainer.train.model_loading import BaseModel, load_for_training
-    from finetune_trainer.train.recipe import build_optimizer, optimizer_step
+    from finetune_trainer.train.recipe import build_optimizer, forward_backward, optimizer_step
 
     device = torch.device("cuda")
     results = []
@@ -75,27 +75,26 @@ def main(argv=None) -> int:
             rows = synthetic_rows(batch * 40, args.seq, "real")
             batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=True, bucket=True,
                               padding_free=padding_free)
+            # forward_backward returns only the loss: the size of the logits the model returned is read
+            # by a hook on the outermost call.
+            seen = {"logits": None}
+            model.register_forward_hook(lambda _m, _a, out, seen=seen: seen.__setitem__("logits", out.logits.numel()))
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            logits_numel, peak, error = None, None, None
+            peak, error = None, None
             try:
                 for m in range(3):  # the first steps compile; the third is the one measured
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                    b = batches.get(m)
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = model(**b.model_inputs(device), use_cache=False)
-                    logits_numel = int(getattr(out.logits, "numel", lambda: -1)())
-                    (out.loss * 1.0).backward()
+                    forward_backward(model, batches.get(m), device, 1.0, padding_free=padding_free)
                     optimizer_step(trainable, optimizer)
-                    del out
                     torch.cuda.synchronize()
                     peak = torch.cuda.max_memory_allocated() / 2**30
             except torch.OutOfMemoryError as e:
                 error = str(e).splitlines()[0][:200]
             r = {"layout": layout, "paddingFree": padding_free, "batch": batch, "seq": args.seq,
                  "tokensPerStep": batch * args.seq, "peakGiB": round(peak, 2) if peak else None,
-                 "logitsNumel": logits_numel, "fusedLossCalls": calls["fused"], "error": error,
+                 "logitsNumel": seen["logits"], "fusedLossCalls": calls["fused"], "error": error,
                  "gpu": torch.cuda.get_device_name(),
                  "memoryGiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
             print(json.dumps(r), flush=True)
