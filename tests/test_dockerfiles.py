@@ -172,10 +172,11 @@ def stages(path: Path) -> dict[str, list[Instruction]]:
     return out
 
 
-def test_trainer_image_installs_trainer_and_gpu_extras(tmp_path) -> None:
+def test_trainer_image_installs_trainer_and_gpu_extras() -> None:
     """The venv holds pyproject's dependencies with the trainer and gpu extras, from requirements the
     Dockerfile's own command derives from pyproject.toml (run here); the project goes in last, alone."""
-    (req,) = [i for i in stages(TRAINER)["requirements"] if i.cmd == "RUN"]
+    named = stages(TRAINER)
+    (req,) = [i for i in named["requirements"] if i.cmd == "RUN"]
     code = re.search(r'python -c "(.*)" /build/pyproject.toml', req.args).group(1)
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
@@ -184,10 +185,10 @@ def test_trainer_image_installs_trainer_and_gpu_extras(tmp_path) -> None:
     assert out == [*project["dependencies"], *extras["trainer"], *extras["gpu"]]
     operator_only = set(extras["operator"]) - set(extras["trainer"])  # kopf, optuna…
     assert operator_only and not operator_only & set(out)
-    venv = " ".join(i.args for i in stages(TRAINER)["venv"])
+    venv = " ".join(i.args for i in named["venv"])
     assert "pip install --find-links /build/wheels -r /build/requirements.txt" in venv
     # The project's wheel, without dependencies, into the final image after the venv.
-    final = [i.args for i in stages(TRAINER)["final"]]
+    final = [i.args for i in named["final"]]
     assert final.index("--from=venv /opt/venv /opt/venv") < final.index("--from=project /build/project/ /tmp/project/")
     assert any("pip install --no-cache-dir --no-deps /tmp/project/*.whl" in a for a in final)
     assert project_installs(TRAINER) == []  # no `.[extras]` install that would pull the source into the venv
@@ -315,10 +316,11 @@ def test_llama_cpp_has_cuda_in_the_gpu_image_and_not_in_the_cpu_variant() -> Non
 
 @pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=lambda p: p.name)
 def test_base_images_are_pinned_tags(path: Path) -> None:
+    earlier = stages(path)
     for ins in expand(parse(path)):
         if ins.cmd == "FROM":
             image = ins.args.split()[0]
-            if image in stages(path):  # an earlier stage of the same file
+            if image in earlier:  # an earlier stage of the same file
                 continue
             assert re.search(r":[\w.-]+$|@sha256:[0-9a-f]{64}$", image), f"{path.name}: FROM {image} is unpinned"
             assert not image.endswith(":latest")
