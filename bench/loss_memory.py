@@ -2,10 +2,16 @@
 
 On an H100, `batchSize: auto`'s 32 x 2048 ran out of memory padding-free while the same micro-batch
 padded fits (docs/benchmarks.md, "Time to model"): the padding-free step held the whole micro-batch's
-logits. This probe runs the trainer's own step (recipe.forward_backward, then optimizer_step) three times
+logits. This probe runs the trainer's own step (recipe.forward_backward, then optimizer_step) four times
 per layout and micro-batch on the random-init Gemma 3 270M shape, and prints, for each, the peak GPU
-memory, the size of the `logits` the model returned (Unsloth's fused loss returns an empty
-placeholder) and how many times the model's module called Unsloth's fused loss.
+memory and time of the last step, the size of the `logits` the model returned (hidden states where the
+head's loss is chunked; an empty placeholder where Unsloth's fused loss ran inside the model) and how
+many times the model's module called Unsloth's fused loss. Layouts:
+
+- `padding-free`: the trainer's default, the loss from the hidden states (head_loss.py, Unsloth's kernel)
+- `padding-free+torch`: the same with head_loss's own torch kernel
+- `padding-free+model`: the model's own loss (what ran out of memory)
+- `padded`: padded rows, the model's own loss (Unsloth's fused loss)
 
     bench/gpu-run.sh lossmem              # BATCHES="8 16 32" SEQ=2048 by default
     python3 bench/loss_memory.py --model-dir DIR --batches 8 16 --seq 2048
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--layouts", nargs="+", default=["padding-free", "padded"])
+    ap.add_argument("--layouts", nargs="+", default=["padding-free", "padding-free+torch", "padding-free+model",
+                                                     "padded"])
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -56,7 +64,7 @@ def main(argv=None) -> int:
     from train_throughput import synthetic_rows
 
     from finetune_api.spec import LoraSpec, TrainingSpec
-    from finetune_trainer.train import varlen_attention
+    from finetune_trainer.train import head_loss, varlen_attention
     from finetune_trainer.train.batching import Batches
     from finetune_trainer.train.model_loading import BaseModel, load_for_training
     from finetune_trainer.train.recipe import build_optimizer, forward_backward, optimizer_step
@@ -67,10 +75,12 @@ def main(argv=None) -> int:
         for batch in args.batches:
             training = TrainingSpec(method="lora", max_seq_length=args.seq, batch_size=batch,
                                     gradient_checkpointing=False, packing=True, lora=LoraSpec(r=16, alpha=16),
-                                    padding_free="auto" if layout == "padding-free" else "off")
-            model, _ = load_for_training(BaseModel(source=args.model_dir), training)
+                                    padding_free="off" if layout == "padded" else "auto")
+            model, backend = load_for_training(BaseModel(source=args.model_dir), training)
             calls = count_fused_calls()
             padding_free = varlen_attention.enable(model, training.padding_free)
+            os.environ[head_loss.ENV] = {"padding-free+torch": "torch", "padding-free+model": "off"}.get(layout, "auto")
+            head = head_loss.for_model(model, backend) if padding_free else None
             optimizer = build_optimizer(model, training)
             rows = synthetic_rows(batch * 40, args.seq, "real")
             batches = Batches(rows, batch, args.seq, pad_id=0, seed=0, packing=True, bucket=True,
@@ -81,25 +91,28 @@ def main(argv=None) -> int:
             model.register_forward_hook(lambda _m, _a, out, seen=seen: seen.__setitem__("logits", out.logits.numel()))
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            peak, error = None, None
+            peak, error, seconds = None, None, None
             try:
-                for m in range(3):  # the first steps compile; the third is the one measured
+                for m in range(4):  # the first steps compile; the last is the one measured
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                    forward_backward(model, batches.get(m), device, 1.0, padding_free=padding_free)
+                    t0 = time.perf_counter()
+                    forward_backward(model, batches.get(m), device, 1.0, padding_free=padding_free, head=head)
                     optimizer_step(trainable, optimizer)
                     torch.cuda.synchronize()
+                    seconds = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated() / 2**30
             except torch.OutOfMemoryError as e:
                 error = str(e).splitlines()[0][:200]
-            r = {"layout": layout, "paddingFree": padding_free, "batch": batch, "seq": args.seq,
+            r = {"layout": layout, "paddingFree": padding_free, "headLoss": head.kernel if head else "model",
+                 "batch": batch, "seq": args.seq, "stepSeconds": round(seconds, 4) if seconds else None,
                  "tokensPerStep": batch * args.seq, "peakGiB": round(peak, 2) if peak else None,
                  "logitsNumel": seen["logits"], "fusedLossCalls": calls["fused"], "error": error,
                  "gpu": torch.cuda.get_device_name(),
                  "memoryGiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
             print(json.dumps(r), flush=True)
             results.append(r)
-            del model, optimizer, batches
+            del model, optimizer, batches, head
             torch.cuda.empty_cache()
     if args.out:
         # Unsloth's generated modules, to read which loss branch each layout took

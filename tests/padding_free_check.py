@@ -23,7 +23,7 @@ import torch
 
 def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: str = "lora") -> dict:
     from finetune_api.spec import TrainingSpec
-    from finetune_trainer.train import varlen_attention
+    from finetune_trainer.train import head_loss, recipe, varlen_attention
     from finetune_trainer.train.batching import Batches
     from finetune_trainer.train.model_loading import BaseModel, early_imports, load_for_training
 
@@ -56,11 +56,14 @@ def main(model_dir: str, device: str, lengths: list[int], max_len: int, method: 
         else:
             order = Batches(rows, n, max_len, 0, 0).rows_of(0)
             per_row = [logits[b, : len(rows[i]["input_ids"])] for b, i in enumerate(order)]
-        # Training: the fused cross-entropy (no logits) and a backward, as the trainer's step runs them.
+        # Training: the loss and a backward as the trainer's step runs them: padding-free, from the hidden
+        # states in row chunks (head_loss.py); padded, the model's own (Unsloth's fused cross-entropy).
         del os.environ["UNSLOTH_RETURN_LOGITS"]
+        head = head_loss.for_model(model, backend) if padding_free else None
+        if padding_free:
+            probe["headLoss"] = head.kernel if head else "model"
         model.train()
-        with autocast:
-            train_loss = model(**batch.model_inputs(device), use_cache=False).loss
+        train_loss = recipe.model_loss(model, batch, torch.device(device), head)
         train_loss.backward()
         probe.setdefault("callsTraining", varlen_attention.STATS["calls"])
         grads = {name: p.grad.float().flatten().cpu() for name, p in model.named_parameters() if p.grad is not None}
@@ -109,9 +112,12 @@ def run(model_dir, device: str, lengths: list[int], max_len: int, method: str = 
     return json.loads(line[len("RESULT "):])
 
 
-def assert_same(result: dict, backend: str, lengths: list[int], logit_tolerance: float) -> None:
-    """The verdict: the kernel was reached, and padding-free scores and trains as padded."""
+def assert_same(result: dict, backend: str, lengths: list[int], logit_tolerance: float, head: str) -> None:
+    """The verdict: the kernel was reached, and padding-free scores and trains as padded. `head`: how the
+    padding-free loss was computed (head_loss.py): "unsloth" or "torch" from the hidden states in row
+    chunks, "model" by the model's own forward (Unsloth's fast decoder)."""
     assert result["calls"] > 0, f"the layers did not reach the varlen kernel: {result['probe']}"
+    assert result["probe"]["headLoss"] == head, result["probe"]
     assert result["flat"]["backend"] == result["padded"]["backend"] == backend
     assert sorted(result["lengths"]) == sorted(lengths)
     assert result["flat"]["loss"] == pytest.approx(result["padded"]["loss"], rel=1e-2)

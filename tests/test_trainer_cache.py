@@ -5,6 +5,7 @@ the micro-batch / checkpointing choice as a pure function."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
@@ -39,9 +40,18 @@ def test_gemma_270m_on_an_80gb_gpu_trains_32x2048_without_checkpointing():
     assert "32 x 2048" in choice.reason
 
 
-def test_padding_free_batches_count_their_full_logits_and_halve_before_checkpointing():
-    """Packing on a GPU (padding-free) holds the whole micro-batch's logits: 32 x 2048 ran out of memory on
-    an 80 GB H100 (2026-12-05); 16 x 2048 without checkpointing fits, and a 141 GB H200 keeps 32."""
+def test_padding_free_batches_of_a_chunked_head_keep_32x2048_on_an_80gb_gpu():
+    """A padding-free step's loss is chunked (head_loss.py) for a model whose head is a plain matrix
+    product, as Gemma 3's is: its logits are never whole, and an 80 GB H100 keeps 32 x 2048."""
+    spec = TrainingSpec(max_seq_length=2048, packing=True)
+    assert GEMMA3_270M.chunked_head
+    assert auto_batch.resolve(spec, GEMMA3_270M, 78 * GB, cuda=True)[0].batch_size == 32
+
+
+def test_padding_free_batches_that_hold_their_full_logits_count_them_and_halve_before_checkpointing():
+    """A model whose head head_loss cannot take (a logit softcap) holds the whole micro-batch's logits
+    padding-free: 32 x 2048 ran out of memory so on an 80 GB H100 (2026-12-05); 16 x 2048 without
+    checkpointing fits, and a 141 GB H200 keeps 32."""
     on_h100 = auto_batch.choose(GEMMA3_270M, 2048, 78 * GB, cuda=True, full_logits=True)
     assert (on_h100.batch_size, on_h100.gradient_checkpointing) == (16, False)
     assert auto_batch.peak_bytes(GEMMA3_270M, 65536, False, full_logits=True) > 78 * GB
@@ -50,9 +60,10 @@ def test_padding_free_batches_count_their_full_logits_and_halve_before_checkpoin
     on_40gb = auto_batch.choose(GEMMA3_270M, 2048, 39 * GB, cuda=True, full_logits=True)
     assert on_40gb.batch_size < 16 and auto_batch.peak_bytes(
         GEMMA3_270M, on_40gb.batch_size * 2048, on_40gb.gradient_checkpointing, full_logits=True) <= 0.7 * 39 * GB
+    softcapped = dataclasses.replace(GEMMA3_270M, chunked_head=False)
     spec = TrainingSpec(max_seq_length=2048, packing=True)
-    assert auto_batch.resolve(spec, GEMMA3_270M, 78 * GB, cuda=True)[0].batch_size == 16
-    assert auto_batch.resolve(spec.model_copy(update={"padding_free": "off"}), GEMMA3_270M, 78 * GB,
+    assert auto_batch.resolve(spec, softcapped, 78 * GB, cuda=True)[0].batch_size == 16
+    assert auto_batch.resolve(spec.model_copy(update={"padding_free": "off"}), softcapped, 78 * GB,
                               cuda=True)[0].batch_size == 32
 
 

@@ -14,10 +14,10 @@ The memory model is deliberately simple and calibrated on the measured Gemma 3 2
 activations grow with tokens x layers x (hidden + intermediate) without checkpointing, and with
 tokens x (layers x hidden + one layer's working set) with it. CPU keeps the small, safe defaults.
 
-Padding-free batches (packing on a GPU) also hold the whole micro-batch's logits: on that path the
-loss is not Unsloth's chunked one, and a step holds the bf16 logits and a second tensor of their size
-(32 x 2048 on Gemma's 262k vocabulary: 64 GiB more, an out-of-memory on an 80 GB H100). Until that
-loss is chunked too, the estimate counts them, and the batch is halved before checkpointing goes on.
+Padding-free batches (packing on a GPU) of a model whose head head_loss.py cannot take (a logit softcap
+or scale) hold the whole micro-batch's logits and a second tensor of their size (32 x 2048 on Gemma's
+262k vocabulary: 64 GiB more, an out-of-memory on an 80 GB H100); for those the estimate counts them,
+and the batch is halved before checkpointing goes on. Every other model's padding-free loss is chunked.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ SAFE_FRACTION = 0.7  # of the free GPU memory; the rest is headroom for the allo
 # without checkpointing: (33.5 GB - weights) / (65536 tokens x 18 layers x (640 + 2048)) ≈ 10.
 ACTIVATION_BYTES = 10.0
 CHECKPOINT_BYTES = 2.0  # bf16 layer inputs kept per token per layer per hidden unit (offloaded or not)
-# Bytes per token per vocabulary entry on the padding-free path: the bf16 logits and one more tensor of
-# their size (the out-of-memory of 2026-12-05: 65 GiB in use at 32 x 2048, asking 32 GiB more).
+# Bytes per token per vocabulary entry where a padding-free step holds its logits: the bf16 logits and
+# one more tensor of their size (the out-of-memory of 2026-12-05: 65 GiB in use at 32 x 2048, asking 32 GiB more).
 LOGIT_BYTES = 4.0
 
 
@@ -46,6 +46,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     vocab: int = 0
+    chunked_head: bool = True  # a padding-free step's loss is chunked (head_loss.takes its config)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def choose(shape: ModelShape | None, max_seq_length: int, free_bytes: int | None
            batch_size: int | str = "auto", gradient_checkpointing: bool | None = None,
            method: str = "lora", full_logits: bool = False) -> Choice:
     """The micro-batch and checkpointing for a run; explicit values (int, bool) are kept as given.
-    full_logits: the run's batches are padding-free (see the module's note)."""
+    full_logits: a padding-free step holds the micro-batch's whole logits (see the module's note)."""
     explicit_batch = batch_size if isinstance(batch_size, int) else None
     if not cuda or shape is None or not free_bytes:
         why = "CPU" if not cuda else "unknown model size or GPU memory"
@@ -120,7 +121,8 @@ def choose(shape: ModelShape | None, max_seq_length: int, free_bytes: int | None
 def resolve(training, shape: ModelShape | None, free_bytes: int | None, *, cuda: bool):
     """(training with batchSize and gradientCheckpointing decided, the Choice); explicit values kept."""
     # Packing on a GPU trains padding-free unless switched off (recipe.py; varlen_attention.enable).
-    full_logits = training.padding_free == "on" or (training.packing and training.padding_free == "auto")
+    padding_free = training.padding_free == "on" or (training.packing and training.padding_free == "auto")
+    full_logits = padding_free and shape is not None and not shape.chunked_head
     choice = choose(shape, training.max_seq_length, free_bytes, cuda=cuda, batch_size=training.batch_size,
                     gradient_checkpointing=training.gradient_checkpointing, method=training.method,
                     full_logits=full_logits)

@@ -247,6 +247,7 @@ def model_shape(base: BaseModel):
     """Parameters, layers and widths from the model's config (and its safetensors headers where local)."""
     from transformers import AutoConfig
 
+    from . import head_loss
     from .auto_batch import ModelShape
 
     try:
@@ -261,7 +262,7 @@ def model_shape(base: BaseModel):
             attn = 2 * hidden * config.num_attention_heads * head_dim + 2 * hidden * kv * head_dim
             params = config.vocab_size * hidden + layers * (attn + 3 * hidden * inter)
         return ModelShape(parameters=params, layers=layers, hidden=hidden, intermediate=inter,
-                          vocab=getattr(config, "vocab_size", 0) or 0)
+                          vocab=getattr(config, "vocab_size", 0) or 0, chunked_head=head_loss.takes(config))
     except Exception as exc:  # noqa: BLE001 - without a shape, auto falls back to the small defaults
         log.warning("model size unknown (%s): batchSize auto takes the small defaults", exc)
         return None

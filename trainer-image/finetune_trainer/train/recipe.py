@@ -30,7 +30,7 @@ from ..data.prepare import load_split
 from ..errors import ConfigError, TransientError
 from ..paths import Workdir
 from ..reporting.progress import Reporter
-from . import distributed, varlen_attention
+from . import distributed, head_loss, varlen_attention
 from .batching import Batches
 from .checkpoints import Checkpoints
 from .model_loading import BaseModel, load_for_training, resolve_auto
@@ -92,15 +92,28 @@ def build_optimizer(model, training: TrainingSpec):
     return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=fused)
 
 
-def forward_backward(model, batch, device, weight: float, padding_free: bool) -> torch.Tensor:
-    """One micro-batch of a training step: the forward (bf16 autocast on CUDA), its mean loss times
-    `weight`, the backward; returns that weighted loss, detached. bench/train_throughput.py times this."""
+def model_loss(model, batch, device, head: head_loss.Head | None = None) -> torch.Tensor:
+    """The micro-batch's mean loss per label token (bf16 autocast on CUDA). `head`: a padding-free batch's
+    loss is computed from the hidden states in row chunks (head_loss.py), never from its whole logits."""
+    inputs = batch.model_inputs(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(**batch.model_inputs(device), use_cache=False)
+        if head is None:
+            out = model(**inputs, use_cache=False)
+            # No label tokens on this rank: DDP still needs its backward, a zero-weight one.
+            return out.logits.float().sum() * 0.0 if batch.label_tokens == 0 else out.loss
+        labels = inputs.pop("labels")
+        with head.hidden_states():
+            hidden = model(**inputs, use_cache=False).logits
+        return hidden.float().sum() * 0.0 if batch.label_tokens == 0 else head.loss(hidden, labels)
+
+
+def forward_backward(model, batch, device, weight: float, padding_free: bool,
+                     head: head_loss.Head | None = None) -> torch.Tensor:
+    """One micro-batch of a training step: the forward, its mean loss times `weight`, the backward;
+    returns that weighted loss, detached. bench/train_throughput.py times this."""
+    loss = model_loss(model, batch, device, head) * weight
     if padding_free:  # never across sequences: the varlen kernel must really have run
         varlen_attention.require_reached()
-    # No label tokens on this rank: DDP still needs its backward, a zero-weight one.
-    loss = out.logits.float().sum() * 0.0 if batch.label_tokens == 0 else out.loss * weight
     loss.backward()
     return loss.detach()
 
@@ -123,7 +136,7 @@ def plan_steps(training: TrainingSpec, per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, device) -> float | None:
+def evaluate(model, batches: Batches, device, head: head_loss.Head | None = None) -> float | None:
     """Mean loss per label token over the validation split."""
     if not batches.rows:
         return None
@@ -133,9 +146,7 @@ def evaluate(model, batches: Batches, device) -> float | None:
         b = batches.get(m)
         if b.label_tokens == 0:
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(**b.model_inputs(device), use_cache=False)
-        total += float(out.loss) * b.label_tokens
+        total += float(model_loss(model, b, device, head)) * b.label_tokens
         count += b.label_tokens
     model.train()
     return total / count if count else None
@@ -193,6 +204,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     # GPU: one padding-free row per micro-batch through FlashAttention's varlen kernel, where the
     # model takes it and training.paddingFree wants it.
     padding_free = device.type == "cuda" and varlen_attention.enable(model, training.padding_free)
+    # Their loss from the hidden states in row chunks: a [1, T] row's whole logits are T x vocab.
+    head = head_loss.for_model(model, backend) if padding_free else None
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
                       bucket=bucket, padding_free=padding_free)
     if training.packing and backend == "unsloth" and not padding_free:
@@ -231,7 +244,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
         raise TransientError("CheckpointMismatch", "the training processes found different checkpoints to resume from")
     reporter.start_training(step, total_steps, restarts, losses[-1] if losses else None)
     log.info("training config: %s", json.dumps({
-        "backend": backend, "device": str(device), "paddingFree": padding_free, "trainableParameters": n_trainable, "rows": len(rows),
+        "backend": backend, "device": str(device), "paddingFree": padding_free,
+        "headLoss": head.kernel if head else "model", "trainableParameters": n_trainable, "rows": len(rows),
         "worldSize": world.size,
         "microBatchesPerEpoch": batches.per_epoch, "totalSteps": total_steps, "startStep": step,
         **training.wire()}))
@@ -270,7 +284,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
                 with ddp.no_sync() if not sync else contextlib.nullcontext():
                     # out.loss is this micro-batch's mean; weighted by its share of the step's label tokens
                     # (times the ranks, since DDP averages the ranks' gradients).
-                    loss = forward_backward(ddp, b, device, b.label_tokens / n_labels * world.size, padding_free)
+                    loss = forward_backward(ddp, b, device, b.label_tokens / n_labels * world.size, padding_free,
+                                            head)
                 step_loss += float(loss) / world.size
             step_tokens = sum(b.tokens for b in micro)
             if world.distributed:  # the step's loss and tokens, over all ranks
@@ -292,7 +307,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
             if eval_every and step % eval_every == 0 and step < total_steps:  # the last step's follows below
                 # Rank 0 evaluates the unwrapped model (no DDP hooks: no collectives to pair); the other
                 # ranks wait at the barrier, so none runs ahead into the next step's all-reduce.
-                if world.main and (val_loss := evaluate(model, val_batches, device)) is not None:
+                if world.main and (val_loss := evaluate(model, val_batches, device, head)) is not None:
                     metrics["evalLoss"] = val_loss
                 distributed.barrier()
             if world.main:
@@ -322,7 +337,7 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     if step > start_step:  # the final checkpoint: a retry after this point skips training entirely
         checkpoints.save(step, model, optimizer, scheduler, {"restarts": restarts, "tokens": tokens_seen, "losses": losses},
                          background=upload_in_background)
-    eval_loss = evaluate(model, val_batches, device) if val_batches else None
+    eval_loss = evaluate(model, val_batches, device, head) if val_batches else None
     reporter.eval_loss(step, eval_loss)
     model.save_pretrained(str(workdir.adapter))
     result.eval_loss = eval_loss
