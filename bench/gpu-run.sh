@@ -20,7 +20,8 @@
 #                            #   llama.cpp runs on the CPUs, or on the GPU with a CUDA build of the same llama.cpp
 #                            #   carried as .gpu/llama-cuda.tar.xz (bench/build-llama-cuda.sh)
 #   bench/gpu-run.sh lossmem # bench/loss_memory.py: peak memory and the LM-head loss path, padded vs padding-free
-#                            #   (BATCHES="8 16 32", SEQ=2048, LAYOUTS="padding-free padded")
+#                            #   (BATCHES="8 16 32", SEQ=2048, LAYOUTS: see the script)
+#   bench/gpu-run.sh imports # `import unsloth` with and without UNSLOTH_ALLOW_CPU=1 (the trainer's default)
 #   bench/gpu-run.sh profile # bench/startup_profile.py: where a trainer's time goes before its first step
 #                            #   (import unsloth with -X importtime and cProfile, the model load under cProfile)
 #   bench/gpu-run.sh stash   # only keep the pieces of the real GGUF this call carried (see `real`)
@@ -211,7 +212,15 @@ seed)
 lossmem)
   # Padded against padding-free micro-batches at the LM head: peak memory, logits held, fused-loss calls
   timeout "${BENCH_TIMEOUT:-560}" python3 bench/loss_memory.py --model-dir $model_dir --batches ${BATCHES:-8 16 32} \
-    --seq "${SEQ:-2048}" --layouts ${LAYOUTS:-padding-free padded} --out "$OUT/lossmem.jsonl"
+    --seq "${SEQ:-2048}" --layouts ${LAYOUTS:-padding-free padding-free+torch padded padding-free+model} --out "$OUT/lossmem.jsonl"
+  ;;
+imports)
+  # `import unsloth` alone, fresh processes, with and without the trainer's UNSLOTH_ALLOW_CPU=1 (it skips the
+  # TRL trainers' rewriting), twice each in turn so the file cache favours neither
+  for allow in 0 1 0 1; do
+    UNSLOTH_ALLOW_CPU=$allow python3 -c "import time; t = time.perf_counter(); import unsloth; \
+print('import unsloth, UNSLOTH_ALLOW_CPU=$allow: %.2f s' % (time.perf_counter() - t))" 2>&1 | grep '^import unsloth'
+  done
   ;;
 profile)
   python3 bench/startup_profile.py --model-dir $model_dir --out "$OUT/profile"

@@ -30,6 +30,11 @@ UNSLOTH_DEFAULT_ENV = {
     # (docs/benchmarks.md). Either can be set back in the trainer's environment.
     "UNSLOTH_LOGPROB_FP32_LOGITS": "0",
     "UNSLOTH_FUSED_LINEAR_MIN_ROWS": "2048",
+    # On a machine with a GPU this only skips the rewriting of every TRL trainer that `import unsloth`
+    # does (unsloth/models/rl.py PatchFastRL, _gpu_init's SFTTrainer patches): the trainer uses no TRL
+    # trainer, and the rewriting was the largest part of the import (docs/benchmarks.md). Without a
+    # GPU it would make Unsloth report one, but the trainer imports Unsloth only where CUDA is there.
+    "UNSLOTH_ALLOW_CPU": "1",
 }
 # Unsloth switches a model family needs, by config model_type; set before Unsloth loads the model,
 # unless the trainer's environment sets them already.
