@@ -88,7 +88,14 @@ def main(argv=None) -> int:
             # forward_backward returns only the loss: the size of the logits the model returned is read
             # by a hook on the outermost call.
             seen = {"logits": None}
-            model.register_forward_hook(lambda _m, _a, out, seen=seen: seen.__setitem__("logits", out.logits.numel()))
+
+            def logits_size(_m, _a, out, seen=seen):
+                try:
+                    seen["logits"] = out.logits.numel()
+                except NotImplementedError:  # Unsloth's fused loss ran: its `logits` raise when read
+                    seen["logits"] = 0
+
+            model.register_forward_hook(logits_size)
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
             peak, error, seconds = None, None, None

@@ -218,7 +218,7 @@ def phases(r: dict) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------- the baseline
-GEMMA3_TEMPLATE = ROOT / "trainer-image" / "finetune_trainer" / "templates" / "gemma3.j2"
+GEMMA3_TEMPLATE = ROOT / "trainer-image" / "finetune_trainer" / "data" / "templates" / "gemma3.j2"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
