@@ -94,8 +94,8 @@ def test_a_model_left_in_eval_mode_would_train_differently(prepared, runs, monke
     """The check above can fail: an evaluation that forgot model.train() changes the curve after step 2."""
     evaluate = recipe.evaluate
 
-    def stays_in_eval_mode(model, batches, device):
-        loss = evaluate(model, batches, device)
+    def stays_in_eval_mode(model, batches, device, head=None):
+        loss = evaluate(model, batches, device, head)
         model.eval()
         return loss
 

@@ -83,7 +83,8 @@ class LlamaCppLM(TemplateLM):
         max_outputs: logits rows per decode (default: 256 MiB of logits, 16 to 512 rows).
         n_gpu_layers: layers offloaded to a GPU (-1 = all; ignored by a CPU-only build).
         n_threads: CPU threads (default: every core the process may use).
-        flash_attn: None lets llama.cpp decide (on where the backend has it); True/False force it.
+        flash_attn: None lets llama.cpp decide (on where the backend has it; off with an f32 cache,
+            whose scores it would round); True/False force it.
         kv_type: the KV cache's type, ``f16`` (llama.cpp's default) or ``f32``.
         max_gen_toks: default generation budget when a task sets none.
         add_bos_token: override the GGUF's ``tokenizer.ggml.add_bos_token``.
@@ -154,16 +155,21 @@ class LlamaCppLM(TemplateLM):
         cparams.n_outputs_max = max(self._max_outputs, cparams.n_seq_max)
         cparams.kv_unified = True  # tokens shared by several sequences need one cache for all of them
         cparams.swa_full = True
-        # Flash attention skips the cache tiles a query cannot see (the other sequences of a batch);
-        # AUTO keeps it off where a backend lacks it.
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
-                                   llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
-                                   llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         # f32 keys/values make a full-precision model's scores comparable with an f32 PyTorch reference;
         # llama.cpp's default (f16) halves the cache and is what Ollama runs.
         kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}.get(kv_type)
         if kv is None:
             raise ValueError(f"{MODEL_NAME}: kv_type must be f16 or f32, not {kv_type!r}")
+        if flash_attn is None and kv_type == "f32":
+            # llama.cpp's CPU flash attention is not float32 inside: on an AVX-512/AMX Xeon it moved a
+            # tiny Gemma 3's f32 scores by up to 0.015 nats a request against PyTorch in float32, and
+            # by 1e-5 without it (tests/test_evaluation.py, tuned-f32). An f32 cache asks for exactness.
+            flash_attn = False
+        # Flash attention skips the cache tiles a query cannot see (the other sequences of a batch);
+        # AUTO keeps it off where a backend lacks it.
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
+                                   llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
+                                   llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.type_k = cparams.type_v = kv
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.embeddings = False
