@@ -11,7 +11,9 @@ On CUDA with Unsloth the chunks go through Unsloth's own fused loss (compiled; w
 runs). Elsewhere `chunked_cross_entropy` does the same in plain torch: each chunk's logits, their
 cross-entropy and their gradient are made in the forward and the logits freed at once; the backward
 only scales the saved gradient. Both take the mean over label tokens after the causal shift, as the
-model's own loss does (tests/test_head_loss.py holds them to it).
+model's own loss does (tests/test_head_loss.py holds them to it). Measured on an H100 at 32 x 2048
+(bench/loss_memory.py): 33.5 GiB and 0.31 s a step with Unsloth's kernel, 36.5 GiB and 0.66 s with
+the torch one.
 
 Models whose head is more than a matrix product (a final logit softcap or scale) keep their own loss.
 """
