@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,11 +110,15 @@ class Head:
 
     owner: torch.nn.Module  # the module holding it as `lm_head`
     module: torch.nn.Module
-    kernel: str  # "unsloth" or "torch"
+    fused: Callable | None = None  # Unsloth's fused loss, looked up once; None: chunked_cross_entropy
 
     def __post_init__(self):
         # One stand-in for every step: a compiled forward guarding on the head's identity recompiles once.
         self._passthrough = _Passthrough(self.module)
+
+    @property
+    def kernel(self) -> str:
+        return "unsloth" if self.fused is not None else "torch"
 
     @contextlib.contextmanager
     def hidden_states(self):
@@ -126,15 +131,14 @@ class Head:
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = self.module.weight
-        if self.kernel == "unsloth":
-            fused = _unsloth_loss()
-            torch._dynamo.mark_dynamic(hidden, 1)  # evaluation's rows may be another width
-            torch._dynamo.mark_dynamic(labels, 1)
-            return fused(trainer=None, hidden_states=hidden, lm_head_weight=weight, lm_head_bias=None,
-                         labels=labels.to(hidden.device), mask=None, n_items=None, scaling=None, target_gb=None,
-                         torch_compile=True, logit_scale_multiply=0, logit_scale_divide=0, logit_softcapping=0,
-                         shift_labels=True)
-        return chunked_cross_entropy(hidden, weight, labels)
+        if self.fused is None:
+            return chunked_cross_entropy(hidden, weight, labels)
+        torch._dynamo.mark_dynamic(hidden, 1)  # evaluation's rows may be another width
+        torch._dynamo.mark_dynamic(labels, 1)
+        return self.fused(trainer=None, hidden_states=hidden, lm_head_weight=weight, lm_head_bias=None,
+                          labels=labels.to(hidden.device), mask=None, n_items=None, scaling=None, target_gb=None,
+                          torch_compile=True, logit_scale_multiply=0, logit_scale_divide=0, logit_softcapping=0,
+                          shift_labels=True)
 
 
 def takes(config) -> bool:
@@ -156,6 +160,9 @@ def for_model(model, backend: str) -> Head | None:
     if (choice == "off" or not isinstance(head, torch.nn.Linear) or head.bias is not None
             or not takes(base.config.get_text_config(decoder=True)) or unsloth_packs(base.get_decoder())):
         return None
-    if choice == "auto":
-        choice = "unsloth" if backend == "unsloth" and head.weight.is_cuda and _unsloth_loss() else "torch"
-    return Head(owner=base, module=head, kernel=choice)
+    fused = None
+    if choice == "unsloth" or (choice == "auto" and backend == "unsloth" and head.weight.is_cuda):
+        fused = _unsloth_loss()
+        if fused is None and choice == "unsloth":
+            raise RuntimeError(f"{ENV}=unsloth, but Unsloth's fused loss cannot be imported")
+    return Head(owner=base, module=head, fused=fused)
