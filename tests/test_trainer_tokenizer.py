@@ -57,3 +57,48 @@ def test_sentencepiece_model_keeps_the_gguf_vocabulary():
     sp = spm.SentencePieceProcessor(model_file=str(gemma_tokenizer_dir() / "tokenizer.model"))
     assert sp.bos_id() == 2 and sp.eos_id() == 1 and sp.pad_id() == 0
     assert sp.decode(sp.encode("round trip ✓")) == "round trip ✓"
+
+
+def test_the_dataset_child_loads_the_named_class_without_transformers_modeling_imports(tokenizers, tmp_path):
+    """The dataset child (data/prepare_ahead.py) loads the class tokenizer_config.json names, without the
+    modeling and generation modules AutoTokenizer's import brings: same class, same ids, same template."""
+    import json
+    import subprocess
+    import sys
+
+    hf, _ = tokenizers
+    probe = ("import json, sys\n"
+             "from finetune_trainer.train.model_loading import BaseModel, load_tokenizer\n"
+             f"tok = load_tokenizer(BaseModel({str(gemma_tokenizer_dir())!r}), direct=True)\n"
+             "print(json.dumps({'class': type(tok).__name__, 'ids': [tok(s)['input_ids'] for s in sys.argv[1:]],\n"
+             "  'template': tok.chat_template, 'special': [tok.bos_token, tok.eos_token, tok.pad_token],\n"
+             "  'modeling': sorted(m for m in sys.modules if m.startswith(('transformers.generation',\n"
+             "                      'transformers.models.auto.modeling_auto', 'sklearn')))}))\n")
+    out = json.loads(subprocess.run([sys.executable, "-c", probe, *SAMPLES], capture_output=True, text=True,
+                                    check=True).stdout.strip().splitlines()[-1])
+    assert out["class"] == type(hf).__name__
+    assert out["ids"] == [hf(s)["input_ids"] for s in SAMPLES]
+    assert out["template"] == hf.chat_template
+    assert out["special"] == [hf.bos_token, hf.eos_token, hf.pad_token]
+    assert out["modeling"] == []
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"tokenizer_class": "GemmaTokenizer"}, "GemmaTokenizer"),
+    ({"tokenizer_class": "GemmaTokenizerFast"}, "GemmaTokenizer"),  # AutoTokenizer drops "Fast" first
+    ({"tokenizer_class": "GemmaTokenizer", "auto_map": {"AutoTokenizer": ["x.Tok", None]}}, None),  # custom code
+    ({"tokenizer_class": "AutoModelForCausalLM"}, None),  # exported, but not a tokenizer
+    ({"tokenizer_class": "NoSuchTokenizer"}, None),
+    ({"tokenizer_class": "os.system"}, None),  # not a plain name
+    ({}, None),
+    ("not a mapping", None),
+], ids=["named", "fast-suffix", "auto-map", "not-a-tokenizer", "unknown", "dotted", "unnamed", "not-json-object"])
+def test_the_named_tokenizer_class_is_only_a_transformers_tokenizer(tmp_path, config, expected):
+    import json
+
+    from finetune_trainer.train.model_loading import BaseModel, named_tokenizer_class
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    cls = named_tokenizer_class(BaseModel(str(tmp_path)))
+    assert (cls.__name__ if cls is not None else None) == expected
+    assert named_tokenizer_class(BaseModel(str(tmp_path / "missing"))) is None

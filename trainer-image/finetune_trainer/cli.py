@@ -139,7 +139,9 @@ def cmd_prepare(args) -> Any:
     from .train import model_loading
 
     if args.config:
-        return stage_prepare(_context(args))
+        ctx = _context(args)
+        ctx.direct_tokenizer = args.ahead  # the run's parent checks the class at join
+        return stage_prepare(ctx)
     if not (args.source and args.output_dir):
         raise ConfigError(Reason.INVALID_SPEC, "prepare-dataset needs --source and --output-dir (or --config)")
     dataset = from_flags(args, DatasetSpec)
@@ -309,6 +311,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model", help="tokenizer and chat template source (default unsloth/gemma-3-270m-it)")
     add_flags(s, DatasetSpec, exclude={"config_map_ref"})
     add_flags(s, TrainingSpec, only={"max_seq_length", "chat_template", "train_on_responses_only"})
+    s.add_argument("--ahead", action="store_true", help=argparse.SUPPRESS)  # run's dataset child (prepare_ahead)
     s.set_defaults(fn=cmd_prepare)
 
     t = staged("train", "LoRA/QLoRA fine-tuning on a prepared dataset")

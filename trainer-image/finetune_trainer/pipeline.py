@@ -62,6 +62,7 @@ class Context:
     converter: convert.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
     ahead: prepare_ahead.Ahead | None = None  # the dataset, prepared in a child while this process imported
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
+    direct_tokenizer: bool = False  # the dataset child's: the named class, not AutoTokenizer (load_tokenizer)
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
 
     @property
@@ -157,6 +158,10 @@ def stage_prepare(ctx: Context) -> dict[str, Any]:
     else:
         ahead, ctx.ahead = ctx.ahead, None
         report = ahead.join(ctx.wd.dataset) if ahead is not None else None  # its stage marked the workdir
+        if report is not None and report.get("tokenizerClass") != type(ctx.tokenizer).__name__:
+            log.warning("the dataset child encoded with %s where this process loads %s: preparing it here",
+                        report.get("tokenizerClass"), type(ctx.tokenizer).__name__)
+            report = None
         if report is None:
             report = prepare(ctx.spec.dataset, ctx.spec.training, ctx.tokenizer, ctx.template, ctx.wd.dataset,
                              parity_samples=ctx.spec.export.parity_samples, s3=ctx.spec.output.s3,

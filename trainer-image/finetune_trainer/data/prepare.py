@@ -259,6 +259,7 @@ def prepare(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: C
         shutil.rmtree(staging, ignore_errors=True)
         report = json.loads((out_dir / "report.json").read_text())
         report["source"] = loaded.source  # the same bytes may come from another place this time
+        report["tokenizerClass"] = type(tokenizer).__name__  # part of the key: the same as the entry's
         report["cache"] = _cache_report(lookup, key)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
         return report
@@ -330,6 +331,7 @@ def _prepare(loaded: Rows, dataset: DatasetSpec, training: TrainingSpec, tokeniz
         _save(splits[name], out_dir / f"{name}.parquet")
     report = {
         "source": loaded.source, "format": fmt, "chatTemplate": template.name,
+        "tokenizerClass": type(tokenizer).__name__,  # what a run's parent checks the dataset child's against
         "maxSeqLength": max_len, "trainOnResponsesOnly": training.train_on_responses_only,
         "rows": {"read": read, "malformed": len(errors), "truncated": truncated, "noTrainableTokens": no_labels,
                  "used": len(encoded), **{name: len(splits[name]) for name in SPLITS}},

@@ -75,7 +75,8 @@ def start(config: str | None, workdir: Path, resume: bool, base_uri: str | None)
     env = {k: v for k, v in os.environ.items() if k not in (contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE,
                                                            contract.ENV_RUN)}  # the child never reports
     env[ENV] = "off"
-    cmd = [sys.executable, "-m", "finetune_trainer", "prepare-dataset", "--config", config, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "finetune_trainer", "prepare-dataset", "--ahead", "--config", config,
+           "--workdir", str(workdir),
            *(["--resume"] if resume else [])]
     with open(log_file, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

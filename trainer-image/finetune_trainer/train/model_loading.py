@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,15 +180,52 @@ def _from_pretrained_errors(base: BaseModel, exc: Exception) -> Exception:
     return TransientError("ModelUnavailable", f"{base.source}: {text.splitlines()[0] if text else exc!r}")
 
 
-def load_tokenizer(base: BaseModel):
-    from transformers import AutoTokenizer
+def load_tokenizer(base: BaseModel, direct: bool = False):
+    """The base model's tokenizer, as AutoTokenizer picks it.
 
+    direct: with the class the local folder's tokenizer_config.json names, imported on its own, where it
+    names one transformers has. `import AutoTokenizer` pulls in transformers' modeling and generation
+    modules (and scikit-learn), seconds that a process which only encodes text never uses (the dataset
+    child, data/prepare_ahead.py). AutoTokenizer may still pick another class (its model-type table can
+    override the file), so a caller that loads this way must compare the class with an AutoTokenizer
+    load before trusting what it encoded: prepare_ahead's join does.
+    """
+    named = named_tokenizer_class(base) if direct else None
+    if named is None:
+        from transformers import AutoTokenizer as named
     try:
-        tok = AutoTokenizer.from_pretrained(base.source, revision=base.revision, token=hf_token(),
-                                            local_files_only=hub_offline())
+        tok = named.from_pretrained(base.source, revision=base.revision, token=hf_token(),
+                                    local_files_only=hub_offline())
     except OSError as exc:
         raise _from_pretrained_errors(base, exc) from exc
     return getattr(tok, "tokenizer", tok)  # a processor (multimodal checkpoints) wraps the tokenizer
+
+
+def named_tokenizer_class(base: BaseModel):
+    """The tokenizer class a local folder's tokenizer_config.json names, or None: no such file, custom
+    code (auto_map), or a name transformers does not export as a tokenizer. AutoTokenizer's own
+    reading of the name: a trailing "Fast" is dropped first, then tried again."""
+    config = Path(base.source) / "tokenizer_config.json"
+    if not base.local or not config.is_file():
+        return None
+    try:
+        named = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    name = named.get("tokenizer_class") if isinstance(named, dict) and "auto_map" not in named else None
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,80}", name):
+        return None
+    import transformers
+
+    stem = name.removesuffix("Fast")
+    for candidate in (stem, stem + "Fast"):
+        try:
+            cls = getattr(transformers, candidate, None)
+        except Exception:  # noqa: BLE001 - transformers' lazy module raises where a backend is missing
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+            return cls
+    return None
 
 
 def load_for_training(base: BaseModel, training: TrainingSpec, offload_checkpoints: bool = True):
