@@ -17,6 +17,8 @@ reason goes to $FINETUNE_TERMINATION_LOG as one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import hashlib
 import json
 import logging
@@ -365,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         if result is not None:
             _print(result)
         return contract.EXIT_OK
+    # A crash in native code (a CUDA kernel, llama.cpp, a compiled graph) prints every thread's Python
+    # stack to the pod's log before the process dies, where there would be only "Segmentation fault".
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stderr with no descriptor (tests)
+        faulthandler.enable()
     # Outside the training loop (which checkpoints first), SIGTERM ends the run as a transient failure.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
