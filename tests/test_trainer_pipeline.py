@@ -117,9 +117,21 @@ def test_the_parity_reference_from_memory_is_the_saved_model_read_back(trained, 
     tokenizer = AutoTokenizer.from_pretrained(str(trained.workdir / "merged"))
     rows = [list(r["input_ids"]) for r in load_split(trained.workdir / "dataset", "parity")][:4]
     in_memory: list = []
+    events: list = []
+
+    def on_saved(folder):  # export starts the converter here, while the reference runs: all must be on disk
+        events.append(("saved", sorted(p.name for p in folder.iterdir())))
+
+    def with_model(model):
+        events.append(("model", None))
+        in_memory.extend(parity.reference_of(model, rows))
+
     merged = convert.merge(BaseModel(str(tiny_gemma())), trained.workdir / "adapter", tmp_path / "merged", tokenizer,
-                          chat_templates.resolve("auto", tokenizer),
-                          with_model=lambda m: in_memory.extend(parity.reference_of(m, rows)))
+                          chat_templates.resolve("auto", tokenizer), with_model=with_model, on_saved=on_saved)
+    assert [e[0] for e in events] == ["saved", "model"]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json"} <= set(events[0][1])
+    assert sorted(p.name for p in merged.iterdir()) == events[0][1]  # nothing written after the converter starts
     read_back = parity.reference(merged, rows)
     assert len(in_memory) == len(read_back) == len(parity.usable_rows(rows)) > 0
     for a, b in zip(in_memory, read_back, strict=True):
@@ -173,9 +185,12 @@ def test_metrics_say_where_the_export_time_went(trained):
     timings = trained.metrics["timings"]
     steps = timings["exportSteps"]
     # merge, the 16-bit conversion, every other type by name, parity; the master f16 costs no extra step.
-    assert set(steps) == {"merge", "convert", "parity"} | (set(QUANTS) - {"f16"})
+    # parityReference: the merged model's predictions, made on its device while the conversion runs.
+    assert set(steps) == {"merge", "convert", "parity", "parityReference"} | (set(QUANTS) - {"f16"})
     assert all(isinstance(s, float) and s >= 0 for s in steps.values())
-    assert sum(steps.values()) <= timings["exportSeconds"] + 0.1
+    in_turn = sum(v for k, v in steps.items() if k != "parityReference")
+    assert in_turn <= timings["exportSeconds"] + 0.1
+    assert steps["merge"] + steps["parityReference"] + steps["parity"] <= timings["exportSeconds"] + 0.1
 
 
 def test_manifest_lists_every_artifact_and_its_checksums_match_the_objects(trained, s3):
@@ -356,3 +371,30 @@ def test_a_failed_child_prepare_is_done_again_in_the_training_process(env, s3, t
     assert "preparing the dataset ahead failed (exit 3)" in caplog.text
     assert out["metrics"]["dataset"]["used"] == len(ALPACA_ROWS) * 5
     assert (tmp_path / "work" / "dataset" / "train.parquet").exists()
+
+
+def test_a_child_that_encoded_with_another_tokenizer_class_is_not_trusted(env, s3, tmp_path, caplog):
+    """The child loads the class tokenizer_config.json names (no AutoTokenizer import); where this process's
+    AutoTokenizer picks another, what the child encoded is thrown away and encoded again here."""
+    import subprocess
+    import sys
+
+    from finetune_trainer.data.prepare_ahead import Ahead
+
+    bucket = s3.make_bucket(f"ahead-{uuid.uuid4().hex[:10]}")
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 5)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job_manifest("tiny", bucket, s3.endpoint, data, tiny_gemma(),
+                                                  training={"maxSteps": 2}, export={"gguf": []})))
+    dataset = tmp_path / "work" / "dataset"
+    dataset.mkdir(parents=True)
+    child = ("import json, sys; open(sys.argv[1], 'w').write(json.dumps("
+             "{'tokenizerClass': 'OtherTokenizer', 'rows': {'used': 1}}))")
+    with open(tmp_path / "child.log", "w") as out:
+        other = Ahead(subprocess.Popen([sys.executable, "-c", child, str(dataset / "report.json")],
+                                       stdout=out, stderr=subprocess.STDOUT), tmp_path / "child.log")
+    with caplog.at_level("WARNING", logger="finetune_trainer.pipeline"):
+        out = pipeline.run(RunConfig.load(config), tmp_path / "work", ahead=other)
+    assert "the dataset child encoded with OtherTokenizer where this process loads GemmaTokenizer" in caplog.text
+    assert out["metrics"]["dataset"]["used"] == len(ALPACA_ROWS) * 5
+    assert json.loads((dataset / "report.json").read_text())["tokenizerClass"] == "GemmaTokenizer"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -79,7 +80,7 @@ class Context:
 
     @cached_property
     def tokenizer(self):
-        return model_loading.load_tokenizer(self.base)
+        return model_loading.load_tokenizer(self.base, direct=self.direct_tokenizer)
 
     @cached_property
     def template(self) -> chat_templates.ChatTemplate:
@@ -280,12 +281,24 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         rows = parity.usable_rows([list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
                                   [: spec.parity_samples]) if spec.parity_check and todo else []
         reference: list = []  # the merged model's predictions on those rows, while it is still in memory
+        converting: list[Future] = []
         t_merge = time.monotonic()
-        merged = convert.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
-                              with_model=(lambda m: reference.extend(parity.reference_of(m, rows))) if rows else None)
-        steps["merge"] = round(time.monotonic() - t_merge, 2)
-        result = convert.export(merged, ctx.wd.gguf, todo, name, ctx.template, spec.ollama_modelfile,
-                               warm=ctx.converter)
+
+        def convert_meanwhile(merged_dir: Path) -> None:  # the folder is on disk: the converter starts
+            steps["merge"] = round(time.monotonic() - t_merge, 2)
+            converting.append(pool.submit(convert.export, merged_dir, ctx.wd.gguf, todo, name, ctx.template,
+                                          spec.ollama_modelfile, warm=ctx.converter))
+
+        def predict(model) -> None:  # on the GPU, while the converter and quantizer use the CPUs
+            t = time.monotonic()
+            reference.extend(parity.reference_of(model, rows))
+            steps["parityReference"] = round(time.monotonic() - t, 2)
+
+        # A failure in the reference still waits for the conversion thread before it propagates.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert") as pool:
+            merged = convert.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
+                                  with_model=predict if rows else None, on_saved=convert_meanwhile)
+            result = converting[0].result()
         steps.update(result.seconds)
         files.update(result.gguf)
         if rows and result.gguf:

@@ -84,9 +84,12 @@ def _derived_buffers(model) -> dict[str, Any]:
 
 
 def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate,
-          with_model: Callable[[Any], None] | None = None) -> Path:
+          with_model: Callable[[Any], None] | None = None,
+          on_saved: Callable[[Path], None] | None = None) -> Path:
     """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template.
 
+    on_saved: called with the folder once it is complete on disk, before with_model: export starts
+    the conversion there, so the converter (CPU) and the reference predictions (GPU) run at once.
     with_model: called with the merged model as saved (16-bit weights, upcast to fp32, on the device
     it merged on) before it is freed, e.g. for the parity check's reference predictions.
     """
@@ -96,14 +99,21 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     model = load_merged(base, adapter_dir, device)
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
+    _write_tokenizer(base, tokenizer, template, model.config.model_type, out_dir)
+    if on_saved is not None:
+        on_saved(out_dir)
     if with_model is not None:
         model.float()
         for name, value in _derived_buffers(model).items():
             model.get_buffer(name).copy_(value)
         with_model(model.eval())
-    model_type = model.config.model_type
-    stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     del model
+    return out_dir
+
+
+def _write_tokenizer(base: BaseModel, tokenizer, template: ChatTemplate, model_type: str, out_dir: Path) -> None:
+    """The tokenizer files, tokenizer.model and the generation config's stop tokens, beside the weights."""
+    stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     tokenizer.chat_template = template.jinja
     save_tokenizer(tokenizer, out_dir)
     sp = _tokenizer_model(base, tokenizer)
@@ -118,7 +128,6 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     eos = [tokenizer.eos_token_id] + ([stop_id] if stop_id not in (None, tokenizer.unk_token_id, tokenizer.eos_token_id) else [])
     gen["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     gen_file.write_text(json.dumps(gen, indent=2))
-    return out_dir
 
 
 def _converter() -> Path:
