@@ -9,7 +9,9 @@
 #                            #   (METHOD=lora, the default, or qlora)
 #   bench/gpu-run.sh tests   # pytest -m gpu (TESTS=<files or node ids>)
 #   bench/gpu-run.sh seed    # bench/seed_scenario.py: `finetune run` twice (2 epochs, then the edited spec:
-#                            #   4 epochs, lr 1e-5) and TRL SFTTrainer + PEFT + llama.cpp, phases and ratio
+#                            #   4 epochs, lr 1e-5) and TRL SFTTrainer + PEFT + llama.cpp, phases and ratio;
+#                            #   llama.cpp from .gpu/llama-cuda.tar.xz where carried, as the image has it
+#                            #   (SEED_LLAMA_CPU=1: the CPU build)
 #                            #   (ROWS=51760 EPOCHS=2 RERUN_EPOCHS=4 PARTS=project,rerun,baseline BASELINE_STEPS=30;
 #                            #   results accumulate in /tmp/seed-out while the machine stays warm, so the
 #                            #   parts may be split over calls and the last one prints the ratio)
@@ -87,6 +89,19 @@ start_s3() {  # SeaweedFS on loopback, bucket "models"
 'models' in [b['Name'] for b in c.list_buckets()['Buckets']] or c.create_bucket(Bucket='models')"
 }
 
+use_llama_cuda() {  # llama.cpp on the GPU, as the trainer image builds it (else the portable CPU build)
+  # Kept in /tmp, like the pieces, while the machine stays warm.
+  [[ ! -f .gpu/llama-cuda.tar.xz || -f /tmp/llama-cuda/libllama.so ]] ||
+    { mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda || return 1; }
+  if [[ -f /tmp/llama-cuda/libllama.so ]]; then
+    cuda_lib=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | sed -n 1p)")
+    export LLAMA_CPP_LIB_PATH=/tmp/llama-cuda LD_LIBRARY_PATH=/tmp/llama-cuda:$cuda_lib:${LD_LIBRARY_PATH:-}
+    echo "llama.cpp: the CUDA build in /tmp/llama-cuda"
+  else
+    echo "llama.cpp: the CPU build (carry .gpu/llama-cuda.tar.xz for the image's CUDA one)"
+  fi
+}
+
 verify_s3() {  # every artifact of each job ($@) read back from S3 against its manifest
   OUT=$OUT python3 - "$@" <<'PY'
 import boto3, hashlib, json, os, sys
@@ -137,13 +152,7 @@ eval)
   cat /tmp/gguf/p0 /tmp/gguf/p1 /tmp/gguf/p2 /tmp/gguf/p3 /tmp/gguf/p4 >$gguf || exit 1
   echo "$REAL_GGUF_SHA256  $gguf" | sha256sum -c || exit 1
   [[ -f /tmp/evalsite/.unpacked ]] || { echo "no lm-eval site: carry .gpu/evalsite.tar.xz"; exit 1; }
-  # Kept in /tmp, like the pieces, while the machine stays warm; else the portable CPU build, on every core.
-  [[ ! -f .gpu/llama-cuda.tar.xz || -f /tmp/llama-cuda/libllama.so ]] ||
-    { mkdir -p /tmp/llama-cuda && tar xJf .gpu/llama-cuda.tar.xz -C /tmp/llama-cuda || exit 1; }
-  if [[ -f /tmp/llama-cuda/libllama.so && -z ${EVAL_CPU:-} ]]; then
-    cuda_lib=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | sed -n 1p)")
-    export LLAMA_CPP_LIB_PATH=/tmp/llama-cuda LD_LIBRARY_PATH=/tmp/llama-cuda:$cuda_lib:${LD_LIBRARY_PATH:-}
-  fi
+  [[ -n ${EVAL_CPU:-} ]] || use_llama_cuda || exit 1
   export PYTHONPATH=$PYTHONPATH:/tmp/evalsite
   data=/tmp/evalsite/_data
   parts=,${EVAL_PARTS:-piqa,reference,mmlu},  # split over calls where they don't fit one's 10 minutes
@@ -202,6 +211,8 @@ PY
   ;;
 seed)
   start_s3
+  # The image's llama.cpp has CUDA (Dockerfile.trainer): parity and the baseline's quantizer run as there.
+  [[ -n ${SEED_LLAMA_CPU:-} ]] || use_llama_cuda || exit 1
   mkdir -p /tmp/seed-out
   timeout "${SEED_TIMEOUT:-585}" python3 bench/seed_scenario.py --model-dir $model_dir --out /tmp/seed-out \
     --rows "${ROWS:-51760}" --epochs "${EPOCHS:-2}" --rerun-epochs "${RERUN_EPOCHS:-4}" \
