@@ -213,12 +213,13 @@ seed)
   start_s3
   # The image's llama.cpp has CUDA (Dockerfile.trainer): parity and the baseline's quantizer run as there.
   [[ -n ${SEED_LLAMA_CPU:-} ]] || use_llama_cuda || exit 1
-  mkdir -p /tmp/seed-out
-  timeout "${SEED_TIMEOUT:-585}" python3 bench/seed_scenario.py --model-dir $model_dir --out /tmp/seed-out \
+  seed_out=${SEED_OUT:-/tmp/seed-out}  # another folder keeps a side experiment's runs apart
+  mkdir -p "$seed_out"
+  timeout "${SEED_TIMEOUT:-585}" python3 bench/seed_scenario.py --model-dir $model_dir --out "$seed_out" \
     --rows "${ROWS:-51760}" --epochs "${EPOCHS:-2}" --rerun-epochs "${RERUN_EPOCHS:-4}" \
     --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}"
   echo "seed scenario: exit $?"
-  cp -r /tmp/seed-out/. "$OUT/"
+  mkdir -p "$OUT/${seed_out##*/}" && cp -r "$seed_out/." "$OUT/${seed_out##*/}/"
   ;;
 lossmem)
   # Padded against padding-free micro-batches at the LM head: peak memory, logits held, fused-loss calls

@@ -8,8 +8,12 @@
 2. The same imports again in this process under cProfile (warm files): the functions with the most
    cumulative time.
 3. The trainer's model load (`model_loading.load_for_training`) under cProfile.
+4. The trainer's first step on alpaca-shaped packed rows, as `finetune run` takes it (padding-free,
+   the head loss, the optimizer's first update) under cProfile, then the next steps' wall times (a
+   new shape that compiles again shows up there).
 
-Writes importtime.txt, import.prof.txt and load.prof.txt to OUT_DIR and prints the heads.
+Writes importtime.txt, import.prof.txt, load.prof.txt and step.prof.txt to OUT_DIR and prints the heads.
+Local compile caches are whatever the machine has: run it first on a fresh machine for a cold compile.
 """
 
 from __future__ import annotations
@@ -83,8 +87,47 @@ def main() -> int:
 
     base = model_loading.BaseModel(source=args.model_dir)
     training = TrainingSpec(batch_size=args.batch, max_seq_length=args.seq, gradient_checkpointing=False)
-    profiled("load", args.out, args.top, lambda: model_loading.load_for_training(base, training))
+    model, backend = profiled("load", args.out, args.top, lambda: model_loading.load_for_training(base, training))
+    first_steps(model, backend, training, args)
     return 0
+
+
+def first_steps(model, backend: str, training, args) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    from seed_scenario import MAX_TOKENS, MEDIAN_TOKENS, SIGMA
+
+    from finetune_trainer.train import head_loss, recipe, varlen_attention
+    from finetune_trainer.train.batching import Batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(MEDIAN_TOKENS), SIGMA, size=4000),  # ~11 packed micro-batches
+                      24, MAX_TOKENS).astype(int)
+    rows = [{"input_ids": (ids := rng.integers(3, 262_000, size=int(n)).tolist()), "labels": ids} for n in lengths]
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    padding_free = varlen_attention.enable(model, training.padding_free)
+    head = head_loss.for_model(model, backend) if padding_free else None
+    batches = Batches(rows, training.batch_size, training.max_seq_length, 0, training.seed, True, bucket=True,
+                      padding_free=padding_free)
+    optimizer = recipe.build_optimizer(model, training)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    print(f"\nsteps: padding-free {padding_free}, head {head.kernel if head else 'model'}, "
+          f"{batches.per_epoch} micro-batches of {len(rows)} rows")
+
+    def step(m: int) -> float:
+        t = time.perf_counter()
+        b = batches.get(m)
+        recipe.forward_backward(model, b, device, 1.0, padding_free, head)
+        recipe.optimizer_step(trainable, optimizer)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    profiled("step", args.out, args.top, lambda: step(0))
+    times = [step(m) for m in range(1, min(8, batches.per_epoch))]
+    print("next steps (s): " + " ".join(f"{t:.3f}" for t in times))
 
 
 if __name__ == "__main__":
