@@ -41,6 +41,7 @@ from .train.checkpoints import Checkpoints
 from .upload.artifacts import upload as upload_artifacts
 
 log = logging.getLogger(__name__)
+_ASIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aside")  # Context.aside's work, in turn
 ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (storage/cache.py)
 # "on": also keep the compile caches in S3. Off by default: on an H200 (2026-12-05) the first re-run that
 # restored them died of a segmentation fault at its first step (docs/benchmarks.md); until that is
@@ -63,6 +64,7 @@ class Context:
     converter: convert.WarmConverter | None = None  # llama.cpp's converter, importing while the model trains
     ahead: prepare_ahead.Ahead | None = None  # the dataset, prepared in a child while this process imported
     auto: str | None = None  # what batchSize/gradientCheckpointing auto chose, and why
+    aside: list[Future] = field(default_factory=list)  # work off the critical path that finish() waits for
     direct_tokenizer: bool = False  # the dataset child's: the named class, not AutoTokenizer (load_tokenizer)
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
 
@@ -209,12 +211,15 @@ def stage_train(ctx: Context) -> recipe.TrainResult | None:
         return result
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
         ctx.compile.save_in_background()
-    plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
-                     title=f"{ctx.cfg.job.name} run {ctx.cfg.job.run}")
-    if ctx.trained is not None:  # a few MB (the adapter): the next run with these inputs starts at the export
-        ctx.trained.store(ctx.cfg.job.model_dump(mode="json", include={"namespace", "name", "uid", "run"})
-                          | {"outputUri": ctx.cfg.output_uri})
-        ctx.caches.update(ctx.trained.report())
+
+    def after_training() -> None:  # neither is needed before the upload: export starts meanwhile
+        plots.loss_curve(ctx.wd.train_log, ctx.wd.loss_plot, result.eval_loss,
+                         title=f"{ctx.cfg.job.name} run {ctx.cfg.job.run}")
+        if ctx.trained is not None:  # a few MB (the adapter): the next run with these inputs starts at the export
+            ctx.trained.store(ctx.cfg.job.model_dump(mode="json", include={"namespace", "name", "uid", "run"})
+                              | {"outputUri": ctx.cfg.output_uri})
+
+    ctx.aside.append(_ASIDE.submit(after_training))
     _timed(ctx, "train", t0)
     return result
 
@@ -428,6 +433,10 @@ def finish(ctx: Context) -> dict[str, Any]:
         t0 = time.monotonic()
         ctx.checkpoints.wait()
         ctx.timings["checkpointUploadWaitSeconds"] = round(time.monotonic() - t0, 2)
+    for work in ctx.aside:  # the loss plot and the training cache's entry: raises what they raised
+        work.result()
+    if ctx.trained is not None:
+        ctx.caches.update(ctx.trained.report())
     if ctx.compile is not None:
         t0 = time.monotonic()
         ctx.compile.join()
