@@ -142,7 +142,7 @@ def cmd_prepare(args) -> Any:
 
     if args.config:
         ctx = _context(args)
-        ctx.direct_tokenizer = args.ahead  # the run's parent checks the class at join
+        ctx.direct_tokenizer = args.as_child  # the run's parent checks the class at join
         return stage_prepare(ctx)
     if not (args.source and args.output_dir):
         raise ConfigError(Reason.INVALID_SPEC, "prepare-dataset needs --source and --output-dir (or --config)")
@@ -313,7 +313,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model", help="tokenizer and chat template source (default unsloth/gemma-3-270m-it)")
     add_flags(s, DatasetSpec, exclude={"config_map_ref"})
     add_flags(s, TrainingSpec, only={"max_seq_length", "chat_template", "train_on_responses_only"})
-    s.add_argument("--ahead", action="store_true", help=argparse.SUPPRESS)  # run's dataset child (prepare_ahead)
+    # `finetune run`'s dataset child (data/prepare_ahead.py); not args.ahead, run's handle on that child
+    s.add_argument("--ahead", dest="as_child", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_prepare)
 
     t = staged("train", "LoRA/QLoRA fine-tuning on a prepared dataset")
