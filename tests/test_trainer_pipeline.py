@@ -185,10 +185,13 @@ def test_metrics_say_where_the_export_time_went(trained):
     timings = trained.metrics["timings"]
     steps = timings["exportSteps"]
     # merge, the 16-bit conversion, every other type by name, parity; the master f16 costs no extra step.
-    # parityReference: the merged model's predictions, made on its device while the conversion runs.
-    assert set(steps) == {"merge", "convert", "parity", "parityReference"} | (set(QUANTS) - {"f16"})
+    # parityReference: the merged model's predictions, made on its device while the conversion runs;
+    # merge.load and merge.save: the parts of merge.
+    assert set(steps) == {"merge", "merge.load", "merge.save", "convert", "parity", "parityReference"} | \
+        (set(QUANTS) - {"f16"})
     assert all(isinstance(s, float) and s >= 0 for s in steps.values())
-    in_turn = sum(v for k, v in steps.items() if k != "parityReference")
+    assert steps["merge.load"] + steps["merge.save"] <= steps["merge"] + 0.02
+    in_turn = sum(v for k, v in steps.items() if k not in ("parityReference", "merge.load", "merge.save"))
     assert in_turn <= timings["exportSeconds"] + 0.1
     assert steps["merge"] + steps["parityReference"] + steps["parity"] <= timings["exportSeconds"] + 0.1
 

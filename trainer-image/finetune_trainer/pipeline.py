@@ -286,11 +286,13 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         rows = parity.usable_rows([list(r["input_ids"]) for r in load_split(ctx.wd.dataset, "parity")]
                                   [: spec.parity_samples]) if spec.parity_check and todo else []
         reference: list = []  # the merged model's predictions on those rows, while it is still in memory
+        merge_parts: dict[str, float] = {}
         converting: list[Future] = []
         t_merge = time.monotonic()
 
         def convert_meanwhile(merged_dir: Path) -> None:  # the folder is on disk: the converter starts
             steps["merge"] = round(time.monotonic() - t_merge, 2)
+            steps.update({f"merge.{k}": v for k, v in merge_parts.items()})
             converting.append(pool.submit(convert.export, merged_dir, ctx.wd.gguf, todo, name, ctx.template,
                                           spec.ollama_modelfile, warm=ctx.converter))
 
@@ -302,7 +304,8 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         # A failure in the reference still waits for the conversion thread before it propagates.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert") as pool:
             merged = convert.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
-                                  with_model=predict if rows else None, on_saved=convert_meanwhile)
+                                  with_model=predict if rows else None, on_saved=convert_meanwhile,
+                                  seconds=merge_parts)
             result = converting[0].result()
         steps.update(result.seconds)
         files.update(result.gguf)

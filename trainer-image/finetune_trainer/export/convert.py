@@ -85,21 +85,26 @@ def _derived_buffers(model) -> dict[str, Any]:
 
 def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate,
           with_model: Callable[[Any], None] | None = None,
-          on_saved: Callable[[Path], None] | None = None) -> Path:
+          on_saved: Callable[[Path], None] | None = None, seconds: dict[str, float] | None = None) -> Path:
     """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template.
 
     on_saved: called with the folder once it is complete on disk, before with_model: export starts
     the conversion there, so the converter (CPU) and the reference predictions (GPU) run at once.
     with_model: called with the merged model as saved (16-bit weights, upcast to fp32, on the device
     it merged on) before it is freed, e.g. for the parity check's reference predictions.
+    seconds: filled with the wall time of loading and merging ("load") and of writing the folder ("save").
     """
     import torch
 
+    t0 = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_merged(base, adapter_dir, device)
+    t1 = time.monotonic()
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
     _write_tokenizer(base, tokenizer, template, model.config.model_type, out_dir)
+    if seconds is not None:
+        seconds.update(load=round(t1 - t0, 2), save=round(time.monotonic() - t1, 2))
     if on_saved is not None:
         on_saved(out_dir)
     if with_model is not None:
