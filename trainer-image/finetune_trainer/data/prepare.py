@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,9 @@ def prepare(dataset: DatasetSpec, training: TrainingSpec, tokenizer, template: C
         return report
     shutil.rmtree(staging, ignore_errors=True)
     report = _prepare(loaded, dataset, training, tokenizer, template, out_dir, parity_samples, reporter)
+    t0 = time.monotonic()
     stored = cache.store_entry(key, out_dir, _prepared_files(), inputs)
+    log.info("dataset cache entry written in %.2f s", time.monotonic() - t0)
     report["cache"] = _cache_report(lookup, key, stored)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -298,7 +301,9 @@ def _prepare(loaded: Rows, dataset: DatasetSpec, training: TrainingSpec, tokeniz
     max_len = training.max_seq_length
     if reporter:
         reporter.message(f"tokenizing {len(examples)} rows")
-    results = encode_all(examples, tokenizer, template, training.train_on_responses_only, prepare_workers())
+    t0, workers = time.monotonic(), prepare_workers()
+    results = encode_all(examples, tokenizer, template, training.train_on_responses_only, workers)
+    log.info("encoded %d rows in %.2f s (%d processes)", len(examples), time.monotonic() - t0, workers)
     for ex, result in zip(examples, results, strict=True):
         if isinstance(result, RowError):
             errors.append({"row": ex["row"], "reason": str(result)})
