@@ -420,8 +420,8 @@ def collect_metrics(ctx: Context, report: dict, result: dict, parity_results: di
 
 
 def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
+    """Every artifact, then manifest.json. finish() has announced the stage already."""
     t0 = time.monotonic()
-    ctx.reporter.stage(Phase.UPLOADING.value, f"to {ctx.cfg.output_uri}")
     extra = {"job": ctx.cfg.job.wire(), "baseModel": ctx.spec.base_model.resolved_name(),
              "chatTemplate": ctx.template.name, "parity": metrics.get("parity", {}), "metrics": metrics}
     artifacts = upload_artifacts(ctx.wd, ctx.cfg.output_uri, ctx.store, extra, adapter=ctx.spec.export.adapter,
@@ -432,12 +432,18 @@ def stage_upload(ctx: Context, metrics: dict[str, Any]) -> list[Artifact]:
 
 def finish(ctx: Context) -> dict[str, Any]:
     """Metrics from what the stages left in the workdir, the upload, and the final status report."""
+    # Uploading from here: the final checkpoint, the training cache's entry and the compile caches may
+    # still be on their way to S3, and an S3 outage now must show as this stage, not the one before.
+    ctx.reporter.stage(Phase.UPLOADING.value, f"to {ctx.cfg.output_uri}")
     if ctx.checkpoints is not None:  # the final checkpoint is in S3 before the run says it is done
         t0 = time.monotonic()
         ctx.checkpoints.wait()
         ctx.timings["checkpointUploadWaitSeconds"] = round(time.monotonic() - t0, 2)
-    for work in ctx.aside:  # the loss plot and the training cache's entry: raises what they raised
-        work.result()
+    if ctx.aside:
+        t0 = time.monotonic()
+        for work in ctx.aside:  # the loss plot and the training cache's entry: raises what they raised
+            work.result()
+        ctx.timings["plotAndTrainingCacheWaitSeconds"] = round(time.monotonic() - t0, 2)
     if ctx.trained is not None:
         ctx.caches.update(ctx.trained.report())
     if ctx.compile is not None:
