@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -397,6 +398,51 @@ def test_compile_cache_round_trips_through_s3_and_rejects_a_corrupt_archive(stor
     assert not any((tmp_path / "run3").rglob("entry"))
     other = compile_cache.CompileCache(cache, dirs(tmp_path / "run4"), {**inputs, "batchSize": 16}, tmp_path / "s4")
     assert other.restore().reason == "absent"  # other shapes: another key
+
+
+def test_a_restored_compile_cache_never_rewrites_a_file_the_process_has_loaded(store, tmp_path):
+    """Triton builds its driver stubs into its cache at import, before the restore; the process maps them.
+    Written into in place, a mapped library crashes the process at its next call (the GPU re-run that died
+    of a segmentation fault at its first step): a restored file must arrive as a new inode."""
+    import mmap
+
+    cache = S3Cache(store, cache_uri(store.bucket, "finetune", "team-a"), "compile")
+    made = {name: tmp_path / "run1" / name for name in compile_cache.ENV_DIRS}
+    (made["triton"] / "HASH").mkdir(parents=True)
+    (made["triton"] / "HASH" / "cuda_utils.so").write_bytes(b"stored stub" * 1000)
+    first = compile_cache.CompileCache(cache, made, {"model": "m"}, tmp_path / "s1")
+    first.restore()
+    assert first.save() is True
+
+    here = {name: tmp_path / "run2" / name for name in compile_cache.ENV_DIRS}
+    loaded = here["triton"] / "HASH" / "cuda_utils.so"
+    loaded.parent.mkdir(parents=True)
+    loaded.write_bytes(b"loaded stub" * 1000)  # what this process's imports built and mapped
+    with open(loaded, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        inode = os.fstat(f.fileno()).st_ino
+        assert compile_cache.CompileCache(cache, here, {"model": "m"}, tmp_path / "s2").restore().hit
+        assert mapped[:11] == b"loaded stub" and os.fstat(f.fileno()).st_size == 11000  # as mapped
+    assert loaded.read_bytes() == b"stored stub" * 1000 and loaded.stat().st_ino != inode
+    assert sorted(p.name for p in here["triton"].iterdir()) == ["HASH"]  # no staging left behind
+
+
+def test_unsloths_compile_bundle_is_written_before_the_archive(monkeypatch, tmp_path):
+    """Unsloth writes its torch.compile bundle at exit, after the compile cache is archived; the trainer
+    asks for it after training, into the folder the archive holds (UNSLOTH_MEGA_CACHE_DIR)."""
+    import sys
+    import types
+
+    for var in [*compile_cache.ENV_DIRS.values(), *compile_cache.ENV_ON]:  # restored after the test
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    dirs = compile_cache.use_dirs(tmp_path)
+    assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "mega") == str(dirs["mega"])
+    monkeypatch.delitem(sys.modules, "unsloth_zoo.compile_cache", raising=False)
+    assert compile_cache.flush_unsloth_artifacts() is False  # Unsloth never loaded: nothing to write
+    written = []
+    fake = types.SimpleNamespace(megacache_save=lambda: written.append(os.environ["UNSLOTH_MEGA_CACHE_DIR"]) or True)
+    monkeypatch.setitem(sys.modules, "unsloth_zoo.compile_cache", fake)
+    assert compile_cache.flush_unsloth_artifacts() is True and written == [str(tmp_path / "mega")]
 
 
 def test_model_shape_counts_the_parameters_from_the_safetensors_headers():

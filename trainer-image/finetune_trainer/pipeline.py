@@ -210,6 +210,10 @@ def stage_train(ctx: Context) -> recipe.TrainResult | None:
     if not ctx.world.main:
         return result
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
+        if not (ctx.compile.lookup and ctx.compile.lookup.hit):
+            t_flush = time.monotonic()
+            compile_cache.flush_unsloth_artifacts()
+            ctx.timings["compileArtifactsFlushSeconds"] = round(time.monotonic() - t_flush, 2)
         ctx.compile.save_in_background()
 
     def after_training() -> None:  # neither is needed before the upload: export starts meanwhile
@@ -253,8 +257,8 @@ def restore_compile_cache(ctx: Context, training) -> None:
     cache = ctx.cache("compile")
     if cache is None or not torch.cuda.is_available():
         return
-    if os.environ.get(ENV_COMPILE_CACHE, "off").lower() not in ("on", "1", "true"):
-        ctx.caches["compile"] = f"off ({ENV_COMPILE_CACHE}=on keeps it in S3)"
+    if os.environ.get(ENV_COMPILE_CACHE, "on").lower() in ("off", "0", "false"):
+        ctx.caches["compile"] = f"off ({ENV_COMPILE_CACHE}=off)"
         return
     t0 = time.monotonic()
     dirs = compile_cache.use_dirs(compile_cache.default_root())

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tarfile
 import threading
@@ -26,8 +27,12 @@ from ..storage.cache import Lookup, S3Cache
 
 log = logging.getLogger(__name__)
 
+# "mega": Unsloth's bundle of torch.compile artifacts (unsloth_zoo/compile_cache.py, torch.compiler's
+# save_cache_artifacts): what lets a new process skip Inductor's lowering and Triton's compilation,
+# ~20 s of a first step. By default it lives in ~/.cache, which outlives the process on a machine
+# but not a pod; Inductor's own folder is no substitute (Unsloth unsets TORCHINDUCTOR_CACHE_DIR at import).
 ENV_DIRS = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR",
-            "unsloth": "UNSLOTH_COMPILE_LOCATION"}
+            "unsloth": "UNSLOTH_COMPILE_LOCATION", "mega": "UNSLOTH_MEGA_CACHE_DIR"}
 # Inductor's FX-graph and AOTAutograd caches: what lets a warm cache skip compiling, not only codegen.
 ENV_ON = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 ARCHIVE = "compile-cache.tar"
@@ -126,19 +131,44 @@ def archive(dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
+RESTORING = ".restoring"
+
+
 def extract(tar_file: Path, dirs: dict[str, Path]) -> None:
-    """Unpacks each cache into its directory; tarfile's data filter refuses links and paths that leave it."""
+    """Unpacks each cache's files into its directory; tarfile's data filter refuses paths that leave it.
+
+    Each file lands beside its place and is renamed over it, never written into: the process has already
+    loaded some of these files by now (the imports built Triton's driver stubs into its cache and mapped
+    them), and a file truncated and rewritten under a mapping crashes the process when it next runs code
+    from it. A rename leaves the mapped file's inode as it was.
+    """
     with tarfile.open(tar_file) as tar:
         for member in tar.getmembers():
             top, _, rest = member.name.partition("/")
-            if top not in dirs or not rest:
+            if top not in dirs or not rest or not member.isfile():  # folders come with their files
                 continue
             member.name = rest
-            tar.extract(member, str(dirs[top]), filter="data")
+            staging = dirs[top] / RESTORING
+            tar.extract(member, str(staging), filter="data")
+            target = dirs[top] / rest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rest, target)
+    for path in dirs.values():
+        shutil.rmtree(path / RESTORING, ignore_errors=True)
 
 
 def file_count(dirs: dict[str, Path]) -> int:
     return sum(1 for path in dirs.values() if path.is_dir() for p in path.rglob("*") if p.is_file())
+
+
+def flush_unsloth_artifacts() -> bool:
+    """Writes Unsloth's torch.compile bundle now: it would at process exit, after the archive is made.
+
+    Call it from the training thread, between steps and export: it serializes what torch recorded while
+    compiling, which must not run beside a compilation. False where Unsloth never armed it (no
+    compiled model, another backend) or had nothing new."""
+    zoo = sys.modules.get("unsloth_zoo.compile_cache")
+    return bool(zoo is not None and zoo.megacache_save())
 
 
 class CompileCache:
@@ -164,8 +194,6 @@ class CompileCache:
                 extract(staging / ARCHIVE, self.dirs)
             except (tarfile.TarError, OSError) as exc:
                 self.lookup = Lookup(False, f"corrupt: {exc}", self.lookup.seconds)
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         return self.lookup
 
