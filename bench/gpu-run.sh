@@ -11,7 +11,10 @@
 #   bench/gpu-run.sh seed    # bench/seed_scenario.py: `finetune run` twice (2 epochs, then the edited spec:
 #                            #   4 epochs, lr 1e-5) and TRL SFTTrainer + PEFT + llama.cpp, phases and ratio;
 #                            #   llama.cpp from .gpu/llama-cuda.tar.xz where carried, as the image has it
-#                            #   (SEED_LLAMA_CPU=1: the CPU build)
+#                            #   (SEED_LLAMA_CPU=1: the CPU build; SEED_STACKS=<seconds>: the trainer's stacks
+#                            #   sampled, bench/stack_sampler.py; SEED_RESIDENCY=1: the GPU library files each run
+#                            #   read into the page cache, bench/page_residency.py; SEED_FORGET_TRAINED=1: the
+#                            #   training and export caches emptied first, to repeat a part as it was)
 #                            #   (ROWS=51760 EPOCHS=2 RERUN_EPOCHS=4 PARTS=project,rerun,baseline BASELINE_STEPS=30;
 #                            #   results accumulate in /tmp/seed-out while the machine stays warm, so the
 #                            #   parts may be split over calls and the last one prints the ratio)
@@ -217,7 +220,8 @@ seed)
   mkdir -p "$seed_out"
   timeout "${SEED_TIMEOUT:-585}" python3 bench/seed_scenario.py --model-dir $model_dir --out "$seed_out" \
     --rows "${ROWS:-51760}" --epochs "${EPOCHS:-2}" --rerun-epochs "${RERUN_EPOCHS:-4}" \
-    --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}"
+    --parts "${PARTS:-project,rerun,baseline}" --baseline-steps "${BASELINE_STEPS:-30}" \
+    --stacks "${SEED_STACKS:-0}" ${SEED_RESIDENCY:+--residency} ${SEED_FORGET_TRAINED:+--forget-trained}
   echo "seed scenario: exit $?"
   mkdir -p "$OUT/${seed_out##*/}" && cp -r "$seed_out/." "$OUT/${seed_out##*/}/"
   ;;

@@ -124,17 +124,32 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
     # A new pod: no workdir, and no compile caches on local disk (only what S3 keeps).
     import tempfile
 
+    import getpass
+
+    # Each compiler's default place too, as torch and Unsloth name them: Unsloth unsets
+    # TORCHINDUCTOR_CACHE_DIR at import, and keeps its torch.compile bundle in ~/.cache. Left on the
+    # machine, those made every run after the machine's first compile as if its cache had hit.
     local_caches = [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
-                    f"{tempfile.gettempdir()}/torchinductor_{os.environ.get('USER', 'root')}",
-                    str(Path.home() / ".triton" / "cache"), "unsloth_compiled_cache"]
+                    f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}",
+                    str(Path.home() / ".triton" / "cache"), str(Path.home() / ".cache" / "unsloth" / "mega_cache"),
+                    "unsloth_compiled_cache"]
     subprocess.run(["rm", "-rf", str(workdir), *local_caches], check=True)
+    if args.forget_trained:  # the same spec run again must train and export again, not reuse both
+        forget_trained(args, cfg.output_uri)
     workdir.mkdir(parents=True)
     config = workdir.parent / f"run-{run}.yaml"
     config.write_text(cfg.to_yaml())
     marks: dict[str, float] = {}
     steps: list[float] = []
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "run", "--config", str(config),
+    residency = [sys.executable, str(ROOT / "bench" / "page_residency.py")]
+    if args.residency:  # what of the GPU libraries a cold machine had to read during this run
+        subprocess.run([*residency, "snapshot", str(out / f"residency-run{run}-before.json")], check=False)
+    # Optionally with every thread's stack sampled (bench/stack_sampler.py): where a slow phase spends it.
+    sampler = [str(ROOT / "bench" / "stack_sampler.py"), str(out / f"stacks-run{run}.txt"), str(args.stacks)] \
+        if args.stacks else []
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, *sampler, "-m", "finetune_trainer", "run", "--config", str(config),
                              "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     stop = threading.Event()
@@ -163,6 +178,10 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
     time.sleep(0.2)
     stop.set()
     watcher.join()
+    if args.residency:
+        subprocess.run([*residency, "snapshot", str(out / f"residency-run{run}-after.json")], check=False)
+        subprocess.run([*residency, "diff", str(out / f"residency-run{run}-before.json"),
+                        str(out / f"residency-run{run}-after.json")], check=False)
     metrics = json.loads((workdir / "metrics.json").read_text()) if (workdir / "metrics.json").exists() else {}
     log = [json.loads(x) for x in (workdir / "train-log.jsonl").read_text().splitlines()] \
         if (workdir / "train-log.jsonl").exists() else []
@@ -175,6 +194,20 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
 def steady_rate(log: list[dict]) -> float | None:
     rates = sorted(e["tokensPerSecond"] for e in log[3:] if "tokensPerSecond" in e)
     return round(rates[len(rates) // 2], 1) if rates else None
+
+
+def forget_trained(args, output_uri: str) -> None:
+    """Deletes the training and export caches' entries under the job's namespace (the dataset and
+    compile caches stay: a spec edit of epochs and learning rate reuses those)."""
+    import boto3
+
+    bucket, _, prefix = output_uri[5:].partition("/")
+    namespace_root = "/".join(prefix.split("/")[:2])  # <prefix>/<namespace>
+    s3 = boto3.client("s3", endpoint_url=args.endpoint, region_name="us-east-1")
+    for kind in ("trained", "exports"):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{namespace_root}/.cache/{kind}/"):
+            for obj in page.get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
 
 
 def manifest_in_s3(args, output_uri: str) -> bool:
@@ -354,6 +387,12 @@ def main(argv=None) -> int:
     ap.add_argument("--endpoint", default="http://127.0.0.1:18333")
     ap.add_argument("--bucket", default="models")
     ap.add_argument("--workdir-root", default="/tmp/seed-work")
+    ap.add_argument("--stacks", type=float, default=0,
+                    help="sample the trainer's stacks every this many seconds (bench/stack_sampler.py; 0: off)")
+    ap.add_argument("--residency", action="store_true",
+                    help="report which GPU library files each run brought into the page cache")
+    ap.add_argument("--forget-trained", action="store_true",
+                    help="delete the training and export caches' entries first (to repeat a run as it was)")
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--t0", help=argparse.SUPPRESS)
     ap.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
