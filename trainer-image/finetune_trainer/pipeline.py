@@ -43,9 +43,8 @@ from .upload.artifacts import upload as upload_artifacts
 log = logging.getLogger(__name__)
 _ASIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aside")  # Context.aside's work, in turn
 ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (storage/cache.py)
-# "on": also keep the compile caches in S3. Off by default: on an H200 (2026-12-05) the first re-run that
-# restored them died of a segmentation fault at its first step (docs/benchmarks.md); until that is
-# understood, every new pod compiles (~30 s on Gemma 3 270M).
+# "off": no compile caches in S3, so every new pod compiles (~28 s of Gemma 3 270M's first step on an
+# H100, against 5 s with them: docs/benchmarks.md). On by default.
 ENV_COMPILE_CACHE = "FINETUNE_COMPILE_CACHE"
 
 
