@@ -297,7 +297,7 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
                      "localPathRoots": ["/models/"], "allowedImages": ["registry.example/ml/"],
                      "allowedGpuResources": ["amd.com/gpu"], "allowedPriorityClasses": ["batch-low"],
                      "allowedTolerations": [{"key": "spot", "operator": "Exists"}],
-                     "allowServiceAccountOverride": True},
+                     "allowServiceAccountOverride": True, "compileCache": False},
     }
     env = env_of(one(render(helm, tmp_path, values), "Deployment"))
     for key in [k for k in os.environ if k.startswith("FINETUNE_")]:
@@ -317,6 +317,7 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
     assert cfg.metrics_port == 9090
     assert env["FINETUNE_DEFAULT_S3_BUCKET"] == "models"
     assert env["FINETUNE_DEFAULT_S3_CREDENTIALS_SECRET"] == "s3-credentials"
+    assert cfg.compile_cache is False
     assert cfg.egress_allow_http is True
     assert cfg.egress_allowed_hosts == ("minio.storage.svc:9000", "10.0.0.7")
     assert cfg.local_path_roots == ("/models/",) and cfg.allowed_images == ("registry.example/ml/",)

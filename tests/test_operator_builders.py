@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 from pydantic import ValidationError
@@ -85,6 +86,16 @@ def test_cpu_job_requests_no_gpu_and_follows_suspend():
     assert res == {"limits": {"cpu": "2", "memory": "4Gi"}, "requests": {"cpu": "2", "memory": "4Gi"}}
     assert job["spec"]["suspend"] is True
     assert c.KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+
+
+def test_the_admins_compile_cache_choice_reaches_the_trainer():
+    """Compile caches hold code the trainer runs: the cluster admin decides (security.compileCache)."""
+    def compile_env(cfg):
+        env = {e["name"]: e.get("value") for e in build(SPEC, cfg=cfg)["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return env[c.ENV_COMPILE_CACHE]
+
+    assert CFG.compile_cache is True and compile_env(CFG) == "on"
+    assert compile_env(dataclasses.replace(CFG, compile_cache=False)) == "off"
 
 
 def test_dataset_configmap_is_mounted_and_named_in_env():

@@ -24,6 +24,7 @@ ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # = the container's terminatio
 ENV_PROGRESS_INTERVAL = "FINETUNE_PROGRESS_INTERVAL"  # seconds between status reports (default 5)
 ENV_SERVICEACCOUNT_DIR = "FINETUNE_SERVICEACCOUNT_DIR"  # default the in-cluster path below
 ENV_WORKDIR = "FINETUNE_WORKDIR"  # scratch space (dataset, checkpoints, exports)
+ENV_COMPILE_CACHE = "FINETUNE_COMPILE_CACHE"  # "off": no compile caches in S3 (Helm value security.compileCache)
 DEFAULT_SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 CONFIG_MOUNT = "/etc/finetune/config"
 DATASET_MOUNT = "/etc/finetune/dataset"  # dataset.configMapRef rows

@@ -173,6 +173,7 @@ def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         {"name": "HOME", "value": c.WORKDIR_MOUNT},
         {"name": "HF_HOME", "value": f"{c.WORKDIR_MOUNT}/.cache/huggingface"},
         {"name": "UNSLOTH_DISABLE_STATISTICS", "value": "1"},
+        {"name": c.ENV_COMPILE_CACHE, "value": "on" if cfg.compile_cache else "off"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if config_digest:

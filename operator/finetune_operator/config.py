@@ -19,8 +19,9 @@ def _list_env(name: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in (os.environ.get(name) or "").split(",") if v.strip())
 
 
-def _bool_env(name: str) -> bool:
-    return (os.environ.get(name) or "").strip().lower() in ("1", "true", "yes")
+def _bool_env(name: str, default: bool = False) -> bool:
+    value = (os.environ.get(name) or "").strip().lower()
+    return value in ("1", "true", "yes") if value else default
 
 
 def image_repository(image: str) -> str:
@@ -55,6 +56,7 @@ class OperatorConfig:
     allowed_priority_classes: tuple[str, ...] = ()
     allowed_tolerations: list[dict[str, Any]] = field(default_factory=list)  # besides default_tolerations
     allow_service_account_override: bool = False
+    compile_cache: bool = True  # trainers keep their compile caches (code they run) in S3
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -82,4 +84,5 @@ class OperatorConfig:
             allowed_priority_classes=_list_env("FINETUNE_ALLOWED_PRIORITY_CLASSES"),
             allowed_tolerations=_json_env("FINETUNE_ALLOWED_TOLERATIONS", []),
             allow_service_account_override=_bool_env("FINETUNE_ALLOW_SERVICE_ACCOUNT_OVERRIDE"),
+            compile_cache=_bool_env("FINETUNE_COMPILE_CACHE_ALLOWED", default=True),
         )

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from finetune_api import RunConfig
+from finetune_api import RunConfig, contract
 from finetune_api.status import Artifact, Phase
 
 from .data import chat_templates, prepare_ahead
@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 _ASIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aside")  # Context.aside's work, in turn
 ENV_CACHE = "FINETUNE_CACHE"  # "off": neither read nor write the S3 caches (storage/cache.py)
 # "off": no compile caches in S3, so every new pod compiles (~28 s of Gemma 3 270M's first step on an
-# H100, against 5 s with them: docs/benchmarks.md). On by default.
-ENV_COMPILE_CACHE = "FINETUNE_COMPILE_CACHE"
+# H100, against 5 s with them: docs/benchmarks.md). On by default; the operator sets it from the
+# cluster admin's Helm value security.compileCache.
+ENV_COMPILE_CACHE = contract.ENV_COMPILE_CACHE
 
 
 @dataclass
