@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -53,11 +54,11 @@ def files() -> list[str]:
 def main() -> None:
     if sys.argv[1] == "snapshot":
         snap = {p: [resident_bytes(p), os.path.getsize(p)] for p in files()}
-        json.dump(snap, open(sys.argv[2], "w"))
+        Path(sys.argv[2]).write_text(json.dumps(snap))
         print(f"page cache: {sum(r for r, _ in snap.values()) / 1e6:.0f} of "
               f"{sum(s for _, s in snap.values()) / 1e6:.0f} MB of {len(snap)} GPU library files resident")
     else:
-        before, after = json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+        before, after = (json.loads(Path(f).read_text()) for f in sys.argv[2:4])
         grown = sorted(((after[p][0] - before.get(p, [0])[0], p) for p in after), reverse=True)
         print(f"brought into the page cache between the two: {sum(g for g, _ in grown if g > 0) / 1e6:.0f} MB")
         for g, p in grown[:25]:

@@ -122,9 +122,8 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
     cfg = RunConfig.build(FinetuneJobSpec.model_validate(spec), RunRef(namespace="bench", name="seed", run=run))
     workdir = Path(args.workdir_root) / f"run-{run}"
     # A new pod: no workdir, and no compile caches on local disk (only what S3 keeps).
-    import tempfile
-
     import getpass
+    import tempfile
 
     # Each compiler's default place too, as torch and Unsloth name them: Unsloth unsets
     # TORCHINDUCTOR_CACHE_DIR at import, and keeps its torch.compile bundle in ~/.cache. Left on the

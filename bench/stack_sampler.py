@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 
 def sample(out, interval: float) -> None:
@@ -39,9 +40,9 @@ def sample(out, interval: float) -> None:
 
 
 def summary(path: str, interval: float, start: float, end: float, depth: int = 6) -> None:
-    parts = re.split(r"^Timeout \(at ([0-9.]+) s\)!\n", open(path).read(), flags=re.M)[1:]
+    parts = re.split(r"^Timeout \(at ([0-9.]+) s\)!\n", Path(path).read_text(), flags=re.M)[1:]
     counts: collections.Counter = collections.Counter()
-    for at, sample in zip(parts[::2], parts[1::2]):
+    for at, sample in zip(parts[::2], parts[1::2], strict=True):
         if not start <= float(at) < end:
             continue
         # faulthandler writes the current thread (its own watchdog is not one) and then the others,
@@ -61,6 +62,7 @@ if __name__ == "__main__":
         sys.exit(0)
     out, interval, flag, module, *args = sys.argv[1:]
     assert flag == "-m", "usage: stack_sampler.py OUT INTERVAL -m MODULE ARGS..."
-    threading.Thread(target=sample, args=(open(out, "w", buffering=1), float(interval)), daemon=True).start()
+    stacks = open(out, "w", buffering=1)  # noqa: SIM115 - written until the process ends
+    threading.Thread(target=sample, args=(stacks, float(interval)), daemon=True).start()
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

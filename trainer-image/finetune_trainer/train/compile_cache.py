@@ -4,10 +4,10 @@ bundle of torch.compile artifacts, kept in S3.
 A GPU run spends ~30 s compiling before its first step (Dynamo's tracing, Inductor's lowering, Triton's
 kernels). The compilers keep what they made on disk; the trainer points their caches into one folder
 before anything compiles (use_dirs), restores an archive of them from S3 before the model loads, and,
-after a run that missed, archives them back (Unsloth's bundle written first: it would be at exit). The key is every input
-that decides what gets compiled: the model's config, the shapes (micro-batch, maxSeqLength, packing,
-checkpointing, LoRA shape), the versions of torch, triton, transformers, Unsloth and CUDA, the GPU's
-name and Unsloth's switches. The integrity rules are cache.py's: a checksum or key mismatch is a miss.
+after a run that missed, archives them back (Unsloth's bundle written first: it would be at exit).
+The key is every input that decides what gets compiled: the model's config, the shapes (micro-batch,
+maxSeqLength, packing, checkpointing, LoRA shape), the versions of torch, triton, transformers,
+Unsloth and CUDA, the GPU's name and Unsloth's switches. The integrity rules are cache.py's: a checksum or key mismatch is a miss.
 """
 
 from __future__ import annotations
