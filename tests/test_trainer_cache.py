@@ -426,23 +426,56 @@ def test_a_restored_compile_cache_never_rewrites_a_file_the_process_has_loaded(s
     assert sorted(p.name for p in here["triton"].iterdir()) == ["HASH"]  # no staging left behind
 
 
-def test_unsloths_compile_bundle_is_written_before_the_archive(monkeypatch, tmp_path):
-    """Unsloth writes its torch.compile bundle at exit, after the compile cache is archived; the trainer
-    asks for it after training, into the folder the archive holds (UNSLOTH_MEGA_CACHE_DIR)."""
-    import sys
-    import types
+COMPILE_PROBE = r"""
+import json, sys
+from pathlib import Path
+import torch
+from finetune_trainer.train import compile_cache
+dirs = compile_cache.use_dirs(Path(sys.argv[1]))
+loaded = compile_cache.load_artifacts(dirs) if sys.argv[2] == "load" else None
+f = torch.compile(lambda x: torch.nn.functional.gelu(x * 2 + 1).sum(-1))
+f(torch.randn(8, 16))
+from torch._dynamo.utils import counters
+saved = compile_cache.save_artifacts(dirs) if sys.argv[2] == "save" else None
+print(json.dumps({"loaded": loaded, "saved": saved, "inductor": dict(counters["inductor"])}))
+"""
 
-    for var in [*compile_cache.ENV_DIRS.values(), *compile_cache.ENV_ON]:  # restored after the test
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    dirs = compile_cache.use_dirs(tmp_path)
-    assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "mega") == str(dirs["mega"])
-    monkeypatch.delitem(sys.modules, "unsloth_zoo.compile_cache", raising=False)
-    assert compile_cache.flush_unsloth_artifacts() is False  # Unsloth never loaded: nothing to write
-    written = []
-    fake = types.SimpleNamespace(megacache_save=lambda: written.append(os.environ["UNSLOTH_MEGA_CACHE_DIR"]) or True)
-    monkeypatch.setitem(sys.modules, "unsloth_zoo.compile_cache", fake)
-    assert compile_cache.flush_unsloth_artifacts() is True and written == [str(tmp_path / "mega")]
+
+def test_a_compilation_reaches_a_new_process_through_the_compile_cache(store, tmp_path):
+    """torch.compile's artifacts, saved after training, archived to S3 and loaded by the next pod before
+    it compiles, turn its compilation into cache hits. Inductor's own folder is elsewhere in both
+    processes (Unsloth unsets TORCHINDUCTOR_CACHE_DIR), so the artifacts are the only way across."""
+    import subprocess
+    import sys
+
+    def probe(root: Path, mode: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in compile_cache.ENV_DIRS.values()}
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / f"inductor-default-{mode}")  # as after Unsloth's import
+        out = subprocess.run([sys.executable, "-c", COMPILE_PROBE, str(root), mode], env=env, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    def dirs(root: Path) -> dict[str, Path]:
+        return {name: root / name for name in [*compile_cache.ENV_DIRS, compile_cache.ARTIFACTS_DIR]}
+
+    first = probe(tmp_path / "pod1", "save")
+    assert first["saved"] > 0 and first["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    cache = S3Cache(store, cache_uri(store.bucket, "finetune", "team-a"), "compile")
+    inputs = {"model": "config:probe"}
+    assert compile_cache.CompileCache(cache, dirs(tmp_path / "pod1"), inputs, tmp_path / "s1").save() is True
+
+    pod2 = compile_cache.CompileCache(cache, dirs(tmp_path / "pod2"), inputs, tmp_path / "s2")
+    assert pod2.restore().hit
+    second = probe(tmp_path / "pod2", "load")
+    assert second["loaded"] == "loaded"
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and not second["inductor"].get("fxgraph_cache_miss")
+
+
+def test_no_artifacts_to_load_is_said_not_raised(tmp_path):
+    dirs = {compile_cache.ARTIFACTS_DIR: tmp_path}
+    assert compile_cache.load_artifacts(dirs) == "absent"
+    (tmp_path / compile_cache.ARTIFACTS).write_bytes(b"not what torch wrote")
+    assert compile_cache.load_artifacts(dirs).startswith("refused")
 
 
 def test_model_shape_counts_the_parameters_from_the_safetensors_headers():

@@ -211,9 +211,9 @@ def stage_train(ctx: Context) -> recipe.TrainResult | None:
         return result
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
         if not (ctx.compile.lookup and ctx.compile.lookup.hit):
-            t_flush = time.monotonic()
-            compile_cache.flush_unsloth_artifacts()
-            ctx.timings["compileArtifactsFlushSeconds"] = round(time.monotonic() - t_flush, 2)
+            t_save = time.monotonic()
+            compile_cache.save_artifacts(ctx.compile.dirs)
+            ctx.timings["compileArtifactsSaveSeconds"] = round(time.monotonic() - t_save, 2)
         ctx.compile.save_in_background()
 
     def after_training() -> None:  # neither is needed before the upload: export starts meanwhile
@@ -268,9 +268,12 @@ def restore_compile_cache(ctx: Context, training) -> None:
         gpu=compile_cache.gpu(), env=compile_cache.switches(model_loading.trainer_env(ctx.base)))
     ctx.compile = compile_cache.CompileCache(cache, dirs, inputs, ctx.wd.root)
     lookup = ctx.compile.restore()
+    if lookup.hit:  # before the model loads: its first compilation then finds them
+        ctx.compile.artifacts = compile_cache.load_artifacts(dirs)
     ctx.caches.update(ctx.compile.report())
     ctx.timings["compileCacheRestoreSeconds"] = round(time.monotonic() - t0, 2)
-    ctx.reporter.message(f"compile cache {lookup.label} ({lookup.reason})")
+    ctx.reporter.message(f"compile cache {lookup.label} ({lookup.reason}"
+                         f"{f'; torch.compile artifacts {ctx.compile.artifacts}' if lookup.hit else ''})")
 
 
 def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:

@@ -1,10 +1,12 @@
-"""Persistent compile caches: Inductor's and Triton's kernels, Unsloth's generated modules and Unsloth's
-bundle of torch.compile artifacts, kept in S3.
+"""Persistent compile caches: torch.compile's artifacts, Inductor's and Triton's kernels and Unsloth's
+generated modules, kept in S3.
 
 A GPU run spends ~30 s compiling before its first step (Dynamo's tracing, Inductor's lowering, Triton's
 kernels). The compilers keep what they made on disk; the trainer points their caches into one folder
 before anything compiles (use_dirs), restores an archive of them from S3 before the model loads, and,
-after a run that missed, archives them back (Unsloth's bundle written first: it would be at exit).
+after a run that missed, archives them back. torch's own record of what it compiled (FX graphs,
+AOTAutograd entries, Triton kernels: torch.compiler.save_cache_artifacts) is what lets a new process skip
+the compilation; Inductor's folder alone does not, since Unsloth unsets TORCHINDUCTOR_CACHE_DIR at import.
 The key is every input that decides what gets compiled: the model's config, the shapes (micro-batch,
 maxSeqLength, packing, checkpointing, LoRA shape), the versions of torch, triton, transformers,
 Unsloth and CUDA, the GPU's name and Unsloth's switches. The integrity rules are cache.py's: a checksum or key mismatch is a miss.
@@ -28,12 +30,10 @@ from ..storage.cache import Lookup, S3Cache
 
 log = logging.getLogger(__name__)
 
-# "mega": Unsloth's bundle of torch.compile artifacts (unsloth_zoo/compile_cache.py, torch.compiler's
-# save_cache_artifacts): what lets a new process skip Inductor's lowering and Triton's compilation,
-# ~20 s of a first step. By default it lives in ~/.cache, which outlives the process on a machine
-# but not a pod; Inductor's own folder is no substitute (Unsloth unsets TORCHINDUCTOR_CACHE_DIR at import).
 ENV_DIRS = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR",
-            "unsloth": "UNSLOTH_COMPILE_LOCATION", "mega": "UNSLOTH_MEGA_CACHE_DIR"}
+            "unsloth": "UNSLOTH_COMPILE_LOCATION"}
+# torch.compile's artifacts of a run, as torch.compiler.save_cache_artifacts serializes them.
+ARTIFACTS_DIR, ARTIFACTS = "artifacts", "torch-compile.bin"
 # Inductor's FX-graph and AOTAutograd caches: what lets a warm cache skip compiling, not only codegen.
 ENV_ON = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 ARCHIVE = "compile-cache.tar"
@@ -54,11 +54,12 @@ def use_dirs(root: Path) -> dict[str, Path]:
 
     Call before torch or Unsloth import: Unsloth reads its location once, at import.
     """
-    dirs = {}
+    dirs = {ARTIFACTS_DIR: root / ARTIFACTS_DIR}
     for name, var in ENV_DIRS.items():
         os.environ.setdefault(var, str(root / name))
         dirs[name] = Path(os.environ[var])
-        dirs[name].mkdir(parents=True, exist_ok=True)
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
     for var, value in ENV_ON.items():
         os.environ.setdefault(var, value)
     return dirs
@@ -162,14 +163,40 @@ def file_count(dirs: dict[str, Path]) -> int:
     return sum(1 for path in dirs.values() if path.is_dir() for p in path.rglob("*") if p.is_file())
 
 
-def flush_unsloth_artifacts() -> bool:
-    """Writes Unsloth's torch.compile bundle now: it would at process exit, after the archive is made.
+def save_artifacts(dirs: dict[str, Path]) -> int:
+    """Writes what torch.compile made in this process into the artifacts folder; its size (0: nothing).
 
     Call it from the training thread, between steps and export: it serializes what torch recorded while
-    compiling, which must not run beside a compilation. False where Unsloth never armed it (no
-    compiled model, another backend) or had nothing new."""
-    zoo = sys.modules.get("unsloth_zoo.compile_cache")
-    return bool(zoo is not None and zoo.megacache_save())
+    compiling, which must not run beside a compilation."""
+    import torch
+
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # noqa: BLE001 - a cache must never fail the run
+        log.warning("compile cache: torch could not serialize its artifacts (%s: %s)", type(exc).__name__, exc)
+        return 0
+    if not saved or not saved[0]:
+        return 0
+    out = dirs[ARTIFACTS_DIR] / ARTIFACTS
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_bytes(saved[0])
+    tmp.replace(out)
+    return len(saved[0])
+
+
+def load_artifacts(dirs: dict[str, Path]) -> str:
+    """Hands a restored archive's torch.compile artifacts to torch before anything compiles: "loaded",
+    "absent", or why torch refused them (the run then compiles, as on a miss)."""
+    path = dirs[ARTIFACTS_DIR] / ARTIFACTS
+    if not path.is_file():
+        return "absent"
+    import torch
+
+    try:
+        return "loaded" if torch.compiler.load_cache_artifacts(path.read_bytes()) is not None else "refused"
+    except Exception as exc:  # noqa: BLE001 - a cache must never fail the run
+        log.warning("compile cache: torch refused the restored artifacts (%s: %s)", type(exc).__name__, exc)
+        return f"refused: {type(exc).__name__}"
 
 
 class CompileCache:
@@ -186,6 +213,7 @@ class CompileCache:
         self.lookup: Lookup | None = None
         self._thread: threading.Thread | None = None
         self.stored: bool | None = None
+        self.artifacts: str | None = None  # load_artifacts' answer on a hit
 
     def restore(self) -> Lookup:
         staging = self.scratch / "compile-cache-fetch"
@@ -225,4 +253,5 @@ class CompileCache:
     def report(self) -> dict[str, Any]:
         lookup = self.lookup or Lookup(False, "not looked up")
         return {"compile": lookup.label, "compileReason": lookup.reason, "compileKey": self.key[:16],
-                **({"compileStored": self.stored} if self.stored is not None else {})}
+                **({"compileStored": self.stored} if self.stored is not None else {}),
+                **({"compileArtifacts": self.artifacts} if self.artifacts is not None else {})}

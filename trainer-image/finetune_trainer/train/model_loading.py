@@ -37,6 +37,11 @@ UNSLOTH_DEFAULT_ENV = {
     # trainer, and the rewriting was the largest part of the import (docs/benchmarks.md). Without a
     # GPU it would make Unsloth report one, but the trainer imports Unsloth only where CUDA is there.
     "UNSLOTH_ALLOW_CPU": "1",
+    # Unsloth's own copy of torch.compile's artifacts lives in ~/.cache and is refused under a parent
+    # that others may write (a pod's emptyDir is 0777), so in a pod it never served; on a machine it
+    # served every later process, which the bench mistook for a warm machine. The compile cache keeps
+    # the same artifacts in S3 (train/compile_cache.py).
+    "UNSLOTH_MEGA_CACHE": "0",
 }
 # Unsloth switches a model family needs, by config model_type; set before Unsloth loads the model,
 # unless the trainer's environment sets them already.
