@@ -319,6 +319,38 @@ def test_sigterm_checkpoints_the_current_step_and_exits_transient(trained, tmp_p
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
 
 
+def test_the_parity_reference_runs_eagerly_through_modules_that_carry_torch_compile():
+    """Unsloth's patched classes carry torch.compile directives; the reference's fp32 forwards on rows of
+    many lengths must not compile them (graphs the training never made), and must not change what the
+    model predicts. Outside the reference the directives hold again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.export import parity
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma()), dtype=torch.float32).eval()
+    rows = [[2, 5, 7, 9, 11], [2, 11, 13], [2, 4, 6, 8, 10, 12, 14]]  # three lengths: three graphs
+    eager = parity.reference_of(model, rows)
+    graphs: list = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    mlp = model.model.layers[0].mlp
+    mlp.forward = torch.compile(mlp.forward, backend=counting_backend)
+    try:
+        got = parity.reference_of(model, rows)
+        assert graphs == []
+        for a, b in zip(eager, got, strict=True):
+            assert (a["top1"] == b["top1"]).all() and abs(a["nll"] - b["nll"]).max() < 1e-6
+        with torch.no_grad():
+            model(torch.tensor([rows[0]]), use_cache=False)
+        assert len(graphs) == 1  # the stance was put back
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_converter_started_ahead_writes_the_same_file_as_a_cold_one(trained, tmp_path, caplog):
     """The run starts llama.cpp's converter while the model trains (its imports overlap training);
     what it writes is byte for byte what the converter run cold writes."""

@@ -53,15 +53,21 @@ def reference(merged_dir: Path, rows: list[list[int]]) -> list[dict[str, np.ndar
 @torch.no_grad()
 def reference_of(model, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
     """The same from a model already in memory (fp32, on its device): export's merged model, upcast from
-    the 16-bit weights it saved, so the check does not read them back."""
+    the 16-bit weights it saved, so the check does not read them back.
+
+    Eager, whatever torch.compile directives the model's classes carry: Unsloth patches them in with
+    its import, and rows of as many lengths in fp32 are graphs the training never compiled, compiled
+    for a few forwards (the parity reference took about 7 s on an H100 in a process that had not
+    compiled them before, 2 s in one that had). The eager model is the truer reference anyway."""
     device = next(model.parameters()).device
     out = []
-    for ids in usable_rows(rows):
-        logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        target = torch.tensor(ids[1:], device=device)
-        out.append({"top1": logits.argmax(-1).cpu().numpy(),
-                    "nll": (-logp[:-1].gather(1, target[:, None])[:, 0]).cpu().numpy()})
+    with torch.compiler.set_stance("force_eager"):
+        for ids in usable_rows(rows):
+            logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            target = torch.tensor(ids[1:], device=device)
+            out.append({"top1": logits.argmax(-1).cpu().numpy(),
+                        "nll": (-logp[:-1].gather(1, target[:, None])[:, 0]).cpu().numpy()})
     return out
 
 
