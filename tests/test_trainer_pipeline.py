@@ -352,22 +352,53 @@ def test_the_parity_reference_runs_eagerly_through_modules_that_carry_torch_comp
 
 
 def test_the_converter_started_ahead_writes_the_same_file_as_a_cold_one(trained, tmp_path, caplog):
-    """The run starts llama.cpp's converter while the model trains (its imports overlap training);
-    what it writes is byte for byte what the converter run cold writes."""
-    from finetune_trainer.export import convert
+    """The run starts llama.cpp's converter while the model trains (its imports overlap training) and
+    writes the merged folder's tokenizer files meanwhile, for the converter to parse ahead; merge copies
+    them. What the converter writes is byte for byte what it writes cold; what it served ahead is said.
+    A staged file whose bytes differ from the merged folder's is not served: it is read as usual."""
+    from transformers import AutoTokenizer
 
-    merged = trained.workdir / "merged"
-    warm = convert.WarmConverter(str(tiny_gemma()))
+    from finetune_trainer.data import chat_templates
+    from finetune_trainer.export import convert
+    from finetune_trainer.train.model_loading import BaseModel
+
+    base = BaseModel(str(tiny_gemma()))
+    tokenizer = AutoTokenizer.from_pretrained(str(trained.workdir / "merged"))
+    template = chat_templates.resolve("auto", tokenizer)
+    staged = tmp_path / "tokenizer-ahead"
+    warm = convert.WarmConverter(base.source, staged)  # started before the files exist, as in a run
+    convert.stage_tokenizer_files(base, tokenizer, template, staged)
+    merged = convert.merge(base, trained.workdir / "adapter", tmp_path / "merged", tokenizer, template,
+                           tokenizer_files=staged)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        assert (merged / name).read_bytes() == (staged / name).read_bytes(), name
     with caplog.at_level("INFO", logger="finetune_trainer.export.convert"):
         ahead = convert.convert(merged, tmp_path / "ahead.gguf", "f16", "tiny", warm)
     assert "(started ahead)" in caplog.text and warm.take() is None  # used once, then gone
+    served = json.loads(caplog.text.split("tokenizer files parsed ahead ", 1)[1].splitlines()[0])
+    # tokenizer.json and tokenizer_config.json parsed; the SentencePiece vocabulary the converter
+    # builds twice for Gemma 3 (vocabulary, then embedding rows) built once, ahead.
+    assert served["state"] == "ready" and served["json"] == 2 and served["vocab"] == 2, served
     cold = convert.convert(merged, tmp_path / "cold.gguf", "f16", "tiny")
     assert hashlib.sha256(ahead.read_bytes()).digest() == hashlib.sha256(cold.read_bytes()).digest()
 
-    unused = convert.WarmConverter(str(tiny_gemma()))  # every type came from the export cache, say
+    config = json.loads((staged / "tokenizer_config.json").read_text())  # staged, then changed before merge
+    config["model_max_length"] = 7
+    (staged / "tokenizer_config.json").write_text(json.dumps(config))
+    stale = convert.WarmConverter(base.source, staged)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finetune_trainer.export.convert"):
+        other = convert.convert(merged, tmp_path / "stale.gguf", "f16", "tiny", stale)
+    served = json.loads(caplog.text.split("tokenizer files parsed ahead ", 1)[1].splitlines()[0])
+    # Only tokenizer.json matched; the vocabulary (it reads tokenizer_config.json) was built at conversion,
+    # once: the embedding rows' second build found the first.
+    assert served["json"] == 1 and served["vocab"] == 1 and served["misses"] >= 2, served
+    assert hashlib.sha256(other.read_bytes()).digest() == hashlib.sha256(cold.read_bytes()).digest()
+
+    unused = convert.WarmConverter(base.source)  # every type came from the export cache, say
     proc = unused.proc
     unused.close()
-    assert proc.returncode == 0 and not list(tmp_path.glob("*.gguf"))[2:]
+    assert proc.returncode == 0 and not list(tmp_path.glob("*.gguf"))[3:]
 
 
 def test_the_dataset_is_prepared_in_a_child_while_the_training_libraries_load(trained, s3, tmp_path, monkeypatch,

@@ -57,6 +57,10 @@ class Workdir:
         return self.root / "merged"
 
     @property
+    def tokenizer_ahead(self) -> Path:  # the merged folder's tokenizer files, written while the model trains
+        return self.root / "tokenizer-ahead"
+
+    @property
     def gguf(self) -> Path:
         return self.root / "gguf"
 

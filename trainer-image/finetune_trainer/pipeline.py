@@ -276,6 +276,15 @@ def restore_compile_cache(ctx: Context, training) -> None:
                          f"{f'; torch.compile artifacts {ctx.compile.artifacts}' if lookup.hit else ''})")
 
 
+def stage_tokenizer_files(ctx: Context) -> None:
+    """While the model trains: the merged folder's tokenizer files, for the warm converter to parse
+    ahead. Best effort: where it fails, merge writes them itself, as it always did."""
+    try:
+        convert.stage_tokenizer_files(ctx.base, ctx.tokenizer, ctx.template, ctx.wd.tokenizer_ahead)
+    except Exception as e:  # noqa: BLE001 - an optimisation; the export reports a real failure itself
+        log.warning("tokenizer files not written ahead (%s: %s); the export writes them", type(e).__name__, e)
+
+
 def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
     t0 = time.monotonic()
     spec = ctx.spec.export
@@ -312,7 +321,8 @@ def stage_export(ctx: Context) -> tuple[dict[str, Path], dict[str, dict]]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert") as pool:
             merged = convert.merge(ctx.base, ctx.wd.adapter, ctx.wd.merged, ctx.tokenizer, ctx.template,
                                   with_model=predict if rows else None, on_saved=convert_meanwhile,
-                                  seconds=merge_parts)
+                                  seconds=merge_parts,
+                                  tokenizer_files=ctx.converter.tokenizer_dir if ctx.converter else None)
             result = converting[0].result()
         steps.update(result.seconds)
         files.update(result.gguf)
@@ -491,7 +501,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter 
             preflight(ctx)
         stage_prepare(ctx)
         if world.main and ctx.spec.export.gguf:
-            ctx.converter = convert.WarmConverter(ctx.base.source)
+            ctx.converter = convert.WarmConverter(ctx.base.source, ctx.wd.tokenizer_ahead)
+            ctx.aside.append(_ASIDE.submit(stage_tokenizer_files, ctx))
         result = stage_train(ctx)
         if not world.main:
             # Wait for rank 0 to export and upload: should it fail, this process fails too, so the

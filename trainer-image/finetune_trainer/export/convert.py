@@ -25,6 +25,7 @@ from ..data.chat_templates import ChatTemplate
 from ..errors import ConfigError
 from ..paths import converter_dir
 from ..train.model_loading import BaseModel, hf_token, hub_offline, load_merged
+from .converter_child import AHEAD_PREFIX, COMPLETE
 from .modelfile import write_modelfile
 from .tokenizer_files import save_tokenizer
 
@@ -85,7 +86,8 @@ def _derived_buffers(model) -> dict[str, Any]:
 
 def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template: ChatTemplate,
           with_model: Callable[[Any], None] | None = None,
-          on_saved: Callable[[Path], None] | None = None, seconds: dict[str, float] | None = None) -> Path:
+          on_saved: Callable[[Path], None] | None = None, seconds: dict[str, float] | None = None,
+          tokenizer_files: Path | None = None) -> Path:
     """16-bit HF folder: merged weights, tokenizer (with tokenizer.model) and the chat template.
 
     on_saved: called with the folder once it is complete on disk, before with_model: export starts
@@ -93,6 +95,7 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     with_model: called with the merged model as saved (16-bit weights, upcast to fp32, on the device
     it merged on) before it is freed, e.g. for the parity check's reference predictions.
     seconds: filled with the wall time of loading and merging ("load") and of writing the folder ("save").
+    tokenizer_files: the tokenizer files staged ahead (stage_tokenizer_files), copied where complete.
     """
     import torch
 
@@ -102,7 +105,7 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     t1 = time.monotonic()
     shutil.rmtree(out_dir, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(out_dir))
-    _write_tokenizer(base, tokenizer, template, model.config.model_type, out_dir)
+    _write_tokenizer(base, tokenizer, template, model.config.model_type, out_dir, tokenizer_files)
     if seconds is not None:
         seconds.update(load=round(t1 - t0, 2), save=round(time.monotonic() - t1, 2))
     if on_saved is not None:
@@ -116,18 +119,41 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     return out_dir
 
 
-def _write_tokenizer(base: BaseModel, tokenizer, template: ChatTemplate, model_type: str, out_dir: Path) -> None:
-    """The tokenizer files, tokenizer.model and the generation config's stop tokens, beside the weights."""
-    stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
+def write_tokenizer_files(base: BaseModel, tokenizer, template: ChatTemplate, out_dir: Path) -> None:
+    """The tokenizer files (with the chat template) and SentencePiece's tokenizer.model, where the base has one."""
     tokenizer.chat_template = template.jinja
     save_tokenizer(tokenizer, out_dir)
     sp = _tokenizer_model(base, tokenizer)
     if sp is not None:
         shutil.copyfile(sp, out_dir / "tokenizer.model")
-    elif model_type.startswith("gemma"):
+
+
+def stage_tokenizer_files(base: BaseModel, tokenizer, template: ChatTemplate, out_dir: Path) -> Path:
+    """The merged folder's tokenizer files, written ahead (while the model trains) and marked complete
+    last: the warm converter parses them meanwhile, and merge copies them, so the converter meets the
+    very bytes it parsed."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    write_tokenizer_files(base, tokenizer, template, out_dir)
+    (out_dir / COMPLETE).write_text("")
+    return out_dir
+
+
+def _write_tokenizer(base: BaseModel, tokenizer, template: ChatTemplate, model_type: str, out_dir: Path,
+                     staged: Path | None = None) -> None:
+    """The tokenizer files, tokenizer.model and the generation config's stop tokens, beside the weights.
+    staged: stage_tokenizer_files' folder, copied where it is complete."""
+    if staged is not None and (staged / COMPLETE).exists():
+        for f in staged.iterdir():
+            if f.name != COMPLETE:
+                shutil.copyfile(f, out_dir / f.name)
+    else:
+        write_tokenizer_files(base, tokenizer, template, out_dir)
+    if model_type.startswith("gemma") and not (out_dir / "tokenizer.model").exists():
         raise ConfigError("InvalidModel", f"{base.source} has no tokenizer.model; llama.cpp would write a wrong "
                           "vocabulary for a SentencePiece model")
     # HF generation stops at the end-of-turn marker too (llama.cpp treats it as end-of-generation itself).
+    stop_id = tokenizer.convert_tokens_to_ids(template.stop) if template.stop else None
     gen_file = out_dir / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     eos = [tokenizer.eos_token_id] + ([stop_id] if stop_id not in (None, tokenizer.unk_token_id, tokenizer.eos_token_id) else [])
@@ -149,36 +175,20 @@ def _converter_env() -> dict[str, str]:
     return env
 
 
-# The converter as a module in a child that imports first and converts when told what: its imports
-# (torch, its gguf-py, transformers' config classes for the model) take about as long as the conversion.
-_WARM = r"""
-import json, os, sys
-conv, base = sys.argv[1], sys.argv[2]
-sys.argv = [os.path.join(conv, "convert_hf_to_gguf.py")]
-sys.path.insert(0, conv)
-import convert_hf_to_gguf
-try:  # the config classes the converter's AutoConfig call will import, for this model's family
-    from transformers import AutoConfig
-    AutoConfig.from_pretrained(base, local_files_only=True)
-except Exception:
-    pass
-line = sys.stdin.readline()
-if line:
-    sys.argv += json.loads(line)
-    convert_hf_to_gguf.main()
-"""
-
-
 class WarmConverter:
-    """llama.cpp's converter started ahead (while the model trains), ready for one conversion at export.
+    """llama.cpp's converter started ahead (while the model trains), ready for one conversion at export
+    (converter_child.py). tokenizer_dir: the merged folder's tokenizer files, being written ahead
+    (write_tokenizer_files), for the child to parse meanwhile.
 
     The same converter, arguments and environment as a cold `convert`, so the same file comes out; a
     child that died or was never asked is replaced by a cold run, or ended by close()."""
 
-    def __init__(self, base_source: str):
+    def __init__(self, base_source: str, tokenizer_dir: Path | None = None):
+        self.tokenizer_dir = tokenizer_dir
         self.proc: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-c", _WARM, str(_converter()), base_source], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_converter_env())
+            [sys.executable, "-m", "finetune_trainer.export.converter_child", str(_converter()), base_source,
+             str(tokenizer_dir or "")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_converter_env())
 
     def take(self) -> subprocess.Popen | None:
         """The child, once (None if it is gone already)."""
@@ -204,6 +214,9 @@ def convert(merged_dir: Path, out_file: Path, outtype: str, name: str, warm: War
     if child is not None:
         stdout, stderr = child.communicate(json.dumps(argv) + "\n")
         proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+        for line in stdout.splitlines():
+            if line.startswith(AHEAD_PREFIX):
+                log.info("converter: tokenizer files parsed ahead %s", line[len(AHEAD_PREFIX):])
     else:
         proc = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), *argv], capture_output=True,
                               text=True, env=_converter_env())
