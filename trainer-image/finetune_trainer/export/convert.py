@@ -119,7 +119,7 @@ def merge(base: BaseModel, adapter_dir: Path, out_dir: Path, tokenizer, template
     return out_dir
 
 
-def write_tokenizer_files(base: BaseModel, tokenizer, template: ChatTemplate, out_dir: Path) -> None:
+def _write_tokenizer_files(base: BaseModel, tokenizer, template: ChatTemplate, out_dir: Path) -> None:
     """The tokenizer files (with the chat template) and SentencePiece's tokenizer.model, where the base has one."""
     tokenizer.chat_template = template.jinja
     save_tokenizer(tokenizer, out_dir)
@@ -134,7 +134,7 @@ def stage_tokenizer_files(base: BaseModel, tokenizer, template: ChatTemplate, ou
     very bytes it parsed."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    write_tokenizer_files(base, tokenizer, template, out_dir)
+    _write_tokenizer_files(base, tokenizer, template, out_dir)
     (out_dir / COMPLETE).write_text("")
     return out_dir
 
@@ -148,7 +148,7 @@ def _write_tokenizer(base: BaseModel, tokenizer, template: ChatTemplate, model_t
             if f.name != COMPLETE:
                 shutil.copyfile(f, out_dir / f.name)
     else:
-        write_tokenizer_files(base, tokenizer, template, out_dir)
+        _write_tokenizer_files(base, tokenizer, template, out_dir)
     if model_type.startswith("gemma") and not (out_dir / "tokenizer.model").exists():
         raise ConfigError("InvalidModel", f"{base.source} has no tokenizer.model; llama.cpp would write a wrong "
                           "vocabulary for a SentencePiece model")
@@ -178,7 +178,7 @@ def _converter_env() -> dict[str, str]:
 class WarmConverter:
     """llama.cpp's converter started ahead (while the model trains), ready for one conversion at export
     (converter_child.py). tokenizer_dir: the merged folder's tokenizer files, being written ahead
-    (write_tokenizer_files), for the child to parse meanwhile.
+    (stage_tokenizer_files), for the child to parse meanwhile.
 
     The same converter, arguments and environment as a cold `convert`, so the same file comes out; a
     child that died or was never asked is replaced by a cold run, or ended by close()."""

@@ -4,7 +4,7 @@
 
 Its imports (torch, its gguf-py, transformers' config classes for the model's family) take about as
 long as a conversion. TOKENIZER_DIR, where given, holds the tokenizer files the merged folder will
-hold, written ahead (convert.write_tokenizer_files) and marked complete last: the child parses them
+hold, written ahead and marked complete last (convert.stage_tokenizer_files): the child parses them
 meanwhile, so the conversion finds the vocabulary made (a SentencePiece vocabulary of 262k pieces, built
 twice by the converter for Gemma 3) and tokenizer.json (33 MB for Gemma) parsed. Every precomputed
 value is keyed by the bytes it came from; a file that differs at conversion time is read as usual.
