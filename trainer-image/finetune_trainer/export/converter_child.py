@@ -91,11 +91,11 @@ class Ahead:
         self.vocab[_vocab_key(self.dir, vocab_size)] = self.build_vocab(model)
 
     def install(self) -> None:
-        """At conversion: serve what is ready; never wait for what is not (the parent would wait)."""
-        if self._thread.is_alive() and self.stats["state"] == "waiting":
-            self._cancel.set()
-        else:
-            self._thread.join()
+        """At conversion: serve what was parsed ahead. Files already complete are parsed to the end (the
+        conversion would parse them anyway); files not written yet are not waited for."""
+        if not (self.dir / COMPLETE).exists():
+            self._cancel.set()  # the thread stops waiting within a tenth of a second
+        self._thread.join()
         if self.stats["state"] != "ready":
             return
         import gguf.vocab
