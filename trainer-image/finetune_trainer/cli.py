@@ -129,7 +129,21 @@ def _print(result: Any) -> None:
 def cmd_run(args) -> Any:
     from .pipeline import run
 
-    return run(load_config(args.config), Path(args.workdir), resume=args.resume, ahead=getattr(args, "ahead", None))
+    cfg = load_config(args.config)
+    if not args.keep_warm:
+        return run(cfg, Path(args.workdir), resume=args.resume, ahead=getattr(args, "ahead", None))
+    from . import warm
+    from .train.model_pool import ModelPool
+
+    handoffs = warm.DirHandoffs(Path(args.handoff_dir)) if args.handoff_dir else warm.KubeHandoffs.from_env()
+    pool = ModelPool() if handoffs is not None else None
+    out = run(cfg, Path(args.workdir), resume=args.resume, ahead=getattr(args, "ahead", None), pool=pool)
+    if handoffs is None:
+        log.warning("--keep-warm: no operator (FinetuneJob env) and no --handoff-dir to take runs from; leaving")
+        return out
+    _print(out)  # the first run's result, before the wait
+    taken = warm.serve(cfg, Path(args.workdir), args.keep_warm, handoffs, run, pool)
+    return {"warmRunsTaken": taken}
 
 
 def cmd_prepare(args) -> Any:
@@ -297,6 +311,11 @@ def parser() -> argparse.ArgumentParser:
         return s
 
     r = staged("run", "all stages from a run config")
+    r.add_argument(contract.ARG_KEEP_WARM, dest="keep_warm", type=float, default=0, metavar="SECONDS",
+                   help="after the run, keep this process (imports, model, compiled kernels) this long for the "
+                        "next run handed over (warm.py); in a pod the operator hands runs over through the status")
+    r.add_argument("--handoff-dir", help="with --keep-warm outside a pod: take the next run's config from "
+                                         "DIR/next.yaml (DIR/warm.json says who waits, until when)")
     r.set_defaults(fn=cmd_run)
 
     from finetune_api.spec import (
@@ -437,8 +456,12 @@ def _terminated(signum, frame) -> None:
 
 
 def _fail(reason: str, message: str, code: int) -> int:
+    from .warm import Serving
+
     log.error("%s: %s", reason, message)
     write_termination_message(reason, message)
+    if Serving.handed_run is not None:  # a retry would start the pod's first run again, not this one
+        return contract.EXIT_CONFIG_ERROR
     return code
 
 

@@ -34,10 +34,11 @@ from .paths import Workdir
 from .reporting import plots
 from .reporting.progress import JsonlLogger, Reporter
 from .storage import egress_guard
-from .storage.cache import CACHE_DIR, S3Cache, cache_uri
+from .storage.cache import CACHE_DIR, Lookup, S3Cache, cache_uri
 from .storage.s3 import S3Store
 from .train import compile_cache, distributed, model_loading, recipe, trained_cache
 from .train.checkpoints import Checkpoints
+from .train.model_pool import ModelPool
 from .upload.artifacts import upload as upload_artifacts
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Context:
     aside: list[Future] = field(default_factory=list)  # work off the critical path that finish() waits for
     direct_tokenizer: bool = False  # the dataset child's: the named class, not AutoTokenizer (load_tokenizer)
     world: distributed.World = field(default_factory=distributed.World)  # this process under torchrun
+    pool: ModelPool | None = None  # a warm trainer's model, kept between its runs (warm.py)
 
     @property
     def spec(self):
@@ -205,8 +207,12 @@ def stage_train(ctx: Context) -> recipe.TrainResult | None:
         restore_compile_cache(ctx, training)
     distributed.barrier()
     ctx.checkpoints = checkpoints
+    reused = ctx.pool.reused if ctx.pool is not None else 0
     result = recipe.train(ctx.base, training, ctx.wd.dataset, ctx.wd, ctx.reporter, checkpoints,
-                          resume=ctx.resume, pad_id=pad if pad is not None else 0, upload_in_background=True)
+                          resume=ctx.resume, pad_id=pad if pad is not None else 0, upload_in_background=True,
+                          pool=ctx.pool)
+    if ctx.pool is not None:
+        ctx.caches["model"] = "kept (warm trainer)" if ctx.pool.reused > reused else "loaded"
     if not ctx.world.main:
         return result
     if ctx.compile is not None:  # off the critical path: export runs while it archives and uploads
@@ -267,13 +273,22 @@ def restore_compile_cache(ctx: Context, training) -> None:
         backend=model_loading.backend(), padding_free=training.padding_free, versions=compile_cache.versions(),
         gpu=compile_cache.gpu(), env=compile_cache.switches(model_loading.trainer_env(ctx.base)))
     ctx.compile = compile_cache.CompileCache(cache, dirs, inputs, ctx.wd.root)
-    lookup = ctx.compile.restore()
-    if lookup.hit:  # before the model loads: its first compilation then finds them
-        ctx.compile.artifacts = compile_cache.load_artifacts(dirs)
+    if ctx.pool is not None and ctx.compile.key in _COMPILED_HERE:  # a warm trainer's: the folders hold it
+        ctx.compile.lookup = lookup = Lookup(True, "in this process (warm trainer)")
+    else:
+        lookup = ctx.compile.restore()
+        if lookup.hit:  # before the model loads: its first compilation then finds them
+            ctx.compile.artifacts = compile_cache.load_artifacts(dirs)
+    _COMPILED_HERE.add(ctx.compile.key)
     ctx.caches.update(ctx.compile.report())
     ctx.timings["compileCacheRestoreSeconds"] = round(time.monotonic() - t0, 2)
     ctx.reporter.message(f"compile cache {lookup.label} ({lookup.reason}"
                          f"{f'; torch.compile artifacts {ctx.compile.artifacts}' if lookup.hit else ''})")
+
+
+# Compile-cache keys this process restored or compiled (its folders hold them): a warm trainer's next run
+# of the same key neither fetches nor stores them again.
+_COMPILED_HERE: set[str] = set()
 
 
 def stage_tokenizer_files(ctx: Context) -> None:
@@ -485,13 +500,15 @@ def finish(ctx: Context) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, reporter: Reporter | None = None,
-        ahead: prepare_ahead.Ahead | None = None) -> dict[str, Any]:
-    """ahead: the prepare stage already running in a child process (cli.py starts it before the imports)."""
+        ahead: prepare_ahead.Ahead | None = None, pool: ModelPool | None = None) -> dict[str, Any]:
+    """ahead: the prepare stage already running in a child process (cli.py starts it before the imports).
+    pool: a warm trainer's (warm.py): the model it kept from its run before, and keeps for the next."""
     world = distributed.World.from_env()
     if not resume and world.main:  # a run from scratch in a used workdir starts its training log over, too
         Workdir(workdir).train_log.unlink(missing_ok=True)
     ctx = make_context(cfg, workdir, resume, reporter)
     ctx.ahead = ahead
+    ctx.pool = pool if world.size == 1 else None
     distributed.init(world)
     try:
         # Fail in seconds, not after hours of training, when the bucket, the credentials, the LoRA

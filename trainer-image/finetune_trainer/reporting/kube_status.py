@@ -49,10 +49,11 @@ class StatusPatcher:
         self.api = client.CustomObjectsApi(client.ApiClient(cfg))
 
     @classmethod
-    def from_env(cls) -> StatusPatcher | None:
-        """A patcher when the operator's env vars name a job; None when run by hand."""
+    def from_env(cls, run: int | None = None) -> StatusPatcher | None:
+        """A patcher when the operator's env vars name a job; None when run by hand.
+        run: another run than the environment's (a warm trainer's next, warm.py)."""
         env = os.environ
-        name, namespace, run = env.get(contract.ENV_JOB_NAME), env.get(contract.ENV_JOB_NAMESPACE), env.get(contract.ENV_RUN)
+        name, namespace, run = env.get(contract.ENV_JOB_NAME), env.get(contract.ENV_JOB_NAMESPACE), run or env.get(contract.ENV_RUN)
         if not (name and namespace and run):
             return None
         sa_dir = Path(env.get(contract.ENV_SERVICEACCOUNT_DIR) or contract.DEFAULT_SERVICEACCOUNT_DIR)

@@ -34,6 +34,8 @@ from . import distributed, head_loss, varlen_attention
 from .batching import Batches
 from .checkpoints import Checkpoints
 from .model_loading import BaseModel, load_for_training, resolve_auto
+from .model_loading import backend as backend_name
+from .model_pool import Held, ModelPool, load_key
 
 log = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0
@@ -178,9 +180,11 @@ def wrap_data_parallel(model, device, world: distributed.World):
 
 def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Workdir, reporter: Reporter,
           checkpoints: Checkpoints | None = None, resume: bool = False, pad_id: int = 0,
-          upload_in_background: bool = False) -> TrainResult:
+          upload_in_background: bool = False, pool: ModelPool | None = None) -> TrainResult:
     """upload_in_background: the final checkpoint's upload runs on while this returns (export follows at
     once); the caller joins it with checkpoints.wait() before the run is done.
+    pool: a warm trainer's (model_pool.py): the model is taken from it where it was loaded for the same
+    settings, and kept in it afterwards for the next run.
 
     Under torchrun every rank runs this; rank 0 alone reports, checkpoints and writes the adapter
     (distributed.py says how the ranks share a step)."""
@@ -191,7 +195,15 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     training, choice = resolve_auto(base, training)
     if world.distributed:
         training = agree_on_auto(training)
-    model, backend = load_for_training(base, training)
+    key = load_key(base, training, backend_name()) if pool is not None else ""
+    held = pool.take(key) if pool is not None else None
+    if held is not None:
+        model, backend = held.model, held.backend
+        log.info("warm trainer: the model kept from the run before, its adapter as loaded (%d runs reused it)",
+                 pool.reused)
+    else:
+        model, backend = load_for_training(base, training)
+        initial = ModelPool.snapshot(model) if pool is not None else {}
     device = next(p.device for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -203,7 +215,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     bucket = device.type == "cuda"  # fixed shapes for compiled kernels; CPU runs eager, so no waste there
     # GPU: one padding-free row per micro-batch through FlashAttention's varlen kernel, where the
     # model takes it and training.paddingFree wants it.
-    padding_free = device.type == "cuda" and varlen_attention.enable(model, training.padding_free)
+    padding_free = held.padding_free if held is not None else (
+        device.type == "cuda" and varlen_attention.enable(model, training.padding_free))
     # Their loss from the hidden states in row chunks: a [1, T] row's whole logits are T x vocab.
     head = head_loss.for_model(model, backend) if padding_free else None
     batches = Batches(rows, training.batch_size, training.max_seq_length, pad_id, training.seed, training.packing,
@@ -342,6 +355,8 @@ def train(base: BaseModel, training: TrainingSpec, data_dir: Path, workdir: Work
     model.save_pretrained(str(workdir.adapter))
     result.eval_loss = eval_loss
     (workdir.adapter / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
+    if pool is not None:
+        pool.keep(held or Held(key, model, backend, padding_free, initial))
     del model, optimizer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
