@@ -1,7 +1,7 @@
 """FinetuneJob.status: phase, conditions (metav1.Condition shape), live progress, metrics, artifacts.
 
-Ownership: the operator writes everything except `progress`, `metrics` and `artifacts`, which the
-trainer reports for its own run (guarded by `status.run`, so a stale trainer cannot overwrite a
+Ownership: the operator writes everything except `progress`, `metrics`, `artifacts` and `warm`, which
+the trainer reports for its own run (guarded by `status.run`, so a stale trainer cannot overwrite a
 newer run's fields).
 """
 
@@ -82,6 +82,8 @@ class Reason(StrEnum):
     NOT_FINISHED = "NotFinished", "Condition Finished is False."
     STAGE_STARTED = "StageStarted", "Preparing…Uploading: the trainer reported this stage."
     COMPLETED = "Completed", "Succeeded: the trainer reported its artifacts (manifest) in S3."
+    HANDED_OFF = "HandedOff", ("Event, and Pending until the trainer reports: a spec edit's run was handed to the "
+                               "previous run's warm trainer (runPolicy.keepWarmSeconds) instead of a new Job.")
     # --- this generation cannot start (operator) ---
     INVALID_SPEC = "InvalidSpec", "Failed until the spec changes: a field is invalid (the message names it)."
     POLICY_DENIED = "PolicyDenied", "Failed until the spec changes: it asks for what the cluster admin did not allow."
@@ -204,6 +206,24 @@ class Artifact(ApiModel):
     sha256: str = Field(description="Hex SHA-256 of the object.")
 
 
+class WarmStatus(ApiModel):
+    """A trainer whose run succeeded and that waits, warm, for the next one (runPolicy.keepWarmSeconds)."""
+
+    run: int = Field(description="Run the warm trainer finished; it takes only a later one.")
+    pod: str = Field(description="The warm trainer's pod.", max_length=253)
+    until: str = Field(description="When the trainer leaves if not handed a run (RFC 3339).")
+
+
+class HandoffStatus(ApiModel):
+    """A run the operator handed to the warm trainer; the trainer removes it as it takes it."""
+
+    run: int = Field(description="Run number handed off.")
+    config_sha256: str = Field(description="Hex SHA-256 of config, as in the run's ConfigMap and Job env.",
+                               pattern="^[0-9a-f]{64}$")
+    config: str = Field(description="The run's run.yaml, exactly as written into its ConfigMap.",
+                        max_length=1_048_576)
+
+
 class HistoryEntry(ApiModel):
     run: int = Field(description="Run number.")
     generation: int | None = Field(None, description="Spec generation the run trained.")
@@ -238,6 +258,12 @@ class FinetuneJobStatus(ApiModel):
         "Metrics of the current run: trainLoss, evalLoss, parity (per quantization), eval (task results), "
         "timings."))
     artifacts: list[Artifact] | None = Field(None, description="Uploaded artifacts of the current run.")
+    warm: WarmStatus | None = Field(None, description=(
+        "Set by the trainer: its run succeeded and it stays up for the next run until `until` "
+        "(runPolicy.keepWarmSeconds); removed when it leaves or is handed a run."))
+    handoff: HandoffStatus | None = Field(None, description=(
+        "Set by the operator: the current run, handed to the warm trainer instead of a new Job; "
+        "removed by the trainer as it takes it."))
     history: list[HistoryEntry] | None = Field(None, description="Earlier runs, oldest first.")
     reason: str | None = Field(None, description="Reason for the current phase (CamelCase).")
     message: str | None = Field(None, description="Detail for the current phase.")
