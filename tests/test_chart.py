@@ -297,7 +297,7 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
                      "localPathRoots": ["/models/"], "allowedImages": ["registry.example/ml/"],
                      "allowedGpuResources": ["amd.com/gpu"], "allowedPriorityClasses": ["batch-low"],
                      "allowedTolerations": [{"key": "spot", "operator": "Exists"}],
-                     "allowServiceAccountOverride": True, "compileCache": False},
+                     "allowServiceAccountOverride": True, "compileCache": False, "maxKeepWarmSeconds": 120},
     }
     env = env_of(one(render(helm, tmp_path, values), "Deployment"))
     for key in [k for k in os.environ if k.startswith("FINETUNE_")]:
@@ -324,6 +324,7 @@ def test_env_is_what_the_operator_reads(helm: str, tmp_path: Path, monkeypatch: 
     assert cfg.allowed_gpu_resources == ("amd.com/gpu",) and cfg.allowed_priority_classes == ("batch-low",)
     assert cfg.allowed_tolerations == [{"key": "spot", "operator": "Exists"}]
     assert cfg.allow_service_account_override is True
+    assert cfg.max_keep_warm_seconds == 120
 
 
 def test_security_defaults_allow_nothing_beyond_the_admins_own_settings(helm: str, tmp_path: Path,
@@ -342,6 +343,7 @@ def test_security_defaults_allow_nothing_beyond_the_admins_own_settings(helm: st
     assert cfg.allowed_tolerations == [] and not cfg.allow_service_account_override
     assert cfg.trainer_image == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert cfg.watch_namespaces == () and cfg.default_queue_name is None and cfg.default_s3_endpoint is None
+    assert cfg.max_keep_warm_seconds == 900  # the chart's default cap on spec.runPolicy.keepWarmSeconds
 
 
 def test_renders_without_a_kube_version(helm: str) -> None:

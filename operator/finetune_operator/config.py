@@ -57,6 +57,8 @@ class OperatorConfig:
     allowed_tolerations: list[dict[str, Any]] = field(default_factory=list)  # besides default_tolerations
     allow_service_account_override: bool = False
     compile_cache: bool = True  # trainers keep their compile caches (code they run) in S3
+    # The longest runPolicy.keepWarmSeconds a spec may ask: a warm trainer holds its GPU idle. 0: none.
+    max_keep_warm_seconds: int = 900
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -85,4 +87,5 @@ class OperatorConfig:
             allowed_tolerations=_json_env("FINETUNE_ALLOWED_TOLERATIONS", []),
             allow_service_account_override=_bool_env("FINETUNE_ALLOW_SERVICE_ACCOUNT_OVERRIDE"),
             compile_cache=_bool_env("FINETUNE_COMPILE_CACHE_ALLOWED", default=True),
+            max_keep_warm_seconds=int(env("FINETUNE_MAX_KEEP_WARM_SECONDS") or 900),
         )

@@ -2,7 +2,8 @@
 
 The schema and CEL rules reject what is wrong on any cluster; these checks reject what this cluster's
 admin has not allowed (Helm values security.*): where the trainer may connect and read, which images,
-GPU resources, priority classes, tolerations and ServiceAccounts a spec may name. Each problem names
+GPU resources, priority classes, tolerations and ServiceAccounts a spec may name, and how long
+a trainer may stay warm. Each problem names
 its field, and nothing is created for a spec that has one.
 """
 
@@ -89,4 +90,9 @@ def violations(spec: FinetuneJobSpec, cfg: OperatorConfig) -> list[str]:
     if res.service_account_name and not cfg.allow_service_account_override:
         out.append("spec.resources.serviceAccountName: naming a ServiceAccount is not allowed on this cluster "
                    "(Helm value security.allowServiceAccountOverride); leave it unset for a per-job account")
+    warm = spec.run_policy.keep_warm_seconds
+    if warm > cfg.max_keep_warm_seconds:
+        out.append(f"spec.runPolicy.keepWarmSeconds: {warm} is more than this cluster allows "
+                   f"({cfg.max_keep_warm_seconds}; Helm value security.maxKeepWarmSeconds): a warm trainer "
+                   "holds its GPU idle")
     return out
