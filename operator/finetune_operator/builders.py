@@ -20,6 +20,7 @@ from .config import OperatorConfig
 
 CONTAINER = "trainer"
 SPEC_HASH_ANNOTATION = "finetune.dev/spec-hash"
+HANDOFF_IDENTITY_ANNOTATION = "finetune.dev/handoff-identity"  # handoff_identity of the Job as built
 TRAINER_UID = 1000
 RENDEZVOUS_PORT = 29500  # torchrun's c10d store, served by the agent on pod 0
 # How long torchrun waits for every pod to join: pods of one Job may start minutes apart (image pulls).
@@ -176,6 +177,8 @@ def build_env(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         {"name": c.ENV_COMPILE_CACHE, "value": "on" if cfg.compile_cache else "off"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.run_policy.keep_warm_seconds:  # the warm trainer names its pod in status.warm
+        env.append({"name": c.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if config_digest:
         env.append({"name": c.ENV_CONFIG_SHA256, "value": config_digest})
     # Credentials only ever travel as Secret references; the operator never reads their values.
@@ -228,7 +231,8 @@ def build_command(spec: FinetuneJobSpec, name: str, run: int) -> list[str]:
     trainer = ["run", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}", "--workdir", c.WORKDIR_MOUNT, "--resume"]
     res = spec.resources
     if res.world_size == 1:
-        return ["finetune", *trainer]
+        warm = spec.run_policy.keep_warm_seconds
+        return ["finetune", *trainer, *([c.ARG_KEEP_WARM, str(warm)] if warm else [])]
     launch = ["python", "-m", "finetune_trainer.launch", "--nproc-per-node", str(res.processes_per_node),
               "--max-restarts", "0"]  # a failed process fails the attempt; the Job retries, resuming
     if res.nodes == 1:
@@ -335,4 +339,75 @@ def build_job(spec: FinetuneJobSpec, owner: dict[str, Any], run: int, cfg: Opera
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    if policy.keep_warm_seconds:
+        meta["annotations"][HANDOFF_IDENTITY_ANNOTATION] = handoff_identity(job)
+    return job
+
+
+# ----------------------------------------------------------------------------- handing a run to a warm trainer
+
+# What may differ between the warm Job and the Job of the run handed to it: the run's number and its
+# config (the trainer reads both from the handoff, not its env), and the report interval (a pacing hint
+# that follows the number of live Jobs).
+_RUN_ENV = frozenset({c.ENV_RUN, c.ENV_CONFIG_SHA256, c.ENV_PROGRESS_INTERVAL})
+
+
+def _handoff_form(job: dict[str, Any]) -> dict[str, Any]:
+    """`job` with what legitimately differs between runs taken out."""
+    job = copy.deepcopy(job)
+    job.pop("status", None)
+    meta = job.get("metadata") or {}
+    job["metadata"] = {"labels": {k: v for k, v in (meta.get("labels") or {}).items() if k != c.LABEL_RUN}}
+    template = (job.get("spec") or {}).get("template") or {}
+    tmeta = template.get("metadata") or {}
+    if "labels" in tmeta:
+        tmeta["labels"] = {k: v for k, v in tmeta["labels"].items() if k != c.LABEL_RUN}
+    pod = template.get("spec") or {}
+    for container in pod.get("containers") or []:
+        if "env" in container:
+            container["env"] = [e for e in container["env"] if e.get("name") not in _RUN_ENV]
+    for volume in pod.get("volumes") or []:
+        if volume.get("name") == "config" and "configMap" in volume:
+            volume["configMap"] = {**volume["configMap"], "name": "<the run's config>"}
+    return job
+
+
+def handoff_identity(job: dict[str, Any]) -> str:
+    """Identity of a built Job apart from its run (`_handoff_form`): two Jobs with the same one run the
+    same pod, so the warm trainer of one may take the other's run. Stamped on the Job as it is built,
+    since the apiserver adds defaults to what it stores."""
+    return hashlib.sha256(json.dumps(_handoff_form(job), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_difference(built: Any, stored: Any, path: str) -> str | None:
+    """Where `stored` differs from `built` in what `built` sets (the apiserver's defaults are extra keys)."""
+    if isinstance(built, dict) and isinstance(stored, dict):
+        for key, value in built.items():
+            found = _first_difference(value, stored.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(built, list) and isinstance(stored, list) and len(built) == len(stored):
+        for i, (a, b) in enumerate(zip(built, stored, strict=True)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if built == stored else path.lstrip(".")
+
+
+def handoff_blocker(warm_job: dict[str, Any], new_job: dict[str, Any]) -> str | None:
+    """Why the run of `new_job` (as built) cannot go to the warm trainer of `warm_job` (as stored), or None
+    when the two differ in nothing but the run and its config. A short reason, for a log line and Event."""
+    name = warm_job["metadata"]["name"]
+    stamped = (warm_job["metadata"].get("annotations") or {}).get(HANDOFF_IDENTITY_ANNOTATION)
+    if not stamped:
+        return f"Job {name} carries no {HANDOFF_IDENTITY_ANNOTATION}"
+    if (warm_job.get("spec") or {}).get("activeDeadlineSeconds"):
+        # The deadline counts from the warm Job's start: the next run would get only what is left of it.
+        return f"Job {name} has an activeDeadlineSeconds"
+    if stamped == handoff_identity(new_job):
+        return None
+    where = _first_difference(_handoff_form(new_job), _handoff_form(warm_job), "")
+    return f"the new run's Job would differ from Job {name} in {where or 'a field it no longer sets'}"

@@ -18,7 +18,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from finetune_api import GROUP, PLURAL, VERSION
+from finetune_api import GROUP, PLURAL, VERSION, RunConfig
 from finetune_api import contract as c
 from finetune_api.spec import FinetuneJobSpec
 from finetune_api.status import Phase, Reason
@@ -179,6 +179,8 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
         # Only an account the operator created gets its Role: it never grants rights to one it did not make.
         children += [builders.build_service_account(owner), builders.build_role_binding(owner, service_account)]
     children.append(config_map)
+    if _hand_off(body, spec, status, patch, children, job, run_config, logger):
+        return
     if spec.resources.nodes > 1:  # the pods' names resolve (for the rendezvous) once they start
         children.append(builders.build_service(spec, owner, new_run))
     children.append(job)
@@ -194,6 +196,47 @@ def _ensure_run(body: kopf.Body, raw_spec: dict[str, Any], status: dict[str, Any
     message = f"run {new_run}: Job {job['metadata']['name']} {'created' if created else 'adopted'}"
     kopf.event(body, type="Normal", reason=str(reason), message=message)
     logger.info(message)
+
+
+def _hand_off(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, Any], patch: kopf.Patch,
+              children: list[dict[str, Any]], job: dict[str, Any], run_config: RunConfig,
+              logger: logging.Logger) -> bool:
+    """Run N+1 goes to the warm trainer of run N (runPolicy.keepWarmSeconds) instead of a new Job, where
+    that trainer is still there and the new Job would be its Job but for the run: the run's other
+    children are made as usual, then one JSON Patch that tests `/status/warm` moves the status to the
+    new run and puts its config in `/status/handoff`. False (nothing handed off) sends the caller on to
+    a new Job; the test failing means the trainer left in between, and the new Job replaces it."""
+    namespace, new_run = body.metadata.namespace, run_config.job.run
+    warm_job = kube.read_job(namespace, status["jobName"]) if status.get("warm") and status.get("jobName") else None
+    if warm_job is None:
+        return False
+    why_not = lifecycle.handoff_refusal(status, warm_job)
+    if why_not is None and (spec.run_policy.suspend or lifecycle.queued(spec.run_policy.queue_name, False)):
+        why_not = "the new run is suspended or queued"
+    why_not = why_not or builders.handoff_blocker(warm_job, job)
+    if why_not:
+        logger.info("run %s: a new Job, not the warm trainer: %s", new_run, why_not)
+        return False
+    _create_children(body, status, patch, children, logger)
+    config_map = children[-1]
+    name = warm_job["metadata"]["name"]
+    obs = lifecycle.handed_off_observation(name, new_run)
+    wanted = job["metadata"]["annotations"][builders.SPEC_HASH_ANNOTATION]
+    fields = lifecycle.new_run(status, obs, body.metadata.get("generation"), new_run, wanted, name,
+                               run_config.output_uri, world_size=spec.resources.world_size,
+                               gpus=spec.resources.gpus * spec.resources.nodes)
+    fields = {k: v for k, v in fields.items() if k not in ("warm", "handoff")}  # the patch's own
+    ops = c.handoff_patch(status["warm"], new_run, config_map["data"][c.CONFIG_FILE],
+                          builders.config_sha256(config_map), fields, seen=status)
+    refused = kube.patch_finetunejob_status_ops(namespace, body.metadata.name, ops)
+    if refused:  # the test failed: the trainer left (or the status moved on) since it was read
+        logger.info("run %s: a new Job, not the warm trainer: the handoff patch was refused: %s", new_run, refused)
+        return False
+    pod = status["warm"].get(c.WARM_POD)
+    message = f"run {new_run}: handed to the warm trainer pod {pod} of Job {name}; no new Job"
+    kopf.event(body, type="Normal", reason=str(Reason.HANDED_OFF), message=message)
+    logger.info(message)
+    return True
 
 
 def _create_children(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, children: list[dict[str, Any]],
@@ -275,8 +318,11 @@ def _observe_ftj(ftj: dict[str, Any], job: dict[str, Any] | None, job_deleted: b
     refused = None
     if job and not pods and not (job.get("spec") or {}).get("suspend"):
         refused = kube.failed_create(ftj["metadata"]["namespace"], job["metadata"]["name"])
+    warm = status.get("warm") or {}
     return observe(job, pods, status.get("progress"), run, lifecycle.queued(queue, suspend),
-                   completion_reported(status, run), refused)
+                   completion_reported(status, run), refused,
+                   warm_until=warm.get(c.WARM_UNTIL) if warm.get(c.WARM_RUN) == run else None,
+                   handed_off=(status.get("handoff") or {}).get(c.HANDOFF_RUN) == run)
 
 
 # Runs whose Job has no pod yet. A Job that cannot create one (quota, admission) changes no condition
@@ -370,8 +416,10 @@ def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     if ftj is None or (ftj.get("status") or {}).get("jobName") != body.metadata.name:
         return  # an earlier run's Job, or its owner is gone
     deleted = event.get("type") == "DELETED"
-    job_hash = (body.metadata.get("annotations") or {}).get(builders.SPEC_HASH_ANNOTATION)
-    if deleted and job_hash != builders.spec_hash(ftj.get("spec") or {}):
+    # The spec of the run the Job runs now: its own, or a later one's handed to its warm trainer.
+    run_hash = (ftj.get("status") or {}).get("specHash") or (
+        body.metadata.get("annotations") or {}).get(builders.SPEC_HASH_ANNOTATION)
+    if deleted and run_hash != builders.spec_hash(ftj.get("spec") or {}):
         return  # superseded by a spec change: ensure_run deleted it on purpose
     sync_status(ftj, None if deleted else dict(body), job_deleted=deleted)
 

@@ -208,6 +208,20 @@ def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any], 
         raise
 
 
+def patch_finetunejob_status_ops(namespace: str, name: str, ops: list[dict[str, Any]]) -> str | None:
+    """One JSON Patch on the status subresource: None once applied, else why the apiserver refused it
+    (a test operation failed: 422, a conflict: 409, or the object is gone: 404)."""
+    status_write_slot()
+    try:
+        custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, ops,
+                                                       _content_type="application/json-patch+json")
+        return None
+    except ApiException as exc:
+        if exc.status in (404, 409, 422):
+            return f"HTTP {exc.status}: {rejection_message(exc)}"
+        raise
+
+
 def dry_run_create_job(namespace: str, body: dict[str, Any]) -> str | None:
     """The apiserver's own verdict on a Job before anything of the run exists: None if it would be
     accepted (or already exists), else its message (quantities, tolerations, affinity, names...)."""

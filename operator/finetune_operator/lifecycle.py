@@ -7,6 +7,8 @@
   provide (`WAITING_REASONS`: retried); either way the earlier run is retired.
 - A run in flight: (Job, Pods, trainer progress) → phase and conditions (`observe`), with Kueue's
   queue (`queued`), a deleted Job (`job_deleted`) and a finished result that stands (`settled`).
+- A warm trainer (runPolicy.keepWarmSeconds): its reported run is Succeeded while its pod stays up;
+  `handoff_refusal` says whether the next run may go to it instead of a new Job.
 
 The operator owns `phase`, `reason`, `message`, `conditions` and `completionTime`; it derives them
 level-style from what it observes each time, so a restarted operator converges to the same status.
@@ -18,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_api import contract as c
 from finetune_api.status import (
     SPEC_REASONS,
     STAGES,
@@ -113,16 +116,23 @@ def _pending_message(pods: list[dict[str, Any]]) -> str:
 
 
 def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: dict[str, Any] | None,
-            run: int, queued: bool, reported: bool = False, failed_create: str | None = None) -> Observation:
+            run: int, queued: bool, reported: bool = False, failed_create: str | None = None, *,
+            warm_until: str | None = None, handed_off: bool = False) -> Observation:
     """`reported`: the trainer's completion report for this run is in the status (completion_reported).
-    `failed_create`: the message of the Job's newest FailedCreate Event, if any (quota, admission)."""
+    `failed_create`: the message of the Job's newest FailedCreate Event, if any (quota, admission).
+    `warm_until`: status.warm.until of this run's trainer; `handed_off`: status.handoff holds this run."""
     if job is None:
         return Observation(Phase.PENDING, Reason.JOB_PENDING, "creating the training Job")
     conds = _true_conditions(job)
+    if reported:
+        # Success is the trainer's own report of its artifacts, whatever its pod does after it: stays up
+        # warm for the next run, exits 0 (Complete) or fails while warm (the run's result stands).
+        message = "training finished; artifacts uploaded"
+        if warm_until and not {"Complete", "Failed"} & conds.keys():
+            message += f"; the trainer stays warm for a re-run until {warm_until} (status.warm)"
+        return Observation(Phase.SUCCEEDED, Reason.COMPLETED, message)
     if "Complete" in conds:
-        # A Job's Complete only says a pod exited 0. Success is the trainer's own report of its artifacts.
-        if reported:
-            return Observation(Phase.SUCCEEDED, Reason.COMPLETED, "training finished; artifacts uploaded")
+        # A Job's Complete only says a pod exited 0.
         return Observation(Phase.FAILED, Reason.NO_COMPLETION_REPORT,
                            "the training Job completed but the trainer never reported its artifacts (manifest); "
                            "nothing of this run can be trusted to be in S3")
@@ -148,7 +158,36 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
         return Observation(phase, Reason.POD_NOT_STARTING, stuck[1])
     if progress and progress.get("run") == run and progress.get("stage") in {s.value for s in STAGES}:
         return Observation(Phase(progress["stage"]), Reason.STAGE_STARTED, progress.get("message") or progress["stage"])
+    if handed_off:
+        return handed_off_observation(job["metadata"]["name"], run)
     return Observation(Phase.PENDING, Reason.POD_PENDING, _pending_message(pods))
+
+
+def handed_off_observation(job_name: str, run: int) -> Observation:
+    return Observation(Phase.PENDING, Reason.HANDED_OFF,
+                       f"run {run} handed to the warm trainer of Job {job_name}; waiting for it to take the run")
+
+
+def handoff_refusal(status: dict[str, Any], job: dict[str, Any] | None, now: str | None = None) -> str | None:
+    """Why the next run cannot go to the warm trainer of the run in `status` (its Job `job`), or None when
+    it can: the trainer says it is warm for this run, whose completion it reported, with at least
+    HANDOFF_MIN_LEFT_SECONDS left, and its Job runs (not finished, not suspended). That the new run's
+    Job would be the same is builders.handoff_blocker's question."""
+    warm, run = status.get("warm") or {}, status.get("run")
+    if not warm:
+        return "no warm trainer"
+    if warm.get(c.WARM_RUN) != run or not completion_reported(status, run):
+        return f"the warm trainer's run {warm.get(c.WARM_RUN)} is not run {run}, reported complete"
+    left = (parse_rfc3339(warm[c.WARM_UNTIL]) - parse_rfc3339(now or now_rfc3339())).total_seconds()
+    if left < c.HANDOFF_MIN_LEFT_SECONDS:
+        return f"the warm trainer leaves in {max(0, int(left))} s"
+    if job is None or job["metadata"]["name"] != status.get("jobName"):
+        return f"Job {status.get('jobName')} is gone"
+    if {"Complete", "Failed"} & _true_conditions(job).keys() or (job.get("spec") or {}).get("suspend"):
+        return f"Job {job['metadata']['name']} is not running"
+    if not (job.get("status") or {}).get("active"):
+        return f"Job {job['metadata']['name']} has no pod"
+    return None
 
 
 def gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
@@ -237,7 +276,8 @@ def retire(status: dict[str, Any], now: str | None = None) -> list[dict[str, Any
 
 
 # Fields of a run; a generation that does not start has none of them.
-_RUN_FIELDS = ("jobName", "specHash", "worldSize", "gpus", "progress", "metrics", "artifacts", "outputUri")
+_RUN_FIELDS = ("jobName", "specHash", "worldSize", "gpus", "progress", "metrics", "artifacts", "outputUri", "warm",
+               "handoff")
 
 
 def not_started(status: dict[str, Any], obs: Observation, generation: int | None,
@@ -272,7 +312,9 @@ def new_run(status: dict[str, Any], obs: Observation, generation: int | None, ru
     update.update({"phase": obs.phase.value, "reason": str(obs.reason), "message": obs.message,
                    "run": run, "specHash": spec_hash, "jobName": job_name, "outputUri": output_uri,
                    "observedGeneration": generation, "startTime": now, "completionTime": None,
-                   "worldSize": world_size, "gpus": gpus, "progress": None, "metrics": None, "artifacts": None})
+                   "worldSize": world_size, "gpus": gpus, "progress": None, "metrics": None, "artifacts": None,
+                   # A warm trainer or handoff of the previous run is stale once its Job is replaced.
+                   "warm": None, "handoff": None})
     return update
 
 
