@@ -131,3 +131,23 @@ def test_a_warm_trainer_about_to_leave_is_not_handed_a_run(operator, k8s, kubeco
     wait_for(lambda: k8s.get("job", "late-r2"), 60, "Job r2")
     status = wait_for(lambda: (s := k8s.status("late")).get("jobName") == "late-r2" and s, 30, "status on r2")
     assert status["run"] == 2 and "handoff" not in status
+
+
+def test_suspending_a_handed_off_run_gives_it_its_own_job(operator, k8s, kubeconfig, namespace):
+    """The warm Job's pod template runs run 1: suspended and resumed, it would redo run 1. Run 2 moves to
+    its own Job instead (suspended), and the warm Job goes."""
+    warm_run_one(k8s, kubeconfig, namespace, "pause")
+    edit(kubeconfig, namespace, "pause", '{"spec":{"training":{"maxSteps":12}}}')
+    wait_for(lambda: k8s.status("pause").get("run") == 2, 60, "run 2 handed off")
+    assert k8s.status("pause")["jobName"] == "pause-r1"
+    edit(kubeconfig, namespace, "pause", '{"spec":{"runPolicy":{"suspend":true}}}')
+    job = wait_for(lambda: k8s.get("job", "pause-r2"), 60, "run 2's own Job")
+    assert job["spec"]["suspend"] is True
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = k8s.get("configmap", "pause-r2-config")["data"]["run.yaml"]
+    assert env[c.ENV_RUN] == "2" and env[c.ENV_CONFIG_SHA256] == hashlib.sha256(config.encode()).hexdigest()
+    wait_for(lambda: k8s.get("job", "pause-r1") is None, 60, "the warm Job stopped")
+    wait_for(lambda: k8s.status("pause").get("phase") == "Suspended", 30, "run 2 Suspended")
+    status = k8s.status("pause")
+    assert status["run"] == 2 and status["jobName"] == "pause-r2" and "handoff" not in status
+    assert not [e for e in k8s.events("pause") if e["reason"] == "Failed"]  # the warm Job's deletion is no failure

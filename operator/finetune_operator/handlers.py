@@ -296,12 +296,44 @@ def _apply_in_place(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, An
         return
     want_suspend = lifecycle.suspend_change(spec.run_policy.suspend, bool(job["spec"].get("suspend")),
                                             spec.run_policy.queue_name)
+    if want_suspend and (job["metadata"].get("labels") or {}).get(c.LABEL_RUN) != str(status.get("run")):
+        _own_job(body, spec, status, patch, job, logger)
+        return
     if want_suspend is not None:
         kube.batch().patch_namespaced_job(job["metadata"]["name"], namespace, {"spec": {"suspend": want_suspend}})
         reason = Reason.SUSPENDED if want_suspend else Reason.RESUMED
         kopf.event(body, type="Normal", reason=str(reason), message=f"Job {job['metadata']['name']} "
                    f"{'suspended' if want_suspend else 'resumed'}")
         logger.info("run %s %s", status.get("run"), "suspended" if want_suspend else "resumed")
+
+
+def _own_job(body: kopf.Body, spec: FinetuneJobSpec, status: dict[str, Any], patch: kopf.Patch,
+             warm_job: dict[str, Any], logger: logging.Logger) -> None:
+    """Suspending a run handed to a warm trainer: the warm Job's pod template runs the earlier run, so a
+    pod resumed from it would redo that one. The run gets its own Job (suspended, as asked; it resumes
+    from its checkpoints), the status moves to it, then the warm Job goes."""
+    namespace, name, run = body.metadata.namespace, body.metadata.name, int(status["run"])
+    cm_name = builders.config_map_name(name, run)
+    config_map = kube.read_or_none(kube.core().read_namespaced_config_map, cm_name, namespace)
+    if config_map is None:
+        raise kopf.TemporaryError(f"run {run}'s ConfigMap {cm_name!r} is missing", delay=LEFTOVER_RETRY)
+    service_account = spec.resources.service_account_name or builders.trainer_account_name(name)
+    job = builders.build_job(spec, dict(body), run, CONFIG, service_account=service_account,
+                             raw_spec_hash=status["specHash"], live_jobs=metrics.live_jobs(),
+                             config_digest=builders.config_sha256(config_map))
+    _create_children(body, status, patch, [job], logger)
+    new_name, warm_name = job["metadata"]["name"], warm_job["metadata"]["name"]
+    # Moved first, so the warm Job's deletion is an earlier Job's to every reader of the status.
+    ops = [{"op": "test", "path": "/status/jobName", "value": warm_name},
+           {"op": "add", "path": "/status/jobName", "value": new_name}]
+    ops += [{"op": "remove", "path": "/status/handoff"}] if status.get("handoff") else []
+    refused = kube.patch_finetunejob_status_ops(namespace, name, ops)
+    if refused:
+        raise kopf.TemporaryError(f"moving run {run} to Job {new_name}: {refused}", delay=LEFTOVER_RETRY)
+    _delete_job(namespace, warm_name)
+    message = f"run {run}: suspended; it leaves the warm trainer of Job {warm_name} for its own Job {new_name}"
+    kopf.event(body, type="Normal", reason=str(Reason.SUSPENDED), message=message)
+    logger.info(message)
 
 
 # ----------------------------------------------------------------------------- status
