@@ -190,6 +190,90 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
             if (workdir / "dataset" / "report.json").exists() else {}}
 
 
+def run_warm(args, spec1: dict, spec2: dict, out: Path) -> dict:
+    """The re-run on a warm trainer: run 1 with `--keep-warm`, and as soon as its manifest is in S3 the
+    edited spec is handed to the same process (as the operator does through the status; here through
+    `--handoff-dir`). Run 2's phases count from the handoff, its "imports" being handoff → its prepare stage."""
+    sys.path[:0] = [str(ROOT / "operator")]
+    from finetune_api import RunConfig
+    from finetune_api.runconfig import RunRef
+    from finetune_api.spec import FinetuneJobSpec
+
+    cfgs = [RunConfig.build(FinetuneJobSpec.model_validate(spec), RunRef(namespace="bench", name="warm", run=run))
+            for run, spec in ((1, spec1), (2, spec2))]
+    workdir = Path(args.workdir_root) / "warm"
+    handoff = Path(args.workdir_root) / "warm-handoff"
+    import getpass
+    import tempfile
+
+    local_caches = [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
+                    f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}",
+                    str(Path.home() / ".triton" / "cache"), str(Path.home() / ".cache" / "unsloth" / "mega_cache"),
+                    "unsloth_compiled_cache"]
+    subprocess.run(["rm", "-rf", str(workdir), str(handoff), *local_caches], check=True)
+    if args.forget_trained:
+        forget_trained(args, cfgs[0].output_uri)
+    workdir.mkdir(parents=True)
+    handoff.mkdir(parents=True)
+    config = workdir.parent / "warm-run-1.yaml"
+    config.write_text(cfgs[0].to_yaml())
+    runs = [{"marks": {}, "stepTimes": [], "t0": 0.0}, {"marks": {}, "stepTimes": [], "t0": None}]
+    logs = [workdir / "train-log.jsonl", workdir / "warm" / "run-2" / "train-log.jsonl"]
+    t_start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "run", "--config", str(config),
+                             "--workdir", str(workdir), "--keep-warm", "120", "--handoff-dir", str(handoff)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    stop = threading.Event()
+
+    def watch_steps():
+        seen = [0, 0]
+        while not stop.is_set():
+            for i, log in enumerate(logs):
+                if runs[i]["t0"] is not None and log.exists():
+                    n = log.read_text().count("\n")
+                    runs[i]["stepTimes"].extend([time.monotonic() - t_start - runs[i]["t0"]] * (n - seen[i]))
+                    seen[i] = n
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch_steps, daemon=True)
+    watcher.start()
+    current = 0
+    with open(out / "project-warm.log", "w") as logf:
+        for line in proc.stdout:
+            logf.write(line)
+            now = time.monotonic() - t_start
+            marks = runs[current]["marks"]
+            for name, pattern in MARKS.items():
+                if name not in marks and pattern.search(line):
+                    marks[name] = now - runs[current]["t0"]
+            if re.search(r"cache (hit|miss)|Error|error:|warm trainer", line):
+                print(f"  [warm run {current + 1}] {line.rstrip()[:220]}", flush=True)
+            if "finished" in marks and current == 0:  # hand the edited spec over at once
+                marks["end"] = marks["finished"]
+                (handoff / "next.tmp").write_text(cfgs[1].to_yaml())
+                (handoff / "next.tmp").replace(handoff / "next.yaml")
+                runs[1]["t0"], current = time.monotonic() - t_start, 1
+            elif current == 1 and "finished" in marks and "run 2 done; waiting" in line:
+                marks["end"] = marks["finished"]
+                proc.terminate()  # it would wait 120 s for a third run: it leaves, and exits 0
+    rc = proc.wait()
+    time.sleep(0.2)
+    stop.set()
+    watcher.join()
+    results = []
+    for i, (cfg, run) in enumerate(zip(cfgs, runs)):
+        wd = workdir if i == 0 else workdir / "warm" / "run-2"
+        metrics = json.loads((wd / "metrics.json").read_text()) if (wd / "metrics.json").exists() else {}
+        log = [json.loads(x) for x in logs[i].read_text().splitlines()] if logs[i].exists() else []
+        run["marks"].setdefault("end", run["marks"].get("finished", 0.0))
+        results.append({"rc": rc, "run": cfg.job.run, "marks": run["marks"], "stepTimes": run["stepTimes"],
+                        "metrics": metrics, "manifest": manifest_in_s3(args, cfg.output_uri),
+                        "steadyTokensPerSecond": steady_rate(log),
+                        "report": json.loads((wd / "dataset" / "report.json").read_text())
+                        if (wd / "dataset" / "report.json").exists() else {}})
+    return {"first": results[0], "second": results[1]}
+
+
 def steady_rate(log: list[dict]) -> float | None:
     rates = sorted(e["tokensPerSecond"] for e in log[3:] if "tokensPerSecond" in e)
     return round(rates[len(rates) // 2], 1) if rates else None
@@ -380,7 +464,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rerun-lr", type=float, default=1e-5)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="project,rerun,baseline", help="which of project,rerun,baseline to run")
+    ap.add_argument("--parts", default="project,rerun,baseline",
+                    help="which of project,rerun,warm,baseline to run (warm: run 1 on a warm trainer, run 2 handed to it)")
     ap.add_argument("--baseline-steps", type=int, default=30,
                     help="train the baseline this many steps and extrapolate the epochs (0: the whole epochs)")
     ap.add_argument("--endpoint", default="http://127.0.0.1:18333")
@@ -413,6 +498,14 @@ def main(argv=None) -> int:
     if "rerun" in parts:
         results["rerun"] = run_project(args, spec_for(args, data, args.rerun_epochs, args.rerun_lr), 2, out)
         print_project(results["rerun"], f"project run 2 (spec edited: {args.rerun_epochs:g} epochs, lr {args.rerun_lr:g})")
+    if "warm" in parts:
+        results["warm"] = run_warm(args, spec_for(args, data, args.epochs, 2e-4),
+                                   spec_for(args, data, args.rerun_epochs, args.rerun_lr), out)
+        for k in ("first", "second"):
+            results["warm"][k]["phases"] = phases(results["warm"][k])
+        print_project(results["warm"]["first"], f"warm trainer, run 1 ({args.epochs:g} epochs, --keep-warm)")
+        print_project(results["warm"]["second"], f"warm trainer, run 2 handed over (spec edited: "
+                      f"{args.rerun_epochs:g} epochs, lr {args.rerun_lr:g}); from the handoff")
     if "baseline" in parts:
         results["baseline"] = run_baseline(args, data, out)
         b = results["baseline"]
