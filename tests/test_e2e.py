@@ -282,3 +282,47 @@ def test_ssrf_by_a_name_resolving_inside_is_refused_where_the_trainer_connects(
     finally:
         op.stop()
         server.shutdown()
+
+
+def test_a_spec_edit_runs_on_the_warm_trainer_of_the_run_before(operator, k8s, kubeconfig, namespace, s3, bucket,
+                                                               inputs, pod_runner):
+    """runPolicy.keepWarmSeconds: run 1's trainer stays after its run; the edit's run 2 is handed to that
+    very process through the status (no new Job, no new pod), trains on the model it kept and uploads
+    under its own prefix; the status says so at every step."""
+    job = manifest("warm", inputs, s3, bucket)
+    job["spec"]["runPolicy"] = {"keepWarmSeconds": 300}
+    assert k8s.apply(job).returncode == 0
+    first = wait_for(lambda: (s := k8s.status("warm")).get("warm") and s, 600, "run 1 done and its trainer warm",
+                     interval=0.5)
+    assert first["phase"] == "Succeeded" and first["run"] == 1, (first, pod_runner.log_tails())
+    pod = _running_pod(k8s, "warm-r1")
+    assert pod and first["warm"]["pod"] == pod and first["warm"]["run"] == 1
+
+    job["spec"]["training"]["learningRate"] = 1e-4  # the seed's second step: only a hyperparameter
+    assert k8s.apply(job).returncode == 0
+
+    def second_done():
+        s = k8s.status("warm")
+        return s.get("run") == 2 and s.get("phase") in ("Succeeded", "Failed") and s
+    status = wait_for(second_done, 600, "run 2 to finish", interval=0.5)
+    assert status["phase"] == "Succeeded", (status, pod_runner.log_tails())
+    # The same Job and the same pod ran it, with the model run 1 loaded.
+    assert status["jobName"] == "warm-r1" and [j["metadata"]["name"] for j in k8s.get("jobs")["items"]] == ["warm-r1"]
+    assert _running_pod(k8s, "warm-r1") == pod
+    log = pod_runner.log_path(namespace, pod).read_text()
+    assert "warm trainer: took run 2" in log
+    assert status["metrics"]["cache"]["model"] == "kept (warm trainer)"
+    assert not status.get("handoff")  # the trainer took the config out of the status
+    assert status["warm"]["run"] == 2  # and waits again
+    assert [h["run"] for h in status["history"]] == [1] and status["history"][0]["phase"] == "Succeeded"
+    assert any(e["reason"] == "HandedOff" for e in k8s.events("warm"))
+    # Run 2's own artifacts, under its own prefix, as its status lists them.
+    uid = k8s.get("ftj", "warm")["metadata"]["uid"]
+    client = s3.client()
+    for art in status["artifacts"]:
+        assert art["uri"].startswith(f"s3://{bucket}/finetune/{namespace}/warm/{uid}/run-2/"), art
+        body = client.get_object(Bucket=bucket, Key=art["uri"].split(f"s3://{bucket}/", 1)[1])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == art["sha256"], art["name"]
+    # Deleting the FinetuneJob lets the warm pod go (its Job is garbage-collected).
+    assert kubectl(kubeconfig, "delete", "ftj", "warm", "-n", namespace, "--wait=false").returncode == 0
+    wait_for(lambda: not _running_pod(k8s, "warm-r1"), 120, "the warm pod to stop")
