@@ -261,7 +261,7 @@ def run_warm(args, spec1: dict, spec2: dict, out: Path) -> dict:
     stop.set()
     watcher.join()
     results = []
-    for i, (cfg, run) in enumerate(zip(cfgs, runs)):
+    for i, (cfg, run) in enumerate(zip(cfgs, runs, strict=True)):
         wd = workdir if i == 0 else workdir / "warm" / "run-2"
         metrics = json.loads((wd / "metrics.json").read_text()) if (wd / "metrics.json").exists() else {}
         log = [json.loads(x) for x in logs[i].read_text().splitlines()] if logs[i].exists() else []

@@ -135,3 +135,20 @@ def test_a_local_model_the_trainer_may_not_read_is_a_config_error_naming_it():
         got = resolve_as_another_user(model, top / "dest")
         assert got["reason"] == "ModelNotReadable" and "Permission denied" in got["message"], got
         model.chmod(0o755)
+
+
+def test_a_gpu_pods_compile_runs_on_a_pool_of_workers_where_it_can():
+    from finetune_trainer.train.model_loading import ENV_COMPILE_WORKERS, compile_workers_env
+
+    pod = {"NVIDIA_VISIBLE_DEVICES": "GPU-5c1e9a3b-0f6d-4b8e-9e57-1f2a3b4c5d6e"}  # the device plugin's one GPU
+    # Its one GPU is device 0 inside the container: said so, Unsloth leaves Inductor its workers.
+    assert compile_workers_env(pod, cpus=16) == {"CUDA_VISIBLE_DEVICES": "0", "TORCHINDUCTOR_COMPILE_THREADS": "16"}
+    assert compile_workers_env(pod, cpus=64)["TORCHINDUCTOR_COMPILE_THREADS"] == "16"  # capped
+    assert compile_workers_env(pod, cpus=2) == {}  # too few CPUs for workers to pay
+    # What the environment says already wins; several GPUs (torchrun's processes) are left alone.
+    assert compile_workers_env({**pod, "CUDA_VISIBLE_DEVICES": "1"}, cpus=16) == {"TORCHINDUCTOR_COMPILE_THREADS": "16"}
+    assert compile_workers_env({**pod, "TORCHINDUCTOR_COMPILE_THREADS": "4"}, cpus=16) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert "CUDA_VISIBLE_DEVICES" not in compile_workers_env({"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}, cpus=16)
+    assert "CUDA_VISIBLE_DEVICES" not in compile_workers_env({"NVIDIA_VISIBLE_DEVICES": "all"}, cpus=16)
+    assert compile_workers_env({**pod, "WORLD_SIZE": "2"}, cpus=16) == {}
+    assert compile_workers_env({**pod, ENV_COMPILE_WORKERS: "1"}, cpus=16) == {}  # the way back to one thread

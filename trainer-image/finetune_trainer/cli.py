@@ -397,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "train"):
             from .train.compile_cache import default_root, use_dirs
-            from .train.model_loading import backend, early_imports
+            from .train.model_loading import backend, early_imports, set_compile_env
 
             use_dirs(default_root())  # before Unsloth reads its location at import
+            set_compile_env()  # before backend() loads torch
             if args.command == "run":  # the dataset is encoded meanwhile (data/prepare_ahead.py)
                 args.ahead = _prepare_ahead(args, heavy_imports=backend() == "unsloth")
             early_imports()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from itertools import groupby
@@ -52,6 +51,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from ..cpus import usable_cpus
 from . import packing
 from .head import HeadUnsupported, HiddenCapture, TorchHead, choose_head, resolve_head
 
@@ -141,7 +141,7 @@ class LlamaCppLM(TemplateLM):
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if int(n_gpu_layers) < 0 else int(n_gpu_layers)  # INT32_MAX: all
         self._model = _internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=bool(verbose))
-        threads = int(n_threads or _usable_cpus())
+        threads = int(n_threads or usable_cpus())
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = int(n_ctx)
         # The unified KV cache holds a whole batch (all its sequences), so a batch is at most n_ctx tokens.
@@ -661,20 +661,3 @@ def _log_softmax_at(rows: np.ndarray, wanted: dict[int, set[int]]) -> tuple[dict
     return out, peak
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit).
-
-    llama.cpp's worker threads spin while they wait; more threads than the quota allows get throttled
-    and run many times slower than fewer threads would.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)

@@ -83,10 +83,58 @@ def backend() -> str:
     return "unsloth" if torch.cuda.is_available() and importlib.util.find_spec("unsloth") else "transformers"
 
 
+ENV_COMPILE_WORKERS = "FINETUNE_COMPILE_WORKERS"  # auto (default): Inductor's worker pool, started early; 1: none
+MAX_COMPILE_WORKERS = 16
+
+
+def compile_workers_env(env: dict[str, str], cpus: int) -> dict[str, str]:
+    """The variables to set before torch loads, so the first step's compile runs on a pool of workers.
+
+    A GPU pod names its one GPU in NVIDIA_VISIBLE_DEVICES (the device plugin) and leaves
+    CUDA_VISIBLE_DEVICES unset; Unsloth then compiles every kernel on the main thread, since Inductor's
+    workers would not find that GPU (unsloth/_gpu_init.py). Inside the container the GPU is device 0:
+    saying so lets the workers find it. The first step of a new pod was ~28 s of compiling on an H100,
+    most of it Inductor lowering and Triton kernels one at a time (docs/benchmarks.md)."""
+    if env.get(ENV_COMPILE_WORKERS, "auto") != "auto" or int(env.get("WORLD_SIZE") or 1) > 1 or cpus < 4:
+        return {}
+    out = {}
+    visible = env.get("NVIDIA_VISIBLE_DEVICES", "").strip().lower()
+    if "CUDA_VISIBLE_DEVICES" not in env and visible not in ("", "all", "none", "void") and "," not in visible:
+        out["CUDA_VISIBLE_DEVICES"] = "0"
+    if not env.get("TORCHINDUCTOR_COMPILE_THREADS"):
+        out["TORCHINDUCTOR_COMPILE_THREADS"] = str(min(MAX_COMPILE_WORKERS, cpus))
+    return out
+
+
+def start_compile_workers() -> bool:
+    """Starts Inductor's compile workers now, while the model loads: a pool first asked for at the first
+    compile is not ready in time, and Inductor compiles on the main thread meanwhile."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+
+        if get_compile_threads() <= 1:
+            return False
+        AsyncCompile.warm_pool()
+        AsyncCompile.wakeup()  # the pool's workers start importing now
+        return True
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the compile falls back to the main thread
+        log.warning("compile workers not started ahead (%s: %s)", type(exc).__name__, exc)
+        return False
+
+
+def set_compile_env() -> None:
+    """compile_workers_env, applied: call before torch loads (and before its CUDA starts)."""
+    from ..cpus import usable_cpus
+
+    if importlib.util.find_spec("unsloth") and os.environ.get(ENV_BACKEND, "auto") != "transformers":
+        os.environ.update(compile_workers_env(dict(os.environ), usable_cpus()))
+
+
 def early_imports() -> None:
     """Unsloth patches transformers at import; it must come first, before anything loads transformers."""
     for key, value in UNSLOTH_DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
+    set_compile_env()
     if backend() == "unsloth":
         import unsloth  # noqa: F401
 
@@ -94,6 +142,8 @@ def early_imports() -> None:
         # walked the millions of objects these imports made: half of a model load (docs/benchmarks.md).
         # Frozen, they are skipped by every later collection; they live as long as the process anyway.
         gc.freeze()
+        if start_compile_workers():
+            log.info("compile workers: %s, started while the model loads", os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"))
 
 
 def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
