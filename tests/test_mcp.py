@@ -145,6 +145,22 @@ def test_finetune_unsloth_writes_only_what_was_asked() -> None:
     assert "has not started run 1 yet" in result.structured_content["message"]  # nothing reconciles here
 
 
+def test_finetune_unsloth_can_keep_its_trainer_warm_for_the_agents_next_run() -> None:
+    cluster = RecordingCluster()
+
+    async def go():
+        async with in_process(cluster) as client:
+            ok = await call(client, "finetune_unsloth", {"dataset": "d", "keep_warm_seconds": 600})
+            too_long = await call(client, "finetune_unsloth", {"dataset": "d", "keep_warm_seconds": 99_999})
+            return ok, too_long
+
+    ok, too_long = anyio.run(go)
+    assert not ok.is_error, ok.content[0].text
+    ((_, body),) = cluster.created
+    assert body["spec"]["runPolicy"] == {"keepWarmSeconds": 600}
+    assert too_long.is_error and "keep_warm_seconds" in too_long.content[0].text
+
+
 class FinishedJobCluster:
     """One Succeeded FinetuneJob (run 1, q4_k_m exported); a spec patch is picked up as run 2 at once."""
 

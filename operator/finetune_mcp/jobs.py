@@ -26,6 +26,7 @@ ARG_PATHS: dict[str, str] = {
     "method": "spec.training.method", "batch_size": "spec.training.batchSize",
     "max_seq_length": "spec.training.maxSeqLength", "quant": "spec.export.gguf",
     "quantization": "spec.export.gguf", "gpus": "spec.resources.gpus", "s3_bucket": "spec.output.s3.bucket",
+    "keep_warm_seconds": "spec.runPolicy.keepWarmSeconds",
     "s3_credentials_secret": "spec.output.s3.credentialsSecretRef.name",
     "tasks": "spec.evaluation.tasks", "limit": "spec.evaluation.limit",
     "num_fewshot": "spec.evaluation.numFewshot", "data_uri": "spec.evaluation.dataUri",
@@ -177,7 +178,8 @@ def finetunejob(*, name: str | None, base_model: str | None, dataset: str | None
                 learning_rate: float | None, lora_r: int | None, method: str | None, batch_size: int | None,
                 max_seq_length: int | None, quant: str | list[str] | None, gpus: int | None,
                 s3_bucket: str | None, s3_credentials_secret: str | None,
-                spec_overrides: dict[str, Any] | None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+                spec_overrides: dict[str, Any] | None, labels: dict[str, str] | None = None,
+                keep_warm_seconds: int | None = None) -> dict[str, Any]:
     """The FinetuneJob the seed's `finetune_unsloth(...)` stands for. Only what the caller set is written;
     the operator resolves every default, as for `kubectl apply`."""
     if (dataset is None) == (dataset_config_map is None):
@@ -193,6 +195,7 @@ def finetunejob(*, name: str | None, base_model: str | None, dataset: str | None
         "resources": {"gpus": gpus},
         "output": {"s3": {"bucket": s3_bucket,
                           "credentialsSecretRef": {"name": s3_credentials_secret} if s3_credentials_secret else None}},
+        "runPolicy": {"keepWarmSeconds": keep_warm_seconds},
     })
     if spec_overrides:
         spec = merge(spec, spec_overrides)

@@ -43,6 +43,7 @@ from finetune_api.spec import (
     GgufQuant,
     LoraSpec,
     ResourcesSpec,
+    RunPolicySpec,
     TrainingSpec,
 )
 from finetune_api.status import Phase
@@ -245,6 +246,9 @@ class Tools:
         batch_size: Annotated[int | None, like(TrainingSpec, "batch_size")] = None,
         max_seq_length: Annotated[int | None, like(TrainingSpec, "max_seq_length")] = None,
         gpus: Annotated[int | None, like(ResourcesSpec, "gpus")] = None,
+        keep_warm_seconds: Annotated[int | None, like(RunPolicySpec, "keep_warm_seconds", description=(
+            "Keep the trainer this many seconds after each run, so that adjust_and_rerun's next run starts "
+            "in seconds on it (no new pod, imports, model load or compile); it holds its GPU meanwhile."))] = None,
         s3_bucket: Annotated[str | None, Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description=(
             "Bucket for the artifacts (spec.output.s3.bucket); default: the operator's.")) ] = None,
         s3_credentials_secret: Annotated[str | None, Field(
@@ -267,6 +271,7 @@ class Tools:
             learning_rate=learning_rate, lora_r=lora_r, method=method, batch_size=batch_size,
             max_seq_length=max_seq_length, quant=quant, gpus=gpus, s3_bucket=s3_bucket,
             s3_credentials_secret=s3_credentials_secret, spec_overrides=spec_overrides,
+            keep_warm_seconds=keep_warm_seconds,
             labels={"app.kubernetes.io/created-by": "finetune-mcp"})
         created = self.cluster.create(ns, manifest)
         name = created["metadata"]["name"]
