@@ -106,20 +106,22 @@ def compile_workers_env(env: dict[str, str], cpus: int) -> dict[str, str]:
     return out
 
 
-def start_compile_workers() -> bool:
+def start_compile_workers() -> int:
     """Starts Inductor's compile workers now, while the model loads: a pool first asked for at the first
-    compile is not ready in time, and Inductor compiles on the main thread meanwhile."""
+    compile is not ready in time, and Inductor compiles on the main thread meanwhile. Returns how many
+    (0: none, one thread compiles)."""
     try:
         from torch._inductor.async_compile import AsyncCompile, get_compile_threads
 
-        if get_compile_threads() <= 1:
-            return False
+        workers = get_compile_threads()
+        if workers <= 1:
+            return 0
         AsyncCompile.warm_pool()
         AsyncCompile.wakeup()  # the pool's workers start importing now
-        return True
+        return workers
     except Exception as exc:  # noqa: BLE001 - an optimisation: the compile falls back to the main thread
         log.warning("compile workers not started ahead (%s: %s)", type(exc).__name__, exc)
-        return False
+        return 0
 
 
 def set_compile_env() -> None:
@@ -142,8 +144,8 @@ def early_imports() -> None:
         # walked the millions of objects these imports made: half of a model load (docs/benchmarks.md).
         # Frozen, they are skipped by every later collection; they live as long as the process anyway.
         gc.freeze()
-        if start_compile_workers():
-            log.info("compile workers: %s, started while the model loads", os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"))
+        if workers := start_compile_workers():
+            log.info("compile workers: %d, started while the model loads", workers)
 
 
 def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
