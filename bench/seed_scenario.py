@@ -250,6 +250,9 @@ def run_warm(args, spec1: dict, spec2: dict, out: Path) -> dict:
                 print(f"  [warm run {current + 1}] {line.rstrip()[:220]}", flush=True)
             if "finished" in marks and current == 0:  # hand the edited spec over at once
                 marks["end"] = marks["finished"]
+                # Read now: the warm trainer clears run 1's folders when it takes run 2.
+                report = workdir / "dataset" / "report.json"
+                runs[0]["report"] = json.loads(report.read_text()) if report.exists() else {}
                 (handoff / "next.tmp").write_text(cfgs[1].to_yaml())
                 (handoff / "next.tmp").replace(handoff / "next.yaml")
                 runs[1]["t0"], current = time.monotonic() - t_start, 1
@@ -269,8 +272,8 @@ def run_warm(args, spec1: dict, spec2: dict, out: Path) -> dict:
         results.append({"rc": rc, "run": cfg.job.run, "marks": run["marks"], "stepTimes": run["stepTimes"],
                         "metrics": metrics, "manifest": manifest_in_s3(args, cfg.output_uri),
                         "steadyTokensPerSecond": steady_rate(log),
-                        "report": json.loads((wd / "dataset" / "report.json").read_text())
-                        if (wd / "dataset" / "report.json").exists() else {}})
+                        "report": run.get("report") or (json.loads((wd / "dataset" / "report.json").read_text())
+                                                        if (wd / "dataset" / "report.json").exists() else {})})
     return {"first": results[0], "second": results[1]}
 
 

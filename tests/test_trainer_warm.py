@@ -128,3 +128,33 @@ def test_a_handed_over_runs_failure_is_never_retried(monkeypatch, tmp_path):
     # The Job's retry would run the pod template's run 1 again: the failure must fail the Job at once.
     assert _fail("S3Unavailable", "down", contract.EXIT_TRANSIENT) == contract.EXIT_CONFIG_ERROR
     assert json.loads((tmp_path / "termination-log").read_text().splitlines()[-1])["reason"] == "S3Unavailable"
+
+
+def test_the_kept_model_is_let_go_when_the_load_would_read_something_else(tmp_path):
+    from finetune_api.spec import TrainingSpec
+    from finetune_trainer.train.model_loading import BaseModel
+    from finetune_trainer.train.model_pool import load_key
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights one")
+    base, training = BaseModel(str(folder)), TrainingSpec(max_steps=3)
+    key = load_key(base, training, "unsloth")
+    assert load_key(base, training.model_copy(update={"learning_rate": 1e-5, "max_steps": 9}), "unsloth") == key
+    for other in (training.model_copy(update={"seed": 7}), training.model_copy(update={"max_seq_length": 512}),
+                  training.model_copy(update={"lora": training.lora.model_copy(update={"r": 32})})):
+        assert load_key(base, other, "unsloth") != key
+    (folder / "model.safetensors").write_bytes(b"weights two, same path")  # a volume updated in place
+    assert load_key(base, training, "unsloth") != key
+
+
+def test_a_warm_pods_disk_keeps_only_the_small_files_of_earlier_runs(tmp_path):
+    root = tmp_path / "work"
+    for run in (root, root / warm.WARM_DIR / "run-2"):
+        for folder in ("checkpoints", "merged", "gguf", "dataset"):
+            (run / folder).mkdir(parents=True)
+            (run / folder / "big").write_bytes(b"x" * 1000)
+        (run / "metrics.json").write_text("{}")
+    warm.clear_earlier_runs(root)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "metrics.json", "warm/run-2/metrics.json"]

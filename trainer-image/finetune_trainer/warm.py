@@ -39,6 +39,7 @@ from .errors import ConfigError, TrainerError
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 REFUSED = "HandoffRefused"
+WARM_DIR = "warm"  # <workdir>/warm/run-N: a handed-over run's own workdir
 
 
 class Handoffs(Protocol):
@@ -203,10 +204,24 @@ def serve(first: RunConfig, workdir: Path, seconds: float, handoffs: Handoffs, r
             raise
         Serving.handed_run = nxt.job.run
         log.info("warm trainer: took run %d", nxt.job.run)
+        clear_earlier_runs(workdir)  # in S3 already; a pod's disk would fill up run after run
         reporter = _reporter(nxt.job.run, Reporter)
-        run_fn(nxt, workdir / "warm" / f"run-{nxt.job.run}", reporter=reporter, pool=pool)
+        run_fn(nxt, workdir / WARM_DIR / f"run-{nxt.job.run}", reporter=reporter, pool=pool)
         Serving.handed_run = None
         current, taken = nxt, taken + 1
+
+
+def clear_earlier_runs(workdir: Path) -> None:
+    """Removes the folders earlier runs left in the workdir (the first run's at its root, later ones'
+    under warm/): their files are in S3, and a warm pod's disk would fill up run after run. Their small
+    files (metrics.json, the training log) stay."""
+    import shutil
+
+    runs = [workdir, *((workdir / WARM_DIR).iterdir() if (workdir / WARM_DIR).is_dir() else ())]
+    for run in runs:
+        for entry in run.iterdir() if run.is_dir() else ():
+            if entry.is_dir() and not entry.is_symlink() and entry.name != WARM_DIR:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _wait(handoffs: Handoffs, run: int, seconds: float) -> tuple[str, str] | None:

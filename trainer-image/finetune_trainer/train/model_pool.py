@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from finetune_api.spec import TrainingSpec
@@ -22,11 +23,22 @@ from finetune_api.spec import TrainingSpec
 log = logging.getLogger(__name__)
 
 
+def files_stamp(source: str) -> list | None:
+    """Name, size and mtime of each file of a local model folder: weights replaced in place at the same
+    path (a volume updated between runs) are not the weights the process holds."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    return [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
 def load_key(base, training: TrainingSpec, backend: str) -> str:
     """What the model load and its adapter's initialisation read, as a string (equal keys, same model)."""
     lora = training.lora
     return json.dumps({
-        "source": str(base.source), "revision": base.revision, "backend": backend, "method": training.method,
+        "source": str(base.source), "revision": base.revision, "files": files_stamp(base.source),
+        "backend": backend, "method": training.method,
         "maxSeqLength": training.max_seq_length, "gradientCheckpointing": training.gradient_checkpointing,
         "seed": training.seed, "paddingFree": training.padding_free,
         "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
