@@ -130,6 +130,9 @@ def cmd_run(args) -> Any:
     from .pipeline import run
 
     cfg = load_config(args.config)
+    if args.keep_warm and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        log.warning("--keep-warm: ignored under torchrun (one warm process takes a run; a process group would not)")
+        args.keep_warm = 0
     if not args.keep_warm:
         return run(cfg, Path(args.workdir), resume=args.resume, ahead=getattr(args, "ahead", None))
     from . import warm
