@@ -292,8 +292,8 @@ def test_a_spec_edit_runs_on_the_warm_trainer_of_the_run_before(operator, k8s, k
     job = manifest("warm", inputs, s3, bucket)
     job["spec"]["runPolicy"] = {"keepWarmSeconds": 300}
     assert k8s.apply(job).returncode == 0
-    first = wait_for(lambda: (s := k8s.status("warm")).get("warm") and s, 600, "run 1 done and its trainer warm",
-                     interval=0.5)
+    first = wait_for(lambda: (s := k8s.status("warm")).get("warm") and s.get("phase") in ("Succeeded", "Failed") and s,
+                     600, "run 1 done and its trainer warm", interval=0.5)
     assert first["phase"] == "Succeeded" and first["run"] == 1, (first, pod_runner.log_tails())
     pod = _running_pod(k8s, "warm-r1")
     assert pod and first["warm"]["pod"] == pod and first["warm"]["run"] == 1

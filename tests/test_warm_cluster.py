@@ -111,6 +111,13 @@ def test_a_compatible_edit_goes_to_the_warm_trainer_without_a_new_job(operator, 
     trainer_patch(kubeconfig, namespace, "hot", c.progress_patch(2, progress={"run": 2, "stage": "Training"}))
     wait_for(lambda: k8s.status("hot").get("phase") == "Training", 30, "run 2 Training")
     trainer_patch(kubeconfig, namespace, "hot", completion_report(2, status["outputUri"]))
+    # Reported, its pod still up: not Succeeded until the trainer says it is warm again (or its pod ends).
+    wait_for(lambda: k8s.status("hot").get("phase") == "Uploading", 30, "run 2 Uploading")
+    time.sleep(1)
+    assert k8s.status("hot")["phase"] == "Uploading"
+    until = (datetime.now(UTC) + timedelta(seconds=300)).strftime(RFC3339)
+    trainer_patch(kubeconfig, namespace, "hot", c.progress_patch(
+        2, warm={c.WARM_RUN: 2, c.WARM_POD: "hot-r1-abcde", c.WARM_UNTIL: until}))
     wait_for(lambda: k8s.status("hot").get("phase") == "Succeeded", 30, "run 2 Succeeded")
     assert "handoff" not in k8s.status("hot") and jobs(k8s, "hot") == ["hot-r1"]
 

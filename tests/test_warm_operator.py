@@ -211,9 +211,10 @@ def test_a_reported_run_whose_pod_stays_up_warm_is_succeeded():
     assert until in obs.message and "warm" in obs.message
     update = lifecycle.status_update({}, obs, 1, NOW)
     assert update["phase"] == "Succeeded" and update["completionTime"] == NOW
-    # Not yet warm (reported, the pod still up): Succeeded already, without the warm sentence.
+    # Reported, the pod still up and not warm (on its way out): the last stage until the Job completes,
+    # so that Finished also means the GPU is free.
     plain = lifecycle.observe(job_with(active=1), [], {"run": 1, "stage": "Uploading"}, 1, False, reported=True)
-    assert plain.phase is Phase.SUCCEEDED and "warm" not in plain.message
+    assert plain.phase is Phase.UPLOADING
     # Not reported: the stage, as before.
     assert lifecycle.observe(job_with(active=1), [], {"run": 1, "stage": "Uploading"}, 1, False).phase is Phase.UPLOADING
 

@@ -124,9 +124,10 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], progress: di
     if job is None:
         return Observation(Phase.PENDING, Reason.JOB_PENDING, "creating the training Job")
     conds = _true_conditions(job)
-    if reported:
-        # Success is the trainer's own report of its artifacts, whatever its pod does after it: stays up
-        # warm for the next run, exits 0 (Complete) or fails while warm (the run's result stands).
+    if reported and ({"Complete", "Failed"} & conds.keys() or warm_until):
+        # Success is the trainer's own report of its artifacts, once its pod is done (exited 0, or failed
+        # after the report: the run's result stands) or says it stays up warm for the next run. A pod
+        # still on its way out keeps the run at its last stage: Finished then also means the GPU is free.
         message = "training finished; artifacts uploaded"
         if warm_until and not {"Complete", "Failed"} & conds.keys():
             message += f"; the trainer stays warm for a re-run until {warm_until} (status.warm)"
