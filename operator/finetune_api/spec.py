@@ -390,7 +390,7 @@ class RunPolicySpec(ApiModel):
         "After each successful run, keep the trainer's process (imports done, base model loaded, kernels "
         "compiled) alive this long, holding its GPU idle, and hand it the next run when a spec edit changes "
         "nothing of its Job but the run config: a re-run then skips the new pod's start, imports, model load "
-        "and compile (~20 s of ~33 s on an H100). 0: off. Single-process runs only; capped by the operator "
+        "and compile (on an H100: 10.5 s outside training steps instead of 25.1 s). 0: off. Single-process runs only; capped by the operator "
         "(Helm value security.maxKeepWarmSeconds)."))
 
 
