@@ -112,6 +112,19 @@ def spec_for(args, data: Path, epochs: float, learning_rate: float) -> dict:
     }
 
 
+def local_compile_caches() -> list[str]:
+    """Each compiler's cache on this machine, as torch and Unsloth name them: Unsloth unsets
+    TORCHINDUCTOR_CACHE_DIR at import, and keeps its torch.compile bundle in ~/.cache. Left on the
+    machine, those made every run after the machine's first compile as if its cache had hit."""
+    import getpass
+    import tempfile
+
+    return [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
+            f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}",
+            str(Path.home() / ".triton" / "cache"), str(Path.home() / ".cache" / "unsloth" / "mega_cache"),
+            "unsloth_compiled_cache"]
+
+
 def run_project(args, spec: dict, run: int, out: Path) -> dict:
     """`finetune run` on run <run> of FinetuneJob bench/seed, in a fresh process and workdir."""
     sys.path[:0] = [str(ROOT / "operator")]
@@ -122,17 +135,7 @@ def run_project(args, spec: dict, run: int, out: Path) -> dict:
     cfg = RunConfig.build(FinetuneJobSpec.model_validate(spec), RunRef(namespace="bench", name="seed", run=run))
     workdir = Path(args.workdir_root) / f"run-{run}"
     # A new pod: no workdir, and no compile caches on local disk (only what S3 keeps).
-    import getpass
-    import tempfile
-
-    # Each compiler's default place too, as torch and Unsloth name them: Unsloth unsets
-    # TORCHINDUCTOR_CACHE_DIR at import, and keeps its torch.compile bundle in ~/.cache. Left on the
-    # machine, those made every run after the machine's first compile as if its cache had hit.
-    local_caches = [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
-                    f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}",
-                    str(Path.home() / ".triton" / "cache"), str(Path.home() / ".cache" / "unsloth" / "mega_cache"),
-                    "unsloth_compiled_cache"]
-    subprocess.run(["rm", "-rf", str(workdir), *local_caches], check=True)
+    subprocess.run(["rm", "-rf", str(workdir), *local_compile_caches()], check=True)
     if args.forget_trained:  # the same spec run again must train and export again, not reuse both
         forget_trained(args, cfg.output_uri)
     workdir.mkdir(parents=True)
@@ -203,14 +206,7 @@ def run_warm(args, spec1: dict, spec2: dict, out: Path) -> dict:
             for run, spec in ((1, spec1), (2, spec2))]
     workdir = Path(args.workdir_root) / "warm"
     handoff = Path(args.workdir_root) / "warm-handoff"
-    import getpass
-    import tempfile
-
-    local_caches = [os.environ.get("FINETUNE_COMPILE_CACHE_DIR") or f"{tempfile.gettempdir()}/finetune-compile-cache",
-                    f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}",
-                    str(Path.home() / ".triton" / "cache"), str(Path.home() / ".cache" / "unsloth" / "mega_cache"),
-                    "unsloth_compiled_cache"]
-    subprocess.run(["rm", "-rf", str(workdir), str(handoff), *local_caches], check=True)
+    subprocess.run(["rm", "-rf", str(workdir), str(handoff), *local_compile_caches()], check=True)
     if args.forget_trained:
         forget_trained(args, cfgs[0].output_uri)
     workdir.mkdir(parents=True)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from finetune_api import contract as c
 from finetune_api.spec import FinetuneJobSpec
 from finetune_api.status import Phase, Reason
+from finetune_api.sweep import apply_parameters
 from finetune_operator import builders, lifecycle, policy
 from finetune_operator.config import OperatorConfig
 
@@ -28,14 +29,8 @@ NOW = "2026-12-05T10:00:00Z"
 
 
 def spec_with(**changes) -> dict:
-    spec = copy.deepcopy(SPEC)
-    for path, value in changes.items():
-        node = spec
-        *parents, last = path.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return spec
+    """SPEC with each `a__b` path set (apply_parameters' `a.b`)."""
+    return apply_parameters(SPEC, {path.replace("__", "."): value for path, value in changes.items()})
 
 
 def build(spec=SPEC, run=1, cfg=CFG, live_jobs=0):

@@ -197,27 +197,21 @@ def patch_finetunejob_status(namespace: str, name: str, status: dict[str, Any], 
     another run, or stopped this one, can never write over it. False when the run moved on."""
     ops = [{"op": "test", "path": "/status/jobName", "value": job_name}]
     ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in status.items()]
-    status_write_slot()
-    try:
-        custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, ops,
-                                                       _content_type="application/json-patch+json")
-        return True
-    except ApiException as exc:
-        if exc.status in (404, 422):  # gone, or the test failed: another run owns the status now
-            return False
-        raise
+    # Gone, or the test failed: another run owns the status now.
+    return patch_finetunejob_status_ops(namespace, name, ops, refused=(404, 422)) is None
 
 
-def patch_finetunejob_status_ops(namespace: str, name: str, ops: list[dict[str, Any]]) -> str | None:
+def patch_finetunejob_status_ops(namespace: str, name: str, ops: list[dict[str, Any]],
+                                 refused: tuple[int, ...] = (404, 409, 422)) -> str | None:
     """One JSON Patch on the status subresource: None once applied, else why the apiserver refused it
-    (a test operation failed: 422, a conflict: 409, or the object is gone: 404)."""
+    with one of `refused` (a test operation failed: 422, a conflict: 409, or the object is gone: 404)."""
     status_write_slot()
     try:
         custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, ops,
                                                        _content_type="application/json-patch+json")
         return None
     except ApiException as exc:
-        if exc.status in (404, 409, 422):
+        if exc.status in refused:
             return f"HTTP {exc.status}: {rejection_message(exc)}"
         raise
 
