@@ -156,6 +156,9 @@ def test_handoff_refusal_needs_a_warm_reported_run_with_time_left_and_its_job_ru
     assert lifecycle.handoff_refusal({**status, "warm": None}, job, NOW) == "no warm trainer"
     assert lifecycle.handoff_refusal({**status, "warm": {**status["warm"], "run": 0}}, job, NOW)
     assert lifecycle.handoff_refusal({**status, "artifacts": None}, job, NOW)  # never reported complete
+    for garbled in ("tomorrow", None, "2026-12-05T10:05:00+99:00"):  # the trainer pod writes status.warm
+        bad = {**status, "warm": {**status["warm"], c.WARM_UNTIL: garbled}}
+        assert "no RFC 3339 time" in lifecycle.handoff_refusal(bad, job, NOW)
     left = c.HANDOFF_MIN_LEFT_SECONDS - 1
     assert "leaves in" in lifecycle.handoff_refusal(reported_status(f"2026-12-05T10:00:{left:02d}Z"), job, NOW)
     assert lifecycle.handoff_refusal(reported_status(f"2026-12-05T10:00:{left + 1:02d}Z"), job, NOW) is None

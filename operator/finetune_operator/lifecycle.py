@@ -179,7 +179,10 @@ def handoff_refusal(status: dict[str, Any], job: dict[str, Any] | None, now: str
         return "no warm trainer"
     if warm.get(c.WARM_RUN) != run or not completion_reported(status, run):
         return f"the warm trainer's run {warm.get(c.WARM_RUN)} is not run {run}, reported complete"
-    left = (parse_rfc3339(warm[c.WARM_UNTIL]) - parse_rfc3339(now or now_rfc3339())).total_seconds()
+    try:  # the trainer pod writes it: a value it garbled is a refusal, never an operator crash
+        left = (parse_rfc3339(str(warm.get(c.WARM_UNTIL))) - parse_rfc3339(now or now_rfc3339())).total_seconds()
+    except ValueError:
+        return f"the warm trainer's status.warm.until {str(warm.get(c.WARM_UNTIL))[:40]!r} is no RFC 3339 time"
     if left < c.HANDOFF_MIN_LEFT_SECONDS:
         return f"the warm trainer leaves in {max(0, int(left))} s"
     if job is None or job["metadata"]["name"] != status.get("jobName"):
